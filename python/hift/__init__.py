@@ -1,0 +1,10 @@
+"""hift: hierarchical full-parameter fine-tuning.
+
+    import hift
+    result = hift.fit(model, loader, lr=2e-5, group_size=1, num_cycles=3)
+"""
+from hift.config import Config
+from hift.engine import FitResult, fit
+
+__all__ = ["Config", "FitResult", "fit"]
+__version__ = "0.1.0"

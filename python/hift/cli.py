@@ -1,0 +1,24 @@
+"""`hift demo` (fine-tune MiniLM on Shakespeare genres) and the other entry points."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hift", description="Hierarchical full-parameter fine-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 to tell Shakespeare's comedies, "
+                                     "tragedies and histories apart (options: hift demo --help)",
+                        add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from hift.demo.run import main as demo_main
+
+        return demo_main(rest) or 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Config: every knob of a hift run, validated once before any work starts."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+ORDERS = ("bottom_up", "top_down", "random")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+    """An option that cannot work; the message names the option and the fix."""
+
+
+@dataclass
+class Config:
+    # optimizer (AdamW, decoupled weight decay; none on biases and norm weights)
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0  # clip by the active group's norm; None or 0 = off
+
+    # hierarchy
+    group_size: int = 1  # units per group; K = ceil(units / group_size)
+    order: str = "top_down"
+    units: Optional[Sequence[Any]] = None  # override detection: a list of modules or param lists
+
+    # length: num_cycles, else max_steps, else `epochs` passes over the loader
+    num_cycles: Optional[int] = None
+    max_steps: Optional[int] = None
+    epochs: int = 1
+    accum_steps: int = 1
+
+    # learning-rate schedule, counted in cycles (one cycle = every group updated once)
+    lr_schedule: str = "linear"
+    warmup_cycles: int = 0
+
+    # numerics and memory
+    precision: str = "auto"  # auto: bf16/fp16 if the model is, else fp32
+    offload: Optional[bool] = None  # keep inactive groups' state on the host; None = when on an accelerator
+    prefetch: bool = True  # copy the next group's state in while the current one computes
+    pin_memory: bool = True
+    loss_scale: float = 2.0**16
+    loss_scale_growth_interval: int = 2000
+
+    seed: int = 0
+    progress: bool = True
+    on_step: Optional[Callable[[Any], None]] = None  # called with a StepEvent after every step
+    log_every: int = 10  # host reads the loss every N steps (the only sync in the loop)
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def build(cls, config: Optional["Config"] = None, **options) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown}; the options are: {', '.join(sorted(known))}"
+            )
+        base = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)} if config is not None else {}
+        base.update(options)
+        return cls(**base)
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ConfigError(message)
+
+        need(math.isfinite(self.lr) and self.lr >= 0, f"lr must be a finite number >= 0, got {self.lr}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {self.betas}")
+        need(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.max_grad_norm is None or self.max_grad_norm >= 0,
+             f"max_grad_norm must be >= 0 or None (no clipping), got {self.max_grad_norm}")
+        need(isinstance(self.group_size, int) and self.group_size >= 1,
+             f"group_size is the number of units per group and must be an integer >= 1, got {self.group_size!r}")
+        need(self.order in ORDERS, f"order must be one of {ORDERS}, got {self.order!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(isinstance(self.accum_steps, int) and self.accum_steps >= 1,
+             f"accum_steps (micro-batches per step) must be an integer >= 1, got {self.accum_steps!r}")
+        for name in ("num_cycles", "max_steps"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 1),
+                 f"{name} must be an integer >= 1 or None, got {value!r}")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
+        need(isinstance(self.warmup_cycles, int) and self.warmup_cycles >= 0,
+             f"warmup_cycles must be an integer >= 0, got {self.warmup_cycles!r}")
+        need(self.loss_scale > 0, f"loss_scale must be > 0, got {self.loss_scale}")
+        need(self.loss_scale_growth_interval >= 1, "loss_scale_growth_interval must be >= 1")
+        need(isinstance(self.log_every, int) and self.log_every >= 1, f"log_every must be an integer >= 1, got {self.log_every!r}")
+
+    @property
+    def clipping(self) -> bool:
+        return bool(self.max_grad_norm)

@@ -1,0 +1,152 @@
+"""One entry per kernel. This module is the only place that chooses between the compiled
+extension (hift._C), the Triton kernels (hift_kernels) and the plain-torch references.
+
+Each public op has a `reference_*` twin here or in hift_kernels that defines its meaning; the
+fast paths are held to those twins by the tests. Set HIFT_KERNELS=reference to force the twins
+everywhere (to bisect a numerical difference).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_FORCE_REFERENCE = os.environ.get("HIFT_KERNELS", "auto") == "reference"
+
+
+def _load_extension():
+    try:
+        from hift import _C  # noqa: F401  (registers torch.ops.hift.*)
+    except ImportError as err:
+        warnings.warn(
+            f"hift._C is not built ({err}); hift runs on its plain-torch reference ops, which are "
+            "correct but slower. Rebuild with `pip install --no-build-isolation -e .`.",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+HAS_EXTENSION = False if _FORCE_REFERENCE else _load_extension()
+
+
+def _load_triton():
+    try:
+        import hift_kernels  # noqa: F401
+    except Exception:  # no triton, or a triton that cannot start here: references still work
+        return None
+    return hift_kernels
+
+
+_TRITON = None if _FORCE_REFERENCE else _load_triton()
+
+
+def _triton_runs_on(tensors: Sequence[Tensor]) -> bool:
+    return _TRITON is not None and len(tensors) > 0 and _TRITON.runs_on(tensors[0].device)
+
+
+def _scalar(x) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW with fp32 master weights
+
+
+@torch.no_grad()
+def reference_adamw_(
+    params: list[Tensor],
+    masters: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    grads: list[Tensor],
+    *,
+    lr,
+    step,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decays: Sequence[float],
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """AdamW (decoupled weight decay), the same arithmetic as torch.optim.AdamW, on fp32 state.
+
+    params: the model's weights (fp32, bf16 or fp16). masters: one fp32 master per param, or an
+    empty list when the params are fp32 and are their own masters. grads may be any float dtype;
+    each is multiplied by `grad_scale` (unscale and clip folded in) before use. `step` is this
+    update's 1-based step count (bias correction). A nonzero `found_inf` leaves every buffer
+    untouched. lr and step may be Python numbers or 0-d tensors.
+    """
+    if found_inf is not None and _scalar(found_inf) != 0.0:
+        return
+    lr, step = _scalar(lr), _scalar(step)
+    scale = None if grad_scale is None else _scalar(grad_scale)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    step_size = lr / bias_correction1
+    targets = masters if masters else params
+    for i, (master, m, v, g) in enumerate(zip(targets, exp_avgs, exp_avg_sqs, grads)):
+        g = g.float()
+        if scale is not None:
+            g = g * scale
+        master.mul_(1.0 - lr * weight_decays[i])
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        master.addcdiv_(m, denom, value=-step_size)
+        if masters:
+            params[i].copy_(master)
+
+
+@torch.no_grad()
+def adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, *, lr, step, beta1, beta2, eps,
+           weight_decays, grad_scale=None, found_inf=None) -> None:
+    """Fused AdamW over one group, in one pass over memory where the extension is built.
+    Arguments as in `reference_adamw_`."""
+    if not params:
+        return
+    if HAS_EXTENSION and hasattr(torch.ops.hift, "fused_adamw_"):
+        device = params[0].device
+        torch.ops.hift.fused_adamw_(
+            params, masters, exp_avgs, exp_avg_sqs, grads, list(map(float, weight_decays)),
+            _as_tensor(lr, device), _as_tensor(step, device), float(beta1), float(beta2),
+            float(eps), grad_scale, found_inf,
+        )
+        return
+    reference_adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, lr=lr, step=step,
+                     beta1=beta1, beta2=beta2, eps=eps, weight_decays=weight_decays,
+                     grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _as_tensor(x, device) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    return torch.tensor(float(x), dtype=torch.float32, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient unscaling and norm (Triton on GPUs, references elsewhere)
+
+
+# The twins live beside their kernels; they import without triton.
+from hift_kernels.norm import reference_grad_norm_sq  # noqa: E402
+from hift_kernels.unscale import reference_unscale  # noqa: E402
+
+
+def unscale(grads: list[Tensor], inv_scale: Tensor, found_inf: Tensor) -> list[Tensor]:
+    """Unscaled fp32 gradients and the inf/nan flag, with no host synchronization."""
+    if _triton_runs_on(grads):
+        return _TRITON.unscale(grads, inv_scale, found_inf)
+    return reference_unscale(grads, inv_scale, found_inf)
+
+
+def grad_norm_sq(grads: list[Tensor]) -> Tensor:
+    """Squared L2 norm of a group's gradients (0-d fp32 tensor on their device, no sync)."""
+    if _triton_runs_on(grads):
+        return _TRITON.grad_norm_sq(grads)
+    return reference_grad_norm_sq(grads)

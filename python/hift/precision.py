@@ -1,0 +1,58 @@
+"""Precision policies (fp32, bf16, fp16) and the dynamic loss scaler for fp16.
+
+bf16 and fp16 keep the model's weights in half precision and an fp32 master copy per group in
+the optimizer state; the fused update writes the master and the rounded weight together.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def resolve_precision(requested: str, params: list[nn.Parameter]) -> str:
+    """'auto' follows the dtype of the trainable weights; anything else is taken as asked."""
+    if requested != "auto":
+        return requested
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) == 1 and next(iter(dtypes)) in NAMES:
+        return NAMES[next(iter(dtypes))]
+    return "fp32"
+
+
+class LossScaler:
+    """Dynamic loss scale on the device (growth, backoff, interval as torch's GradScaler).
+
+    The scale and the overflow flag never leave the device in the update itself: the fused
+    AdamW reads `found_inf` and skips, and `update()` adjusts the scale with
+    torch._amp_update_scale_. Disabled (scale 1, never changes) outside fp16.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool, init_scale: float = 2.0**16,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.enabled = enabled
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.scale = torch.full((), init_scale if enabled else 1.0, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def inv_scale(self) -> torch.Tensor:
+        return self.scale.reciprocal()
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        if self.enabled:
+            torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf,
+                                     self.growth_factor, self.backoff_factor, self.growth_interval)
+
+    def state_dict(self) -> dict:
+        return {"scale": float(self.scale), "growth_tracker": int(self.growth_tracker)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale.fill_(state["scale"])
+        self.growth_tracker.fill_(state["growth_tracker"])

@@ -1,0 +1,222 @@
+"""The training loop against references written here: full AdamW, per-group AdamW, schedules,
+accumulation, precision."""
+import copy
+import math
+
+import pytest
+import torch
+
+import tiny_models as tm
+from hift import fit
+from hift.groups import detect_units, make_groups
+from hift.schedule import GroupOrder, lr_at_cycle
+
+QUIET = dict(progress=False, max_grad_norm=None)
+
+
+def assert_params_close(model, reference, rtol=1e-6, atol=1e-8):
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def adamw_param_groups(params, weight_decay):
+    """torch's AdamW with hift's rule: no decay on 1-D parameters (biases, norm weights)."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def test_one_group_equals_full_adamw():
+    model = tm.llama(layers=2)
+    reference = copy.deepcopy(model)
+    batches = tm.lm_batches(10)
+    fit(model, batches, group_size=5, max_steps=10, lr=1e-3, weight_decay=0.1,
+        lr_schedule="constant", **QUIET)
+    optimizer = torch.optim.AdamW(adamw_param_groups(list(reference.parameters()), 0.1), lr=1e-3)
+    for batch in batches:
+        reference(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert_params_close(model, reference)
+
+
+def reference_lr(cycle, base, total, warmup):
+    """Linear warm-up then linear decay, by cycle, as documented for lr_schedule='linear'."""
+    if cycle < warmup:
+        return base * (cycle + 1) / (warmup + 1)
+    return base * (1 - (cycle - warmup) / (total - warmup))
+
+
+@pytest.mark.parametrize("order", ["bottom_up", "top_down", "random"])
+def test_k_groups_equal_one_adamw_per_group(order):
+    model = tm.llama(layers=3)
+    reference = copy.deepcopy(model)
+    batch0 = tm.lm_batches(1)[0]
+    groups = make_groups(detect_units(reference, lambda: reference(**batch0)), 2)
+    k, cycles, base_lr = len(groups), 2, 3e-3
+    batches = tm.lm_batches(k * cycles, seed=5)
+    result = fit(model, batches, group_size=2, num_cycles=cycles, order=order, lr=base_lr,
+                 weight_decay=0.05, lr_schedule="linear", warmup_cycles=1, seed=7, **QUIET)
+
+    if order == "bottom_up":
+        expected = [0, 1, 2] * cycles
+    elif order == "top_down":
+        expected = [2, 1, 0] * cycles
+    else:
+        expected = result.groups
+        cycle_orders = [expected[i * k:(i + 1) * k] for i in range(cycles)]
+        assert all(sorted(o) == list(range(k)) for o in cycle_orders)
+    assert result.groups == expected
+
+    optimizers = [torch.optim.AdamW(adamw_param_groups(g.params, 0.05), lr=base_lr) for g in groups]
+    for step, (g, batch) in enumerate(zip(expected, batches)):
+        # hift keeps the LR in a 0-d fp32 tensor on the device (no host sync, graph-capturable)
+        lr = float(torch.tensor(reference_lr(step // k, base_lr, cycles, 1), dtype=torch.float32))
+        for pg in optimizers[g].param_groups:
+            pg["lr"] = lr
+        reference.zero_grad()
+        reference(**batch).loss.backward()
+        optimizers[g].step()
+    assert_params_close(model, reference)
+
+
+def test_random_order_is_fresh_each_cycle_and_seeded():
+    a, b = GroupOrder(8, "random", seed=3), GroupOrder(8, "random", seed=3)
+    orders = [a.order_of_cycle(c) for c in range(6)]
+    assert orders == [b.order_of_cycle(c) for c in range(6)]
+    assert len({tuple(o) for o in orders}) > 1
+    assert all(sorted(o) == list(range(8)) for o in orders)
+    assert GroupOrder(8, "random", seed=4).order_of_cycle(0) != orders[0] or \
+        GroupOrder(8, "random", seed=4).order_of_cycle(1) != orders[1]
+
+
+def test_step_changes_only_the_active_group():
+    model = tm.llama(layers=3)
+    batches = tm.lm_batches(6)
+    seen = []
+
+    def check(event):
+        after = {id(p): p.detach().clone() for p in event.model.parameters()}
+        active = {id(p) for p in event.groups[event.group].params}
+        changed = {pid for pid, value in after.items() if not torch.equal(value, before[pid])}
+        assert changed == active, f"step {event.step}: group {event.group}"
+        seen.append(event.group)
+        before.clear()
+        before.update(after)
+
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    fit(model, batches, max_steps=6, lr=1e-2, on_step=check, order="random", **QUIET)
+    assert sorted(seen) == list(range(6))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_bf16_weight_is_master_rounded(offload):
+    model = tm.llama(layers=2)
+    checked = []
+
+    def check(event):
+        event.state.synchronize()
+        group = event.groups[event.group]
+        masters = event.state.host_views(event.group).masters
+        assert len(masters) == len(group.params)
+        for p, master in zip(group.params, masters):
+            assert p.dtype == torch.bfloat16 and master.dtype == torch.float32
+            assert torch.equal(p.detach(), master.to(torch.bfloat16).to(p.device))
+        checked.append(event.step)
+
+    result = fit(model, tm.lm_batches(5), precision="bf16", max_steps=10, lr=1e-2, on_step=check,
+                 offload=offload, **QUIET)
+    assert checked == list(range(10)) and result.precision == "bf16"
+    assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_bf16_masters_start_from_the_fp32_weights():
+    model = tm.llama(layers=2)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    firsts = {}
+
+    def grab(event):
+        # before its first update a group's master must equal the fp32 weight it was made from
+        if event.step == 0:
+            group = event.groups[event.group]
+            event.state.synchronize()
+            for g in range(len(event.groups)):
+                if g == event.group:
+                    continue
+                for p, master in zip(event.groups[g].params, event.state.host_views(g).masters):
+                    firsts[names[id(p)]] = master.clone()
+
+    fit(model, tm.lm_batches(1), precision="bf16", max_steps=1, on_step=grab, **QUIET)
+    assert firsts
+    for name, master in firsts.items():
+        assert torch.equal(master, original[name])
+
+
+def test_lr_at_every_step_is_the_schedule_of_its_cycle():
+    model = tm.llama(layers=2)
+    k = 5
+    for schedule in ("constant", "linear", "cosine"):
+        result = fit(copy.deepcopy(model), tm.lm_batches(4), num_cycles=6, lr=1e-3, lr_schedule=schedule,
+                     warmup_cycles=2, **QUIET)
+        assert result.steps == 6 * k and result.cycles == 6
+        expected = [lr_at_cycle(s // k, base_lr=1e-3, schedule=schedule, total_cycles=6, warmup_cycles=2)
+                    for s in range(result.steps)]
+        assert result.lrs == expected
+        # the LR changes only between cycles
+        assert all(len(set(result.lrs[c * k:(c + 1) * k])) == 1 for c in range(6))
+    cosine = [lr_at_cycle(c, base_lr=1.0, schedule="cosine", total_cycles=6, warmup_cycles=2) for c in range(6)]
+    assert cosine[:3] == [1 / 3, 2 / 3, 1.0] and cosine[3] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_max_steps_counts_the_schedule_in_cycles():
+    result = fit(tm.llama(layers=2), tm.lm_batches(3), max_steps=12, lr=1.0, lr_schedule="linear", **QUIET)
+    # 5 groups: 12 steps span ceil(12 / 5) = 3 cycles, so the LR falls 1, 2/3, 1/3 by cycle
+    assert result.lrs == pytest.approx([1.0] * 5 + [2 / 3] * 5 + [1 / 3] * 2, rel=1e-15)
+
+
+def test_epochs_default_is_one_pass_over_the_loader():
+    result = fit(tm.llama(layers=2), tm.lm_batches(7), accum_steps=2, **QUIET)
+    assert result.steps == 3
+
+
+@pytest.mark.parametrize("micro", [2, 3])
+def test_accumulation_equals_one_step_on_the_concatenation(micro):
+    model = tm.llama(layers=2)
+    reference = copy.deepcopy(model)
+    small = tm.lm_batches(4 * micro, batch=2, seed=9)
+    joined = [{key: torch.cat([b[key] for b in small[i:i + micro]]) for key in small[0]}
+              for i in range(0, len(small), micro)]
+    # A sum over micro-batches and one over their concatenation round differently; eps well
+    # above the rounding keeps Adam from magnifying it on near-zero gradients (m/sqrt(v) ~ +-1).
+    options = dict(max_steps=4, lr=1e-2, eps=1e-4, order="bottom_up", **QUIET)
+    a = fit(model, small, accum_steps=micro, **options)
+    b = fit(reference, joined, **options)
+    assert a.groups == b.groups
+    assert a.losses == pytest.approx(b.losses, rel=1e-6)
+    assert_params_close(model, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_clipping_bounds_the_update_of_a_huge_gradient():
+    model = tm.llama(layers=2)
+    reference = copy.deepcopy(model)
+    batches = tm.lm_batches(2)
+    fit(model, batches, group_size=5, max_steps=2, lr=1e-3, max_grad_norm=0.5, progress=False,
+        lr_schedule="constant")
+    optimizer = torch.optim.AdamW(adamw_param_groups(list(reference.parameters()), 0.0), lr=1e-3)
+    for batch in batches:
+        reference(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert_params_close(model, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_requires_grad_and_mode_are_restored():
+    model = tm.llama(layers=2)
+    model.eval()
+    frozen = model.model.embed_tokens.weight
+    frozen.requires_grad_(False)
+    fit(model, tm.lm_batches(2), max_steps=2, **QUIET)
+    assert not model.training
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for p in model.parameters() if p is not frozen)
