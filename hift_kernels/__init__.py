@@ -1,0 +1,29 @@
+"""Triton kernels for the gradient path, each with a plain-torch reference twin in its file.
+
+    unscale(grads, inv_scale, found_inf) -> fp32 grads      (unscale.py)
+    grad_norm_sq(grads) -> 0-d fp32                          (norm.py)
+
+The package imports without triton (the `reference_*` twins are plain torch); `runs_on`
+then says False for every device. hift/ops.py is the only caller that chooses between
+these kernels and the twins.
+"""
+import torch
+
+from .norm import grad_norm_sq, reference_grad_norm_sq
+from .unscale import HAS_TRITON, INTERPRETER, reference_unscale, unscale
+
+__all__ = ["runs_on", "unscale", "grad_norm_sq", "reference_unscale", "reference_grad_norm_sq",
+           "HAS_TRITON", "INTERPRETER"]
+
+
+def runs_on(device) -> bool:
+    """True when these kernels can run on tensors of `device`: a CUDA device with triton, or
+    the CPU when triton runs as its interpreter (TRITON_INTERPRET=1 before triton's import).
+    Not CUDA under the interpreter: it copies only a kernel's arguments to the host, and a
+    chunk table reaches grads that are not arguments."""
+    if not HAS_TRITON:
+        return False
+    device = torch.device(device)
+    if INTERPRETER:
+        return device.type == "cpu"
+    return device.type == "cuda" and torch.cuda.is_available()
