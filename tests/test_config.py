@@ -41,6 +41,9 @@ def test_group_size_above_units_names_the_range():
     ([], BatchError, "no batches"),
     ([{"input_ids": torch.randint(0, 61, (2, 5))}], BatchError, "labels"),
     ([{"input_ids": torch.randn(2, 5), "labels": torch.zeros(2, 5)}], BatchError, "could not take"),
+    # labels one token longer than the inputs: the sequence lengths must match
+    ([{"input_ids": torch.randint(0, 61, (2, 5)), "labels": torch.randint(0, 61, (2, 6))}], BatchError,
+     "padded to the same length"),
 ])
 def test_bad_batches_are_explained_and_change_nothing(loader, error, match):
     model = tm.llama(layers=2)

@@ -91,8 +91,28 @@ class BatchStream:
         self.loader = loader
         self.epoch = 0
         self.position = 0
+        # The CPU RNG state when this epoch's iterator was made: a shuffling DataLoader draws
+        # its order from it, so a resumed run can make the same iterator again.
+        self.epoch_rng: torch.Tensor | None = None
         self._iterator: Iterator | None = None
         self._peeked = None
+
+    def _new_iterator(self):
+        self.epoch_rng = torch.get_rng_state()
+        self._iterator = iter(self.loader)
+
+    def restore(self, epoch: int, position: int, epoch_rng: torch.Tensor) -> None:
+        """Continue at batch `position` of pass `epoch` (the caller restores the RNG after)."""
+        self.epoch, self.position, self._peeked = epoch, 0, None
+        torch.set_rng_state(epoch_rng)
+        self._new_iterator()
+        for _ in range(position):
+            try:
+                next(self._iterator)
+            except StopIteration:
+                raise BatchError(f"the loader now has fewer than {position} batches per pass; resume "
+                                 "with the loader the checkpoint was made with") from None
+        self.position = position
 
     def __iter__(self):
         return self
@@ -103,7 +123,7 @@ class BatchStream:
             self.position += 1
             return batch
         if self._iterator is None:
-            self._iterator = iter(self.loader)
+            self._new_iterator()
         try:
             batch = next(self._iterator)
         except StopIteration:
@@ -111,7 +131,7 @@ class BatchStream:
                 raise BatchError("the loader yielded no batches; give fit a loader with data") from None
             self.epoch += 1
             self.position = 0
-            self._iterator = iter(self.loader)
+            self._new_iterator()
             try:
                 batch = next(self._iterator)
             except StopIteration:

@@ -47,6 +47,12 @@ class Config:
     loss_scale: float = 2.0**16
     loss_scale_growth_interval: int = 2000
 
+    # checkpoints: every save_every steps and at the end, the last keep_last kept
+    save_dir: Optional[str] = None
+    save_every: Optional[int] = None
+    keep_last: int = 2
+    resume_from: Optional[str] = None  # a save_dir (its newest checkpoint) or one checkpoint
+
     seed: int = 0
     progress: bool = True
     on_step: Optional[Callable[[Any], None]] = None  # called with a StepEvent after every step
@@ -95,6 +101,12 @@ class Config:
              f"warmup_cycles must be an integer >= 0, got {self.warmup_cycles!r}")
         need(self.loss_scale > 0, f"loss_scale must be > 0, got {self.loss_scale}")
         need(self.loss_scale_growth_interval >= 1, "loss_scale_growth_interval must be >= 1")
+        need(self.save_every is None or (isinstance(self.save_every, int) and self.save_every >= 1),
+             f"save_every must be an integer >= 1 or None, got {self.save_every!r}")
+        need(self.save_every is None or self.save_dir is not None,
+             "save_every needs save_dir: pass save_dir='runs/my-run' to say where checkpoints go")
+        need(isinstance(self.keep_last, int) and self.keep_last >= 1,
+             f"keep_last must be an integer >= 1, got {self.keep_last!r}")
         need(isinstance(self.log_every, int) and self.log_every >= 1, f"log_every must be an integer >= 1, got {self.log_every!r}")
 
     @property

@@ -1,16 +1,18 @@
 """fit(model, loader, ...): the HiFT training loop. It orchestrates; the math lives in ops,
-the bytes move in state, the rotation is decided in schedule."""
+the bytes move in state, the rotation is decided in schedule, checkpoints are written by
+checkpoint."""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from hift import ops
+from hift import checkpoint, ops
 from hift.batches import BatchStream, compute_loss, probe, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, detect_units, make_groups, units_from_user
@@ -18,6 +20,8 @@ from hift.memory import peak_memory_bytes, reset_peak_memory
 from hift.precision import DTYPES, LossScaler, resolve_precision
 from hift.schedule import GroupOrder, lr_at_cycle
 from hift.state import OptimizerState
+
+CHECKPOINT_FORMAT = 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -34,9 +38,10 @@ class FitResult:
     cycles: int = 0  # completed cycles
     num_groups: int = 0
     precision: str = "fp32"
-    seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # this call's wall time (a resumed run counts from its resume)
+    step_seconds: list[float] = field(default_factory=list)  # this call's steps
     peak_memory_bytes: int = 0
+    checkpoint: Optional[Path] = None  # the last checkpoint written, if any
 
     @property
     def median_step_seconds(self) -> float:
@@ -82,10 +87,14 @@ def plan_length(cfg: Config, loader, num_groups: int) -> Plan:
 
 
 def build_groups(model: nn.Module, cfg: Config, first_batch) -> list[Group]:
+    """Groups of the model; the probe forward on the first batch also checks that the model
+    takes what the loader yields, before anything changes."""
+    run_probe = lambda: probe(model, first_batch)
     if cfg.units is not None:
+        run_probe()
         units = units_from_user(model, cfg.units)
     else:
-        units = detect_units(model, lambda: compute_loss(model, first_batch))
+        units = detect_units(model, run_probe)
     return make_groups(units, cfg.group_size)
 
 
@@ -107,35 +116,42 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
 
     Options are the fields of `hift.Config` (pass a Config, keyword options, or both: keywords
     win). The model trains in place; its requires_grad flags and train/eval mode are restored
-    at the end.
+    at the end. With save_dir set, checkpoints are written every save_every steps and at the
+    end; resume_from=<save_dir or checkpoint> continues a run exactly where it stopped.
     """
     cfg = Config.build(config, **options)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
     device = model_device(trainable)
+    resume = checkpoint.read(cfg.resume_from) if cfg.resume_from is not None else None
     stream = BatchStream(loader)
-    first = to_device(stream.peek(), device)
     was_training = model.training
+    # The probe runs in eval mode on a forked RNG: it must not update batch-norm statistics
+    # or consume the random numbers that dropout and shuffling will draw.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.eval()
+        groups = build_groups(model, cfg, to_device(stream.peek(), device))
     model.train()
-    probe(model, first)
-    groups = build_groups(model, cfg, first)
     plan = plan_length(cfg, loader, len(groups))
 
     precision = resolve_precision(cfg.precision, trainable)
     dtype = DTYPES[precision]
-    with_master = dtype != torch.float32
     offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
     # The state is made before the cast so an fp32 model's masters keep every bit it had.
-    state = OptimizerState(groups, device, with_master, offload, cfg.pin_memory)
-    if any(p.dtype != dtype for p in trainable):
-        model.to(dtype)
+    state = OptimizerState(groups, device, dtype != torch.float32, offload, cfg.pin_memory)
     scaler = LossScaler(device, enabled=precision == "fp16", init_scale=cfg.loss_scale,
                         growth_interval=cfg.loss_scale_growth_interval)
-    order = GroupOrder(len(groups), cfg.order, cfg.seed)
-    trainer = _Trainer(model, cfg, groups, state, scaler, order, plan, device)
+    trainer = _Trainer(model, cfg, groups, state, scaler, GroupOrder(len(groups), cfg.order, cfg.seed),
+                       plan, device, stream, precision)
+    if resume is not None:
+        trainer.check_resumable(*resume)
     try:
-        return trainer.run(stream, precision)
+        if any(p.dtype != dtype for p in trainable):
+            model.to(dtype)
+        if resume is not None:
+            trainer.restore(*resume)
+        return trainer.run()
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -145,15 +161,19 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
 
 class _Trainer:
     def __init__(self, model, cfg: Config, groups, state: OptimizerState, scaler: LossScaler,
-                 order: GroupOrder, plan: Plan, device):
+                 order: GroupOrder, plan: Plan, device, stream: BatchStream, precision: str):
         self.model, self.cfg, self.groups, self.state = model, cfg, groups, state
         self.scaler, self.order, self.plan, self.device = scaler, order, plan, device
+        self.stream = stream
+        self.result = FitResult(num_groups=len(groups), precision=precision)
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.weight_decays = [[0.0 if no_decay(p) else cfg.weight_decay for p in g.params] for g in groups]
         self._pending_losses: list[tuple[int, int, torch.Tensor]] = []
 
-    def done(self, steps: int) -> bool:
-        if self.plan.max_steps is not None and steps >= self.plan.max_steps:
+    # ---------------------------------------------------------------------------- the loop
+
+    def done(self) -> bool:
+        if self.plan.max_steps is not None and self.result.steps >= self.plan.max_steps:
             return True
         return self.plan.max_cycles is not None and self.order.cycle >= self.plan.max_cycles
 
@@ -161,21 +181,21 @@ class _Trainer:
         return lr_at_cycle(cycle, base_lr=self.cfg.lr, schedule=self.cfg.lr_schedule,
                            total_cycles=self.plan.schedule_cycles, warmup_cycles=self.cfg.warmup_cycles)
 
-    def run(self, stream: BatchStream, precision: str) -> FitResult:
-        result = FitResult(num_groups=len(self.groups), precision=precision)
+    def run(self) -> FitResult:
+        result = self.result
         for p in (p for g in self.groups for p in g.params):
             p.requires_grad_(False)
         total = self.plan.max_steps or self.plan.max_cycles * len(self.groups)
-        bar = _progress(self.cfg.progress, total)
+        bar = _progress(self.cfg.progress, total, result.steps)
         reset_peak_memory(self.device)
         start = time.perf_counter()
         lr_value = self.lr_of_cycle(self.order.cycle)
         self.lr.fill_(lr_value)
         self.state.prefetch(self.order.current)
-        while not self.done(result.steps):
+        while not self.done():
             tick = time.perf_counter()
             g = self.order.current
-            skipped = self.step(g, stream, result.steps)
+            skipped = self.step(g)
             result.groups.append(g)
             result.lrs.append(lr_value)
             result.steps += 1
@@ -185,13 +205,15 @@ class _Trainer:
                 lr_value = self.lr_of_cycle(self.order.cycle)
                 self.lr.fill_(lr_value)
             if self.cfg.on_step is not None:
-                self.cfg.on_step(StepEvent(result.steps - 1, g, result.lrs[-1], skipped,
-                                           self.model, self.groups, self.state, self.scaler))
+                self.cfg.on_step(StepEvent(result.steps - 1, g, lr_value if skipped else result.lrs[-1],
+                                           skipped, self.model, self.groups, self.state, self.scaler))
             if result.steps % self.cfg.log_every == 0:
-                self.flush_losses(result, bar)
+                self.flush_losses(bar)
+            if self.cfg.save_dir is not None and self.cfg.save_every and result.steps % self.cfg.save_every == 0:
+                self.save()
             result.step_seconds.append(time.perf_counter() - tick)
             bar.update(1)
-        self.flush_losses(result, bar)
+        self.flush_losses(bar)
         self.state.synchronize()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -199,9 +221,14 @@ class _Trainer:
         result.seconds = time.perf_counter() - start
         result.cycles = self.order.cycle
         result.peak_memory_bytes = peak_memory_bytes(self.device)
+        if self.cfg.save_dir is not None:
+            if result.checkpoint is None or not result.checkpoint.name.endswith(f"{result.steps:08d}"):
+                self.save()
+            if hasattr(self.model, "save_pretrained"):
+                self.model.save_pretrained(Path(self.cfg.save_dir) / "final")
         return result
 
-    def step(self, g: int, stream: BatchStream, step_index: int) -> bool:
+    def step(self, g: int) -> bool:
         """Train group g on accum_steps micro-batches; True when the update was skipped."""
         group = self.groups[g]
         params = group.params
@@ -211,13 +238,14 @@ class _Trainer:
             self.state.prefetch(self.order.upcoming)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.cfg.accum_steps):
-            batch = to_device(next(stream), self.device)
+            batch = to_device(next(self.stream), self.device)
             loss = compute_loss(self.model, batch)
             (self.scaler.scale_loss(loss) / self.cfg.accum_steps).backward()
             loss_sum += loss.detach().float()
         loss_mean = loss_sum / self.cfg.accum_steps
-        self._pending_losses.append((step_index, g, loss_mean))
+        self._pending_losses.append((self.result.steps, g, loss_mean))
 
+        # A parameter the loss did not reach has no grad: like torch's AdamW, it is not updated.
         used = [i for i, p in enumerate(params) if p.grad is not None]
         grads = [params[i].grad for i in used]
         found_inf, grad_scale = self.check_and_scale(grads, loss_mean)
@@ -245,7 +273,7 @@ class _Trainer:
         """The overflow flag and the one multiplier the fused update applies to every grad
         (the inverse loss scale times the clip coefficient), both left on the device."""
         if not grads:
-            return torch.zeros((), device=self.device), None
+            return torch.ones((), device=self.device), None
         if not (self.cfg.clipping or self.scaler.enabled):
             return (~torch.isfinite(loss)).float(), None
         norm_sq = ops.grad_norm_sq(grads)
@@ -260,25 +288,88 @@ class _Trainer:
             grad_scale = inv_scale * clip
         return found_inf, grad_scale
 
-    def flush_losses(self, result: FitResult, bar) -> None:
+    def flush_losses(self, bar=None) -> None:
         """Bring the pending losses to the host: the one host sync, every log_every steps."""
         if not self._pending_losses:
             return
-        values = torch.stack([loss for _, _, loss in self._pending_losses]).tolist()
-        for (step_index, g, _), value in zip(self._pending_losses, values):
-            if not math.isfinite(value) and not self.scaler.enabled:
-                self._pending_losses = []
-                raise NonFiniteLossError(
-                    f"the loss became {value} at step {step_index} while training "
-                    f"{self.groups[g].describe()}; that update was skipped, so the weights hold "
-                    "the last good state. Lower lr, check the data at that step, or use fp32."
-                )
-        result.losses.extend(values)
-        self._pending_losses = []
-        bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
+        pending, self._pending_losses = self._pending_losses, []
+        values = torch.stack([loss for _, _, loss in pending]).tolist()
+        bad = next(((s, g, v) for (s, g, _), v in zip(pending, values) if not math.isfinite(v)), None)
+        self.result.losses.extend(values)
+        if bad is not None and not self.scaler.enabled:
+            step, g, value = bad
+            # That update was skipped on the device, so the weights are the last good state.
+            saved = self.save() if self.cfg.save_dir is not None else None
+            raise NonFiniteLossError(
+                f"the loss became {value} at step {step} while training {self.groups[g].describe()}; "
+                "its update was skipped, so the weights hold the last good state"
+                + (f" (saved in {saved})" if saved else "")
+                + ". Lower lr, check the data at that step, or use fp32."
+            )
+        if bar is not None:
+            bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
+
+    # ---------------------------------------------------------------------- checkpoints
+
+    def fingerprint(self) -> dict:
+        return {"groups": [g.names for g in self.groups], "with_master": self.state.with_master,
+                "precision": self.result.precision}
+
+    def save(self) -> Path:
+        self.flush_losses()
+        self.state.synchronize()
+        r = self.result
+        tensors = {f"group{g}": self.state.storage(g) for g in range(len(self.groups))}
+        tensors["steps"] = self.state.steps
+        tensors["rng_cpu"] = torch.get_rng_state()
+        tensors["rng_epoch_cpu"] = self.stream.epoch_rng
+        if self.device.type == "cuda":
+            tensors["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "run": self.fingerprint(),
+            "order": self.order.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": {"epoch": self.stream.epoch, "position": self.stream.position},
+            "history": {"steps": r.steps, "losses": r.losses, "lrs": r.lrs, "groups": r.groups,
+                        "skipped_steps": r.skipped_steps},
+        }
+        r.checkpoint = checkpoint.save(self.cfg.save_dir, r.steps, self.model, tensors, meta,
+                                       keep_last=self.cfg.keep_last)
+        return r.checkpoint
+
+    def check_resumable(self, path: Path, meta: dict) -> None:
+        """Refuse a checkpoint from another run before anything is loaded."""
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise checkpoint.CheckpointError(f"{path} has format {meta.get('format')}; this hift reads {CHECKPOINT_FORMAT}")
+        theirs, ours = meta["run"], self.fingerprint()
+        if theirs != ours:
+            what = [k for k in ours if theirs.get(k) != ours[k]]
+            raise checkpoint.CheckpointError(
+                f"{path} was made by a run with other {', '.join(what)} (precision "
+                f"{theirs.get('precision')}, {len(theirs.get('groups', []))} groups; this run: "
+                f"{ours['precision']}, {len(ours['groups'])} groups); resume with the same model, "
+                "group_size and precision")
+
+    def restore(self, path: Path, meta: dict) -> None:
+        checkpoint.load_weights(path, self.model)
+        tensors = checkpoint.load_tensors(path)
+        for g in range(len(self.groups)):
+            self.state.storage(g).copy_(tensors[f"group{g}"])
+        self.state.steps.copy_(tensors["steps"])
+        self.order.load_state_dict(meta["order"])
+        self.scaler.load_state_dict(meta["scaler"])
+        history = meta["history"]
+        r = self.result
+        r.steps, r.losses, r.lrs = history["steps"], history["losses"], history["lrs"]
+        r.groups, r.skipped_steps = history["groups"], history["skipped_steps"]
+        self.stream.restore(meta["data"]["epoch"], meta["data"]["position"], tensors["rng_epoch_cpu"])
+        torch.set_rng_state(tensors["rng_cpu"])
+        if "rng_cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng_cuda"], self.device)
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="step", desc="hift")
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", desc="hift")

@@ -46,7 +46,10 @@ _TRITON = None if _FORCE_REFERENCE else _load_triton()
 
 
 def _triton_runs_on(tensors: Sequence[Tensor]) -> bool:
-    return _TRITON is not None and len(tensors) > 0 and _TRITON.runs_on(tensors[0].device)
+    # Only GPU tensors go to Triton: on the CPU its interpreter is a test vehicle, far slower
+    # than the torch reference (tests call hift_kernels directly to exercise it there).
+    return (_TRITON is not None and len(tensors) > 0 and tensors[0].device.type == "cuda"
+            and _TRITON.runs_on(tensors[0].device))
 
 
 def _scalar(x) -> float:

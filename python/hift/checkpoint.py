@@ -1,0 +1,136 @@
+"""Checkpoints that resume exactly, and that a crash cannot break.
+
+A checkpoint is a directory `step-NNNNNNNN/` holding
+  model.safetensors      every model tensor (shared ones once)
+  optimizer.safetensors  each group's flat state buffer, the per-group step counts, RNG states
+  trainer.json           schedule position, loss scaler, data position, history, the run's shape
+  manifest.json          size and sha256 of the three files above, written last
+It is written into a hidden temporary directory, flushed to disk, then renamed into place:
+a process killed mid-save leaves the previous checkpoint untouched, and a checkpoint without a
+manifest that matches its files is refused. Only safetensors and JSON are read back, never
+pickle, so a checkpoint from elsewhere cannot run code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+PREFIX = "step-"
+FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the one to use instead."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The finished checkpoints under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save(root, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
+         keep_last: int = 2) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps(meta))
+    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for name in (*FILES, "manifest.json"):
+        _fsync(tmp / name)
+    if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(f".tmp-{PREFIX}*"):  # left by killed saves
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError unless every file is there with its recorded size and hash."""
+    path = Path(path)
+    older = [p for p in checkpoints(path.parent) if p.name < path.name]
+    hint = f"; the previous checkpoint is {older[-1]}" if older else ""
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a complete checkpoint (manifest.json: {err}){hint}") from None
+    for name in FILES:
+        file = path / name
+        entry = manifest.get(name)
+        if entry is None or not file.is_file():
+            raise CheckpointError(f"{path} is missing {name}{hint}")
+        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"{path}/{name} is truncated or corrupted (size or sha256 differ "
+                                  f"from its manifest){hint}")
+
+
+def resolve(path) -> Path:
+    """A checkpoint directory, or a save directory (its newest checkpoint)."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or path.name.startswith(PREFIX):
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise CheckpointError(f"no checkpoint in {path}: pass a save_dir that fit wrote to, or one "
+                              f"of its {PREFIX}* directories")
+    return found[-1]
+
+
+def read(path) -> tuple[Path, dict]:
+    """Resolve and verify a checkpoint; its directory and trainer.json (nothing loaded yet)."""
+    path = resolve(path)
+    verify(path)
+    return path, json.loads((path / "trainer.json").read_text())
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    missing, unexpected = load_model(model, str(Path(path) / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} was saved from a different model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}); resume with the model it was made from")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "optimizer.safetensors"))
+
+
+def latest(root) -> Optional[Path]:
+    found = checkpoints(Path(root))
+    return found[-1] if found else None
