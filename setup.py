@@ -35,7 +35,10 @@ def extensions():
     if not cpp_sources:
         return [], {}
     use_cuda = cuda_wanted(torch.version.cuda) and bool(cuda_sources)
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch's BuildExtension adds the standard its headers need (torch 2.14's need C++20).
+    # No contraction: the fused AdamW rounds op by op as torch.optim.AdamW does, with explicit
+    # fused multiply-adds exactly where torch's kernels have them (csrc/adamw.h).
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     kwargs = dict(
         name="hift._C",
         sources=cpp_sources + (cuda_sources if use_cuda else []),
@@ -44,7 +47,7 @@ def extensions():
         py_limited_api=False,
     )
     if use_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-DHIFT_WITH_CUDA"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false", "-DHIFT_WITH_CUDA"]
         # pip's CUDA wheels keep the toolkit headers under site-packages/nvidia/cu*/include.
         kwargs["include_dirs"] = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include")))
         ext = CUDAExtension(**kwargs)

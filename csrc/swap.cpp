@@ -1,0 +1,220 @@
+// StateSwapper (see swap.h). Streams and events go through c10's device-generic interfaces, so
+// this file needs no CUDA headers except to pin host memory in place (cudaHostRegister: the
+// caching host allocator would round every group's buffer up to a power of two).
+#include "swap.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <algorithm>
+
+#ifdef HIFT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace hift {
+
+namespace {
+
+// Pins `t`'s memory in place; false (and no CUDA error left behind) where it cannot.
+bool pin_in_place(const at::Tensor& t, std::string& why) {
+#ifdef HIFT_WITH_CUDA
+  const cudaError_t err =
+      cudaHostRegister(t.data_ptr(), t.nbytes(), cudaHostRegisterDefault);
+  if (err == cudaSuccess) return true;
+  why = cudaGetErrorString(err);
+  (void)cudaGetLastError();
+  return false;
+#else
+  why = "this build of hift._C has no CUDA";
+  return false;
+#endif
+}
+
+void unpin(void* ptr) {
+#ifdef HIFT_WITH_CUDA
+  (void)cudaHostUnregister(ptr);
+  (void)cudaGetLastError();
+#else
+  (void)ptr;
+#endif
+}
+
+}  // namespace
+
+StateSwapper::StateSwapper(std::vector<int64_t> group_numels, c10::Device device, int64_t slots,
+                           bool pin, bool force_slots)
+    : numels_(std::move(group_numels)), device_(device) {
+  async_ = device_.type() != c10::DeviceType::CPU;
+  use_slots_ = async_ || force_slots;
+  TORCH_CHECK(!use_slots_ || slots >= 1, "StateSwapper: slots must be at least 1, got ", slots);
+  for (size_t g = 0; g < numels_.size(); ++g) {
+    TORCH_CHECK(numels_[g] >= 0, "StateSwapper: group ", g, " has a negative numel ", numels_[g]);
+  }
+  c10::impl::VirtualGuardImpl impl(device_.type());
+  if (async_ && !device_.has_index()) device_ = impl.getDevice();
+
+  pinned_ = pin && !numels_.empty();
+  std::string why;
+  for (int64_t numel : numels_) {
+    at::Tensor buffer = at::zeros({numel}, at::TensorOptions().dtype(at::kFloat));
+    if (pinned_ && numel > 0) {
+      if (pin_in_place(buffer, why)) {
+        registered_.push_back(buffer.data_ptr());
+      } else {
+        pinned_ = false;
+      }
+    }
+    host_.push_back(std::move(buffer));
+  }
+  if (pin && !numels_.empty() && !pinned_) {
+    for (void* ptr : registered_) unpin(ptr);
+    registered_.clear();
+    TORCH_WARN("hift StateSwapper: pinned host memory is not available (", why,
+               "); optimizer state stays in pageable memory, so copies to and from the device "
+               "are slower and not overlapped with compute.");
+  }
+
+  slot_of_.assign(numels_.size(), -1);
+  copied_in_.resize(numels_.size());
+  host_busy_.resize(numels_.size());
+  if (!use_slots_) return;
+  const int64_t largest =
+      numels_.empty() ? 0 : *std::max_element(numels_.begin(), numels_.end());
+  c10::DeviceGuard guard(device_);
+  slots_.resize(static_cast<size_t>(slots));
+  for (Slot& slot : slots_) {
+    slot.buffer = at::empty({largest}, at::TensorOptions().dtype(at::kFloat).device(device_));
+  }
+  if (async_) copy_stream_ = impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
+}
+
+StateSwapper::~StateSwapper() {
+  try {
+    synchronize();
+  } catch (...) {
+    // The device is gone or broken; unpinning below is still the right thing to try.
+  }
+  for (void* ptr : registered_) unpin(ptr);
+}
+
+void StateSwapper::check_group(int64_t group) const {
+  TORCH_CHECK(group >= 0 && group < num_groups(), "StateSwapper: group ", group,
+              " is out of range (", num_groups(), " groups)");
+}
+
+c10::Stream StateSwapper::current_stream() const {
+  return c10::impl::VirtualGuardImpl(device_.type()).getStream(device_);
+}
+
+std::shared_ptr<c10::Event> StateSwapper::record_on(const c10::Stream& stream) {
+  auto event = std::make_shared<c10::Event>(device_.type());
+  event->record(stream);
+  return event;
+}
+
+bool StateSwapper::resident(int64_t group) const {
+  check_group(group);
+  return !use_slots_ || slot_of_[group] >= 0;
+}
+
+at::Tensor StateSwapper::host(int64_t group) {
+  check_group(group);
+  if (host_busy_[group]) {
+    host_busy_[group]->synchronize();
+    host_busy_[group].reset();
+  }
+  return host_[group];
+}
+
+int64_t StateSwapper::take_free_slot(int64_t group) {
+  // A never-used slot first, else the one released longest ago (its copy-out is the oldest).
+  int64_t best = -1;
+  for (int64_t s = 0; s < num_slots(); ++s) {
+    const Slot& slot = slots_[s];
+    if (slot.resident) continue;
+    if (slot.owner < 0) return s;
+    if (best < 0 || slot.freed_at < slots_[best].freed_at) best = s;
+  }
+  TORCH_CHECK(best >= 0, "StateSwapper: cannot prefetch group ", group, ": all ", num_slots(),
+              " slots hold groups that were not written back (writeback() one first)");
+  return best;
+}
+
+void StateSwapper::prefetch(int64_t group) {
+  check_group(group);
+  if (!use_slots_ || slot_of_[group] >= 0) return;
+  const int64_t s = take_free_slot(group);
+  Slot& slot = slots_[s];
+  at::Tensor dst = slot.buffer.narrow(0, 0, numels_[group]);
+  if (async_) {
+    c10::StreamGuard guard(*copy_stream_);
+    // The copy stream already orders this after the slot's copy-out; the wait says so.
+    if (slot.copied_out) slot.copied_out->block(*copy_stream_);
+    dst.copy_(host_[group], /*non_blocking=*/true);
+    copied_in_[group] = record_on(*copy_stream_);
+    host_busy_[group] = copied_in_[group];
+  } else {
+    dst.copy_(host_[group]);
+  }
+  slot.copied_out.reset();
+  slot.owner = group;
+  slot.resident = true;
+  slot_of_[group] = s;
+}
+
+at::Tensor StateSwapper::acquire(int64_t group) {
+  check_group(group);
+  if (!use_slots_) return host_[group];
+  prefetch(group);
+  if (copied_in_[group]) copied_in_[group]->block(current_stream());
+  return slots_[slot_of_[group]].buffer.narrow(0, 0, numels_[group]);
+}
+
+void StateSwapper::writeback(int64_t group) {
+  check_group(group);
+  if (!use_slots_) return;
+  const int64_t s = slot_of_[group];
+  TORCH_CHECK(s >= 0, "StateSwapper: writeback of group ", group,
+              ", which is not on the device (prefetch/acquire it first)");
+  Slot& slot = slots_[s];
+  at::Tensor src = slot.buffer.narrow(0, 0, numels_[group]);
+  if (async_) {
+    std::shared_ptr<c10::Event> computed = record_on(current_stream());
+    c10::StreamGuard guard(*copy_stream_);
+    computed->block(*copy_stream_);
+    host_[group].copy_(src, /*non_blocking=*/true);
+    slot.copied_out = record_on(*copy_stream_);
+    host_busy_[group] = slot.copied_out;
+  } else {
+    host_[group].copy_(src);
+  }
+  copied_in_[group].reset();
+  slot.resident = false;
+  slot.freed_at = ++writebacks_;
+  slot_of_[group] = -1;
+}
+
+void StateSwapper::synchronize() {
+  if (copy_stream_) copy_stream_->synchronize();
+  for (auto& event : host_busy_) event.reset();
+}
+
+void register_state_swapper(torch::Library& m) {
+  m.class_<StateSwapper>("StateSwapper")
+      .def(torch::init<std::vector<int64_t>, c10::Device, int64_t, bool, bool>())
+      .def("host", &StateSwapper::host)
+      .def("prefetch", &StateSwapper::prefetch)
+      .def("acquire", &StateSwapper::acquire)
+      .def("writeback", &StateSwapper::writeback)
+      .def("synchronize", &StateSwapper::synchronize)
+      .def("resident", &StateSwapper::resident)
+      .def("pinned", &StateSwapper::pinned)
+      .def("uses_slots", &StateSwapper::uses_slots)
+      .def("num_groups", &StateSwapper::num_groups)
+      .def("num_slots", &StateSwapper::num_slots);
+}
+
+}  // namespace hift

@@ -1,0 +1,236 @@
+"""Where each group's optimizer state rests between its steps: a flat fp32 host buffer per group
+(pinned where the system allows) and a few device slots it visits for its update.
+
+`make_swapper` returns the compiled swapper (torch.classes.hift.StateSwapper) for a CUDA device
+when hift._C is built, else `StateSwapper` below: the same interface and the same slot logic in
+plain torch, which is also the reference the tests hold the compiled one to.
+
+Copies run on one side stream, so copies into and out of a slot are ordered among themselves; the
+compute stream and the side stream meet only through events:
+
+    prefetch(g)   side stream: host(g) -> a free slot, then event in[g]
+    acquire(g)    the current stream waits on in[g]; returns g's flat device buffer
+    writeback(g)  side stream waits for the current stream, slot -> host(g); the slot is free for
+                  another group once that copy completes (the next copy-in queues behind it)
+    host(g)       the host waits for the last copy that touched host(g), if still in flight
+    synchronize() waits for every copy (before a checkpoint reads the host buffers)
+
+On a CPU device there is nothing to overlap: acquire(g) hands out host(g) itself, unless
+`force_slots=True`, which runs the slot logic with plain copies (so CPU tests exercise it).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+_PIN_WARNING = (
+    "hift StateSwapper: pinned host memory is not available ({why}); optimizer state stays in "
+    "pageable memory, so copies to and from the device are slower and not overlapped with compute."
+)
+
+
+def make_swapper(group_numels: Sequence[int], device: Union[str, torch.device], slots: int = 2,
+                 pin: bool = True, force_slots: bool = False):
+    """The state swapper for `device`: compiled where hift._C has one and the device is CUDA,
+    else the plain-torch `StateSwapper`. `pin` is ignored on a CPU device (nothing to overlap);
+    `force_slots` runs the slot logic there anyway, with plain copies."""
+    device = torch.device(device)
+    numels = [int(n) for n in group_numels]
+    if device.type == "cuda" and _compiled_swapper_available():
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return torch.classes.hift.StateSwapper(numels, device, int(slots), bool(pin), False)
+    return StateSwapper(numels, device, slots=slots, pin=pin and device.type != "cpu",
+                        force_slots=force_slots)
+
+
+def _compiled_swapper_available() -> bool:
+    from hift import ops
+
+    return ops.HAS_EXTENSION and hasattr(torch.classes.hift, "StateSwapper")
+
+
+class _Slot:
+    __slots__ = ("buffer", "owner", "resident", "freed_at", "copied_out")
+
+    def __init__(self, buffer: Tensor):
+        self.buffer = buffer
+        self.owner = -1  # the group whose data the slot holds (or last held)
+        self.resident = False  # holds `owner` between prefetch and writeback
+        self.freed_at = 0  # writeback count when released: the oldest is reused first
+        self.copied_out: Optional[torch.cuda.Event] = None
+
+
+class StateSwapper:
+    """Group optimizer state in host buffers, visiting `slots` device buffers (see module doc)."""
+
+    def __init__(self, group_numels: Sequence[int], device: Union[str, torch.device],
+                 slots: int = 2, pin: bool = True, force_slots: bool = False):
+        self._numels = [int(n) for n in group_numels]
+        if any(n < 0 for n in self._numels):
+            raise ValueError(f"StateSwapper: group sizes must be >= 0, got {self._numels}")
+        device = torch.device(device)
+        self._async = device.type != "cpu"
+        if self._async and device.type != "cuda":
+            raise ValueError(f"StateSwapper: the plain-torch swapper runs on CPU or CUDA, not {device}")
+        if self._async and device.index is None:
+            device = torch.device(device.type, torch.cuda.current_device())
+        self._device = device
+        self._use_slots = self._async or force_slots
+        if self._use_slots and slots < 1:
+            raise ValueError(f"StateSwapper: slots must be at least 1, got {slots}")
+
+        self._pinned = pin and len(self._numels) > 0
+        why = None
+        self._host = []
+        for n in self._numels:
+            buffer = None
+            if self._pinned:
+                try:
+                    buffer = torch.zeros(n, dtype=torch.float32, pin_memory=True)
+                except RuntimeError as err:  # no CUDA, a memlock limit, a container
+                    self._pinned = False
+                    why = str(err).splitlines()[0]
+            if buffer is None:
+                buffer = torch.zeros(n, dtype=torch.float32)
+            self._host.append(buffer)
+        if why is not None:
+            warnings.warn(_PIN_WARNING.format(why=why), stacklevel=2)
+
+        self._slot_of = [-1] * len(self._numels)
+        self._copied_in: list[Optional[torch.cuda.Event]] = [None] * len(self._numels)
+        self._host_busy: list[Optional[torch.cuda.Event]] = [None] * len(self._numels)
+        self._slots: list[_Slot] = []
+        self._copy_stream = None
+        self._writebacks = 0
+        if not self._use_slots:
+            return
+        largest = max(self._numels, default=0)
+        self._slots = [_Slot(torch.empty(largest, dtype=torch.float32, device=device))
+                       for _ in range(slots)]
+        if self._async:
+            self._copy_stream = torch.cuda.Stream(device)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def num_groups(self) -> int:
+        return len(self._numels)
+
+    def num_slots(self) -> int:
+        return len(self._slots)
+
+    def pinned(self) -> bool:
+        return self._pinned
+
+    def uses_slots(self) -> bool:
+        return self._use_slots
+
+    def resident(self, group: int) -> bool:
+        self._check(group)
+        return not self._use_slots or self._slot_of[group] >= 0
+
+    # -- the interface the engine uses -----------------------------------------------------
+
+    def host(self, group: int) -> Tensor:
+        """Group `group`'s flat fp32 host buffer, once no copy touches it any more."""
+        self._check(group)
+        busy = self._host_busy[group]
+        if busy is not None:
+            busy.synchronize()
+            self._host_busy[group] = None
+        return self._host[group]
+
+    def prefetch(self, group: int) -> None:
+        """Start copying `group` into a free slot (a no-op if it is already there)."""
+        self._check(group)
+        if not self._use_slots or self._slot_of[group] >= 0:
+            return
+        index = self._take_free_slot(group)
+        slot = self._slots[index]
+        dst = slot.buffer[: self._numels[group]]
+        if self._async:
+            with torch.cuda.stream(self._copy_stream):
+                if slot.copied_out is not None:  # already ordered by the stream; said for clarity
+                    self._copy_stream.wait_event(slot.copied_out)
+                dst.copy_(self._host[group], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            self._copied_in[group] = event
+            self._host_busy[group] = event
+        else:
+            dst.copy_(self._host[group])
+        slot.copied_out = None
+        slot.owner = group
+        slot.resident = True
+        self._slot_of[group] = index
+
+    def acquire(self, group: int) -> Tensor:
+        """Group `group`'s flat fp32 device buffer; the current stream waits for its copy-in."""
+        self._check(group)
+        if not self._use_slots:
+            return self._host[group]
+        self.prefetch(group)
+        event = self._copied_in[group]
+        if event is not None:
+            torch.cuda.current_stream(self._device).wait_event(event)
+        return self._slots[self._slot_of[group]].buffer[: self._numels[group]]
+
+    def writeback(self, group: int) -> None:
+        """Start copying `group` back to its host buffer; its slot frees once that completes."""
+        self._check(group)
+        if not self._use_slots:
+            return
+        index = self._slot_of[group]
+        if index < 0:
+            raise RuntimeError(f"StateSwapper: writeback of group {group}, which is not on the "
+                               "device (prefetch/acquire it first)")
+        slot = self._slots[index]
+        src = slot.buffer[: self._numels[group]]
+        if self._async:
+            computed = torch.cuda.current_stream(self._device).record_event()
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(computed)
+                self._host[group].copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            slot.copied_out = event
+            self._host_busy[group] = event
+        else:
+            self._host[group].copy_(src)
+        self._copied_in[group] = None
+        slot.resident = False
+        self._writebacks += 1
+        slot.freed_at = self._writebacks
+        self._slot_of[group] = -1
+
+    def synchronize(self) -> None:
+        """Wait for every copy in flight."""
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        self._host_busy = [None] * len(self._numels)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check(self, group: int) -> None:
+        if not 0 <= group < len(self._numels):
+            raise IndexError(f"StateSwapper: group {group} is out of range "
+                             f"({len(self._numels)} groups)")
+
+    def _take_free_slot(self, group: int) -> int:
+        # A never-used slot first, else the one released longest ago (its copy-out is oldest).
+        best = -1
+        for index, slot in enumerate(self._slots):
+            if slot.resident:
+                continue
+            if slot.owner < 0:
+                return index
+            if best < 0 or slot.freed_at < self._slots[best].freed_at:
+                best = index
+        if best < 0:
+            raise RuntimeError(f"StateSwapper: cannot prefetch group {group}: all "
+                               f"{len(self._slots)} slots hold groups that were not written back "
+                               "(writeback() one first)")
+        return best
