@@ -7,15 +7,45 @@ import pytest
 import torch
 
 import tiny_models as tm
-from hift import fit
+from hift import fit, ops
 from hift.groups import detect_units, make_groups
 from hift.schedule import GroupOrder, lr_at_cycle
 
 QUIET = dict(progress=False, max_grad_norm=None)
+# hift keeps the LR in a 0-d fp32 tensor on the device (no host sync, graph-capturable), so the
+# references use LRs that fp32 represents exactly
+FP32_LR = float(torch.tensor(1e-3, dtype=torch.float32))
 
 
-def assert_params_close(model, reference, rtol=1e-6, atol=1e-8):
+@pytest.fixture(params=["reference", "fused"])
+def kernel(request, monkeypatch):
+    """Run the engine on the torch reference ops (which must match torch.optim.AdamW bit for
+    bit: same ops, same order) and on the fused extension kernel."""
+    if request.param == "reference":
+        monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    elif not ops.HAS_EXTENSION:
+        pytest.skip("hift._C is not built")
+    return request.param
+
+
+def assert_matches_adamw(model, reference, kernel, fused_rtol=1e-6):
+    """The reference ops equal torch's AdamW exactly. The fused kernel's sqrt is exact where
+    torch's CPU sqrt (MKL) is at times 1 ulp off, and over several steps the model's forward
+    and backward magnify those ulps on near-zero gradients; per step it is held to torch at
+    1e-6 in test_adamw_kernel.py."""
+    if kernel == "reference":
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(p, q), name
+    else:
+        assert_params_close(model, reference, rtol=fused_rtol)
+
+
+def assert_params_close(model, reference, rtol=1e-6):
+    """Within rtol of the reference, relative to each element or, for elements near zero, to
+    the tensor's scale (torch's CPU sqrt is MKL's, at times 1 ulp off the exact one that the
+    fused kernel takes, and a few ulps of a weight of size 0.05 dwarf an element near 0)."""
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        atol = rtol * q.detach().abs().max().item()
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
@@ -25,18 +55,18 @@ def adamw_param_groups(params, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def test_one_group_equals_full_adamw():
+def test_one_group_equals_full_adamw(kernel):
     model = tm.llama(layers=2)
     reference = copy.deepcopy(model)
     batches = tm.lm_batches(10)
-    fit(model, batches, group_size=5, max_steps=10, lr=1e-3, weight_decay=0.1,
+    fit(model, batches, group_size=5, max_steps=10, lr=FP32_LR, weight_decay=0.1,
         lr_schedule="constant", **QUIET)
-    optimizer = torch.optim.AdamW(adamw_param_groups(list(reference.parameters()), 0.1), lr=1e-3)
+    optimizer = torch.optim.AdamW(adamw_param_groups(list(reference.parameters()), 0.1), lr=FP32_LR)
     for batch in batches:
         reference(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert_params_close(model, reference)
+    assert_matches_adamw(model, reference, kernel)
 
 
 def reference_lr(cycle, base, total, warmup):
@@ -47,7 +77,7 @@ def reference_lr(cycle, base, total, warmup):
 
 
 @pytest.mark.parametrize("order", ["bottom_up", "top_down", "random"])
-def test_k_groups_equal_one_adamw_per_group(order):
+def test_k_groups_equal_one_adamw_per_group(order, kernel):
     model = tm.llama(layers=3)
     reference = copy.deepcopy(model)
     batch0 = tm.lm_batches(1)[0]
@@ -69,14 +99,13 @@ def test_k_groups_equal_one_adamw_per_group(order):
 
     optimizers = [torch.optim.AdamW(adamw_param_groups(g.params, 0.05), lr=base_lr) for g in groups]
     for step, (g, batch) in enumerate(zip(expected, batches)):
-        # hift keeps the LR in a 0-d fp32 tensor on the device (no host sync, graph-capturable)
         lr = float(torch.tensor(reference_lr(step // k, base_lr, cycles, 1), dtype=torch.float32))
         for pg in optimizers[g].param_groups:
             pg["lr"] = lr
         reference.zero_grad()
         reference(**batch).loss.backward()
         optimizers[g].step()
-    assert_params_close(model, reference)
+    assert_matches_adamw(model, reference, kernel, fused_rtol=1e-5)
 
 
 def test_random_order_is_fresh_each_cycle_and_seeded():
@@ -193,7 +222,7 @@ def test_accumulation_equals_one_step_on_the_concatenation(micro):
     b = fit(reference, joined, **options)
     assert a.groups == b.groups
     assert a.losses == pytest.approx(b.losses, rel=1e-6)
-    assert_params_close(model, reference, rtol=1e-5, atol=1e-7)
+    assert_params_close(model, reference, rtol=1e-5)
 
 
 def test_clipping_bounds_the_update_of_a_huge_gradient():
@@ -208,7 +237,7 @@ def test_clipping_bounds_the_update_of_a_huge_gradient():
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
         optimizer.step()
         optimizer.zero_grad()
-    assert_params_close(model, reference, rtol=1e-5, atol=1e-7)
+    assert_params_close(model, reference, rtol=1e-5)
 
 
 def test_requires_grad_and_mode_are_restored():

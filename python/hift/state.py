@@ -39,8 +39,9 @@ class OptimizerState:
         if offload:
             from hift.swap import make_swapper
 
+            # On a CPU device, offload asks for the same slot logic with plain copies.
             self.swapper = make_swapper(self.numels, self.device, slots=2,
-                                        pin=pin_memory and self.device.type == "cuda")
+                                        pin=pin_memory and self.device.type == "cuda", force_slots=True)
             self._resident = None
         else:
             self.swapper = None
