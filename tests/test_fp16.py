@@ -1,6 +1,7 @@
 """fp16: dynamic loss scale, and an overflow that skips the update without touching anything."""
 import math
 
+import pytest
 import torch
 
 import tiny_models as tm
@@ -18,7 +19,8 @@ def snapshot(event):
     }
 
 
-def test_overflow_skips_the_step_halves_the_scale_and_retries_the_group():
+@pytest.mark.parametrize("offload", [False, True])
+def test_overflow_skips_the_step_halves_the_scale_and_retries_the_group(offload):
     model = tm.llama(layers=2)
     planted = 3
     events = []
@@ -33,7 +35,7 @@ def test_overflow_skips_the_step_halves_the_scale_and_retries_the_group():
         events.append((event.step, event.group, event.skipped, snapshot(event)))
 
     result = fit(model, tm.lm_batches(8), precision="fp16", max_steps=8, lr=1e-3, progress=False,
-                 order="bottom_up", on_step=record)
+                 order="bottom_up", on_step=record, offload=offload)
     assert result.precision == "fp16" and result.skipped_steps == 1
     step, group, skipped, after = events[planted]
     _, _, _, before = events[planted - 1]

@@ -11,11 +11,18 @@ def main(argv=None) -> int:
     commands.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 to tell Shakespeare's comedies, "
                                      "tragedies and histories apart (options: hift demo --help)",
                         add_help=False)
+    commands.add_parser("plan", help="predict the peak device memory of a hift run (and of full AdamW "
+                                     "and LOMO) from a model config (options: hift plan --help)",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from hift.demo.run import main as demo_main
 
         return demo_main(rest) or 0
+    if args.command == "plan":
+        from hift.planner import main as plan_main
+
+        return plan_main(rest) or 0
     parser.error(f"unknown command {args.command}")
     return 2
 
