@@ -249,3 +249,16 @@ def test_requires_grad_and_mode_are_restored():
     assert not model.training
     assert not frozen.requires_grad
     assert all(p.requires_grad for p in model.parameters() if p is not frozen)
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 5])
+def test_offloaded_state_trains_exactly_like_resident_state(group_size):
+    """Host buffers and device slots (plain copies on the CPU) change nothing but placement,
+    including K=1, where the next group is the current one."""
+    model = tm.llama(layers=2)
+    twin = copy.deepcopy(model)
+    options = dict(group_size=group_size, max_steps=7, lr=1e-2, precision="bf16", order="random", **QUIET)
+    fit(model, tm.lm_batches(7), offload=True, **options)
+    fit(twin, tm.lm_batches(7), offload=False, **options)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
