@@ -1,0 +1,1 @@
+"""Baselines beside hift, the harness that compares them, and its plots (see compare.py)."""

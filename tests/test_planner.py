@@ -1,0 +1,148 @@
+"""hift.planner: its arithmetic against hand counts on a tiny config, and its CPU prediction
+against the measured peak of real runs (in a subprocess) within 10%."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hift import planner  # noqa: E402
+
+TINY = dict(vocab_size=101, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64)
+V, H, L, I, HEADS = 101, 16, 2, 24, 2
+BLOCK = 4 * H * H + 3 * H * I + 2 * H  # q k v o, gate up down, two RMSNorm weights
+N = V * H + L * BLOCK + H + V * H
+
+
+@pytest.fixture(scope="module")
+def tiny_trace():
+    model = planner.meta_model(TINY, "bf16")
+    trace, _ = planner.trace_units(model, 3, 7)
+    return trace
+
+
+def test_units_and_counts(tiny_trace):
+    assert tiny_trace.kinds == ["embeddings", "block", "block", "norm", "head"]
+    assert tiny_trace.numels == [V * H, BLOCK, BLOCK, H, V * H]
+    assert tiny_trace.largest_param == V * H
+
+
+def test_saved_tensors_by_hand(tiny_trace):
+    b, s = 3, 7
+    # the embedding's backward keeps only the token ids
+    assert tiny_trace.trainable[0] == b * s * 8
+    # a frozen block still keeps the fused attention's q, k, v, output (bf16) and log-sum-exp (fp32)
+    assert tiny_trace.frozen[1] >= 4 * b * s * H * 2 + b * HEADS * s * 4
+    # a frozen linear keeps nothing for its weight, so a frozen block keeps less than a trainable one
+    assert tiny_trace.frozen[1] < tiny_trace.trainable[1]
+    # the head keeps its input (trainable) and the loss its fp32 log-softmax over the vocabulary
+    assert tiny_trace.trainable[4] >= b * s * H * 2 + b * s * V * 4
+    assert tiny_trace.transient_trainable[4] >= 3 * b * s * V * 4
+
+
+def test_hift_state_and_weights_by_hand(tiny_trace):
+    largest_group = max(V * H, BLOCK)
+    h = planner.plan_hift(tiny_trace, "bf16", group_size=1, prefetch=True, offload=True)
+    assert h.weights == 2 * N
+    assert h.optimizer_resident == 12 * largest_group  # fp32 master + exp_avg + exp_avg_sq
+    assert h.optimizer_in_flight == 12 * largest_group  # the prefetch slot
+    assert h.host == 12 * N
+    h = planner.plan_hift(tiny_trace, "bf16", group_size=1, prefetch=False, offload=True)
+    assert h.optimizer_in_flight == 0
+    h = planner.plan_hift(tiny_trace, "fp32", group_size=2, prefetch=True, offload=True)
+    assert h.optimizer_resident == 8 * max(V * H + BLOCK, BLOCK + H, V * H)  # groups of two units
+    h = planner.plan_hift(tiny_trace, "fp32", group_size=1, offload=False)
+    assert h.optimizer_resident == 8 * N and h.optimizer_in_flight == 0
+
+
+def test_adamw_and_lomo_by_hand(tiny_trace):
+    a = planner.plan_adamw(tiny_trace, "bf16")
+    assert a.weights == 2 * N and a.optimizer_resident == 12 * N  # fp32 master, exp_avg, exp_avg_sq
+    assert 0 <= a.gradients <= 2 * N  # the gradients made before the peak of the backward
+    assert planner.plan_adamw(tiny_trace, "fp32").optimizer_resident == 8 * N
+    lo = planner.plan_lomo(tiny_trace, "bf16")
+    # no state; at most one gradient alive: the largest parameter's, in bf16, plus the fp32
+    # copies of it and of its weight that the update works on
+    assert lo.optimizer == 0 and lo.gradients <= (2 + 8) * V * H
+
+
+def test_sweep_by_hand():
+    trace = planner.UnitTrace(kinds=["a", "b", "c"], numels=[1, 1, 1], largest_param=1,
+                              unit_largest_param=[1, 1, 1], trainable=[10, 20, 30],
+                              frozen=[1, 2, 3], transient_trainable=[0, 5, 50],
+                              transient_frozen=[0, 4, 40])
+    # only unit 1 trains: unit 0 saves nothing, unit 2 is frozen (3 saved, 40 transient)
+    # during 2: 20 + 3 + 40 = 63; after 2: 20; during 1: 20 + 5 = 25; after 1: 0 + 7
+    assert planner.sweep(trace, [False, True, False], [7, 7, 7], 1) == (63, 63, 0)
+    # everything trains: during 2: 60 + 50 = 110; after 2: 30 + 7; during 1: 30 + 5 + 7 = 42;
+    # after 1: 10 + 14; during 0: 10 + 0 + 14; after 0: 21
+    assert planner.sweep(trace, [True] * 3, [7, 7, 7], 0) == (110, 110, 0)
+    trace.transient_trainable = [0, 5, 0]
+    # now after 1 (10 + 14 = 24) loses to during 1 (30 + 5 + 7 = 42) and during 2 (60)
+    assert planner.sweep(trace, [True] * 3, [7, 7, 7], 0) == (60, 60, 0)
+    trace.trainable = [100, 1, 1]
+    # during 0: 100 + 0 + 14 = 114 wins
+    assert planner.sweep(trace, [True] * 3, [7, 7, 7], 0) == (114, 100, 14)
+
+
+def test_published_configs_are_written_out():
+    seven = planner.llama_config("llama-2-7b")
+    assert (seven.hidden_size, seven.num_hidden_layers, seven.num_attention_heads,
+            seven.intermediate_size, seven.vocab_size) == (4096, 32, 32, 11008, 32000)
+    thirteen = planner.llama_config("llama-2-13b")
+    assert (thirteen.hidden_size, thirteen.num_hidden_layers, thirteen.num_attention_heads,
+            thirteen.intermediate_size) == (5120, 40, 40, 13824)
+    model = planner.meta_model("llama-2-7b", "bf16")
+    assert abs(sum(p.numel() for p in model.parameters()) - 6.74e9) < 0.01e9
+
+
+# Predicted vs measured, CPU: hift fit (offload off, every group's state resident), fp32.
+MEASURE = textwrap.dedent("""
+    import json, sys
+    from hift import planner
+    cases = json.loads(sys.argv[1])
+    planner.measure(cases[0][0], 1, 16, steps=2)  # warm-up: code pages and lazy buffers
+    out = []
+    for config, batch, seq, method, group_size in cases:
+        m = planner.measure(config, batch, seq, method=method, group_size=group_size, steps=3)
+        trace, _ = planner.trace_units(planner.meta_model(config, "fp32"), batch, seq)
+        p = (planner.plan_hift(trace, "fp32", group_size, offload=False) if method == "hift"
+             else planner.plan_adamw(trace, "fp32"))
+        out.append([p.above_model, m["peak_above_model"]])
+    print(json.dumps(out))
+""")
+CASES = [
+    [dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+          intermediate_size=688, max_position_embeddings=256), 2, 128, "hift", 1],
+    [dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+          intermediate_size=688, max_position_embeddings=256), 2, 128, "hift", 2],
+    [dict(vocab_size=12007, hidden_size=320, num_hidden_layers=2, num_attention_heads=5,
+          intermediate_size=864, max_position_embeddings=256), 1, 200, "hift", 1],
+    [dict(vocab_size=5003, hidden_size=384, num_hidden_layers=3, num_attention_heads=6,
+          intermediate_size=1000, max_position_embeddings=256), 2, 96, "hift", 1],
+    [dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+          intermediate_size=688, max_position_embeddings=256), 2, 128, "adamw", 1],
+]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset VmHWM")
+def test_predicted_vs_measured_cpu_peak_within_10_percent():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+               MALLOC_ARENA_MAX="2", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(root / "python"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(CASES)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for (config, batch, seq, method, gs), (predicted, measured) in zip(CASES, results):
+        ratio = predicted / measured
+        assert 0.9 <= ratio <= 1.1, (f"{method} gs={gs} hidden {config['hidden_size']} batch {batch} seq {seq}: "
+                                     f"predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
