@@ -191,7 +191,6 @@ class _Trainer:
         start = time.perf_counter()
         lr_value = self.lr_of_cycle(self.order.cycle)
         self.lr.fill_(lr_value)
-        self.state.prefetch(self.order.current)
         while not self.done():
             tick = time.perf_counter()
             g = self.order.current
@@ -235,7 +234,9 @@ class _Trainer:
         for p in params:
             p.requires_grad_(True)
         if self.cfg.prefetch:
-            self.state.prefetch(self.order.upcoming)
+            # g's state comes in on the side stream while its own forward and backward run,
+            # into the one device slot (queued behind the previous group's copy-out there).
+            self.state.prefetch(g)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.cfg.accum_steps):
             batch = to_device(next(self.stream), self.device)

@@ -27,10 +27,10 @@ after u's backward its activations are freed and its gradients exist. For hift t
 What is "the device"
 --------------------
 - GPU, offload on (hift's default there): the weights, the active group's gradients, and the
-  swapper's state slots: one for the active group and, with prefetch, one more for the next
-  group's state in flight (each the size of the largest group's state: fp32 master (bf16/fp16
-  runs only), exp_avg, exp_avg_sq). Every other group's state rests in host memory (reported
-  as `host`, not in the total).
+  swapper's one state slot (the size of the largest group's state: fp32 master (bf16/fp16 runs
+  only), exp_avg, exp_avg_sq), which the active group's state enters during its own forward
+  and backward. Every other group's state rests in host memory (reported as `host`, not in
+  the total).
 - CPU (offload off, hift's default there): every group's state is resident (host and device
   are one memory), so the prediction is the process's memory above the loaded model: every
   group's state + the sweep. This is what tests/test_planner.py measures (VmHWM above the
@@ -81,7 +81,7 @@ PUBLISHED = {
 GOAL_7B_BYTES = 15 * GB  # this project's goal: 7B, bf16, prefetch on, under 15 GB
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SLOTS = 2  # hift.state.OptimizerState makes its swapper with two device slots
+SLOTS = 1  # hift.state.OptimizerState: one device slot, filled during the group's own forward/backward
 
 
 @dataclass
@@ -322,15 +322,12 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
     state = [n * parts * 4 for n in group_numels]
     out = Breakdown("hift", weights=sum(trace.numels) * wbytes, gradients=grads, activations=acts)
     if offload:
-        slots = SLOTS if prefetch else 1
-        out.optimizer_resident = max(state)
-        out.optimizer_in_flight = (slots - 1) * max(state)
+        out.optimizer_resident = SLOTS * max(state)
         out.host = sum(state)
-        out.notes.append(f"offload: {slots} device slot(s) of the largest group's state "
-                         f"({max(state) / GiB:.2f} GiB each); every group's state rests on the host")
-        if not prefetch:
-            out.notes.append("hift.state today makes 2 slots whatever the prefetch setting; "
-                             "with 1 slot a run without prefetch would fit this prediction")
+        out.notes.append(f"offload: {SLOTS} device slot of the largest group's state "
+                         f"({max(state) / GiB:.2f} GiB); every group's state rests on the host"
+                         + ("; with prefetch it is copied in while the group's own forward and "
+                            "backward run" if prefetch else ""))
     else:
         out.optimizer_resident = sum(state)
         out.notes.append("offload off: every group's state is resident")

@@ -41,13 +41,6 @@ class GroupOrder:
     def current(self) -> int:
         return self._current_order[self.position]
 
-    @property
-    def upcoming(self) -> int:
-        """The group after the current one (the next cycle's first group at a cycle's end)."""
-        if self.position + 1 < self.num_groups:
-            return self._current_order[self.position + 1]
-        return self.order_of_cycle(self.cycle + 1)[0]
-
     def advance(self) -> bool:
         """Move past the current group; True when that completed a cycle."""
         self.position += 1

@@ -4,8 +4,8 @@ Each group's state is one flat fp32 buffer laid out as [master | exp_avg | exp_a
 master only when the weights are bf16/fp16), so a group moves between host and device in one
 copy. With offload on, every group's buffer rests on the host (pinned when the device is CUDA)
 and a StateSwapper brings the active group into a device slot on a side stream, while the
-next group's copy-in overlaps the current step; without offload every buffer stays on the
-device. The per-group step counters (bias correction) are tiny and always on the device.
+group's copy-in overlaps its own forward and backward (the update is the only thing that
+needs it), so one device slot suffices; without offload every buffer stays on the device. The per-group step counters (bias correction) are tiny and always on the device.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class OptimizerState:
             from hift.swap import make_swapper
 
             # On a CPU device, offload asks for the same slot logic with plain copies.
-            self.swapper = make_swapper(self.numels, self.device, slots=2,
+            self.swapper = make_swapper(self.numels, self.device, slots=1,
                                         pin=pin_memory and self.device.type == "cuda", force_slots=True)
             self._resident = None
         else:
