@@ -17,21 +17,10 @@ import os
 
 import torch
 
-from hift.memory import host_peak_bytes, reset_host_peak
+from hift.memory import host_peak_bytes, host_resident_bytes, reset_host_peak
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536",
               "MALLOC_ARENA_MAX": "2"}
-
-
-def resident_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def release_free_memory() -> None:
@@ -60,7 +49,7 @@ class PeakMeter:
             self.baseline_reserved = torch.cuda.memory_reserved(self.device)
         else:
             reset_host_peak()
-            self.baseline = resident_bytes()
+            self.baseline = host_resident_bytes()
         self.resume()
 
     def resume(self) -> None:

@@ -5,12 +5,12 @@ the adapters only. alpha 16, no dropout.
 """
 from __future__ import annotations
 
-import torch
-
-from bench.methods.base import StepMethod, grads_bytes, optimizer_state_bytes
+from bench.methods.adamw import AdamW
 
 
-class LoRA(StepMethod):
+class LoRA(AdamW):
+    """AdamW's setup and step, on the adapters that prepare_model leaves trainable."""
+
     name = "lora"
     paper_lr = 2e-4  # LoRA / QLoRA recipes (RoBERTa 4e-4 .. 5e-4, LLaMA 2e-4)
     lr_grid = (1e-4, 1e-3, 1e-2)
@@ -27,17 +27,3 @@ class LoRA(StepMethod):
         config = LoraConfig(r=int(spec.options.get("r", self.rank)), lora_alpha=16, lora_dropout=0.0,
                             target_modules="all-linear", task_type=task)
         return get_peft_model(model, config)
-
-    def setup(self, model, spec):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=0.0, fused=True)
-
-    def step(self, batch):
-        loss = self.loss(batch)
-        loss.backward()
-        self.grad_bytes = max(self.grad_bytes, grads_bytes(self.params))
-        self.clip(self.params)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state_bytes = optimizer_state_bytes(self.optimizer)
-        return loss.detach()

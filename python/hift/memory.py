@@ -4,16 +4,26 @@ from __future__ import annotations
 import torch
 
 
-def host_peak_bytes() -> int:
-    """Peak resident memory of this process (VmHWM), 0 where /proc is absent."""
+def _proc_status_bytes(field: str) -> int:
+    """A kB field of /proc/self/status in bytes, 0 where /proc is absent."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def host_peak_bytes() -> int:
+    """Peak resident memory of this process (VmHWM)."""
+    return _proc_status_bytes("VmHWM")
+
+
+def host_resident_bytes() -> int:
+    """Resident memory of this process now (VmRSS)."""
+    return _proc_status_bytes("VmRSS")
 
 
 def reset_host_peak() -> None:
