@@ -262,3 +262,40 @@ def test_offloaded_state_trains_exactly_like_resident_state(group_size):
     fit(twin, tm.lm_batches(7), offload=False, **options)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(p, q), name
+
+
+class PlainLM(torch.nn.Module):
+    """A hand-written model (no transformers): its forward returns the loss."""
+
+    def __init__(self, vocab=37, width=16, depth=3):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU()) for _ in range(depth))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, tokens, targets):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = h + block(h)
+        return torch.nn.functional.cross_entropy(self.head(self.norm(h)).flatten(0, 1), targets.flatten())
+
+
+def test_plain_module_trains_and_matches_per_group_adamw():
+    torch.manual_seed(0)
+    model = PlainLM()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 37, (3, 5), generator=g), torch.randint(0, 37, (3, 5), generator=g))
+               for _ in range(12)]
+    result = fit(model, batches, num_cycles=2, lr=FP32_LR, lr_schedule="constant", order="bottom_up", **QUIET)
+    assert result.num_groups == 6 and result.groups == list(range(6)) * 2
+    units = [[reference.embed.weight], *[list(b.parameters()) for b in reference.blocks],
+             list(reference.norm.parameters()), list(reference.head.parameters())]
+    optimizers = [torch.optim.AdamW(adamw_param_groups(u, 0.0), lr=FP32_LR) for u in units]
+    for step, (tokens, targets) in enumerate(batches):
+        reference.zero_grad()
+        reference(tokens, targets).backward()
+        optimizers[step % 6].step()
+    assert_params_close(model, reference, rtol=1e-5)
