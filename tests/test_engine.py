@@ -137,15 +137,15 @@ def test_step_changes_only_the_active_group():
     assert sorted(seen) == list(range(6))
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_bf16_weight_is_master_rounded(offload):
+@pytest.mark.parametrize("offload,chunk_mib", [(False, None), (True, None), (True, 0.004)])
+def test_bf16_weight_is_master_rounded(offload, chunk_mib):
     model = tm.llama(layers=2)
     checked = []
 
     def check(event):
         event.state.synchronize()
         group = event.groups[event.group]
-        masters = event.state.host_views(event.group).masters
+        masters = event.state.param_state(event.group).masters
         assert len(masters) == len(group.params)
         for p, master in zip(group.params, masters):
             assert p.dtype == torch.bfloat16 and master.dtype == torch.float32
@@ -153,7 +153,7 @@ def test_bf16_weight_is_master_rounded(offload):
         checked.append(event.step)
 
     result = fit(model, tm.lm_batches(5), precision="bf16", max_steps=10, lr=1e-2, on_step=check,
-                 offload=offload, **QUIET)
+                 offload=offload, state_chunk_mib=chunk_mib, **QUIET)
     assert checked == list(range(10)) and result.precision == "bf16"
     assert all(math.isfinite(x) for x in result.losses)
 
@@ -172,7 +172,7 @@ def test_bf16_masters_start_from_the_fp32_weights():
             for g in range(len(event.groups)):
                 if g == event.group:
                     continue
-                for p, master in zip(event.groups[g].params, event.state.host_views(g).masters):
+                for p, master in zip(event.groups[g].params, event.state.param_state(g).masters):
                     firsts[names[id(p)]] = master.clone()
 
     fit(model, tm.lm_batches(1), precision="bf16", max_steps=1, on_step=grab, **QUIET)
@@ -251,14 +251,15 @@ def test_requires_grad_and_mode_are_restored():
     assert all(p.requires_grad for p in model.parameters() if p is not frozen)
 
 
-@pytest.mark.parametrize("group_size", [1, 2, 5])
-def test_offloaded_state_trains_exactly_like_resident_state(group_size):
+@pytest.mark.parametrize("group_size,chunk_mib", [(1, None), (2, None), (5, None), (1, 0.004), (2, 0.01)])
+def test_offloaded_state_trains_exactly_like_resident_state(group_size, chunk_mib):
     """Host buffers and device slots (plain copies on the CPU) change nothing but placement,
-    including K=1, where the next group is the current one."""
+    including K=1 (the group after the current one is itself) and state streamed in chunks
+    that split parameters."""
     model = tm.llama(layers=2)
     twin = copy.deepcopy(model)
     options = dict(group_size=group_size, max_steps=7, lr=1e-2, precision="bf16", order="random", **QUIET)
-    fit(model, tm.lm_batches(7), offload=True, **options)
+    fit(model, tm.lm_batches(7), offload=True, state_chunk_mib=chunk_mib, **options)
     fit(twin, tm.lm_batches(7), offload=False, **options)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(p, q), name
@@ -299,3 +300,16 @@ def test_plain_module_trains_and_matches_per_group_adamw():
         reference(tokens, targets).backward()
         optimizers[step % 6].step()
     assert_params_close(model, reference, rtol=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results():
+    """With the model's own activation checkpointing on, the frozen blocks above the active
+    group keep only their inputs and recompute the rest in backward: same weights."""
+    model = tm.llama(layers=3)
+    twin = copy.deepcopy(model)
+    twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    options = dict(max_steps=6, lr=1e-2, order="top_down", **QUIET)
+    fit(model, tm.lm_batches(6), **options)
+    fit(twin, tm.lm_batches(6), **options)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name

@@ -59,7 +59,7 @@ def test_fp16_weights_follow_their_masters():
     def check(event):
         event.state.synchronize()
         group = event.groups[event.group]
-        for p, master in zip(group.params, event.state.host_views(event.group).masters):
+        for p, master in zip(group.params, event.state.param_state(event.group).masters):
             assert p.dtype == torch.float16
             assert torch.equal(p.detach(), master.half())
 

@@ -44,6 +44,10 @@ class Config:
     offload: Optional[bool] = None  # keep inactive groups' state on the host; None = when on an accelerator
     prefetch: bool = True  # copy the next group's state in while the current one computes
     pin_memory: bool = True
+    # Stream a group's state through two device slots of this many MiB during its update
+    # instead of one slot holding the whole group: less device memory, and the update waits
+    # on its copies. None = whole-group slot.
+    state_chunk_mib: Optional[float] = None
     loss_scale: float = 2.0**16
     loss_scale_growth_interval: int = 2000
 
@@ -99,6 +103,8 @@ class Config:
         need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
         need(isinstance(self.warmup_cycles, int) and self.warmup_cycles >= 0,
              f"warmup_cycles must be an integer >= 0, got {self.warmup_cycles!r}")
+        need(self.state_chunk_mib is None or self.state_chunk_mib > 0,
+             f"state_chunk_mib must be > 0 or None (one slot per group), got {self.state_chunk_mib!r}")
         need(self.loss_scale > 0, f"loss_scale must be > 0, got {self.loss_scale}")
         need(self.loss_scale_growth_interval >= 1, "loss_scale_growth_interval must be >= 1")
         need(self.save_every is None or (isinstance(self.save_every, int) and self.save_every >= 1),

@@ -139,7 +139,11 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     dtype = DTYPES[precision]
     offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
     # The state is made before the cast so an fp32 model's masters keep every bit it had.
-    state = OptimizerState(groups, device, dtype != torch.float32, offload, cfg.pin_memory)
+    with_master = dtype != torch.float32
+    chunk_numel = None
+    if cfg.state_chunk_mib is not None:
+        chunk_numel = max(1, int(cfg.state_chunk_mib * 2**20) // (4 * (3 if with_master else 2)))
+    state = OptimizerState(groups, device, with_master, offload, cfg.pin_memory, chunk_numel)
     scaler = LossScaler(device, enabled=precision == "fp16", init_scale=cfg.loss_scale,
                         growth_interval=cfg.loss_scale_growth_interval)
     trainer = _Trainer(model, cfg, groups, state, scaler, GroupOrder(len(groups), cfg.order, cfg.seed),
@@ -234,9 +238,9 @@ class _Trainer:
         for p in params:
             p.requires_grad_(True)
         if self.cfg.prefetch:
-            # g's state comes in on the side stream while its own forward and backward run,
-            # into the one device slot (queued behind the previous group's copy-out there).
-            self.state.prefetch(g)
+            # g's (first chunk of) state comes in on the side stream while its own forward and
+            # backward run, queued behind the previous group's copy-out.
+            self.state.prefetch(self.state.chunks_of[g][0])
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.cfg.accum_steps):
             batch = to_device(next(self.stream), self.device)
@@ -246,22 +250,11 @@ class _Trainer:
         loss_mean = loss_sum / self.cfg.accum_steps
         self._pending_losses.append((self.result.steps, g, loss_mean))
 
-        # A parameter the loss did not reach has no grad: like torch's AdamW, it is not updated.
-        used = [i for i, p in enumerate(params) if p.grad is not None]
-        grads = [params[i].grad for i in used]
+        grads = [p.grad for p in params if p.grad is not None]
         found_inf, grad_scale = self.check_and_scale(grads, loss_mean)
         step_count = self.state.steps.select(0, g)
         step_count.add_(1.0 - found_inf)
-        buffers = self.state.acquire(g)
-        pick = lambda views: [views[i] for i in used] if views else views
-        ops.adamw_(
-            [params[i] for i in used], pick(buffers.masters), pick(buffers.exp_avgs),
-            pick(buffers.exp_avg_sqs), grads, lr=self.lr, step=step_count,
-            beta1=self.cfg.betas[0], beta2=self.cfg.betas[1], eps=self.cfg.eps,
-            weight_decays=[self.weight_decays[g][i] for i in used],
-            grad_scale=grad_scale, found_inf=found_inf,
-        )
-        self.state.release(g)
+        self.update(g, step_count, grad_scale, found_inf)
         for p in params:
             p.grad = None
             p.requires_grad_(False)
@@ -269,6 +262,29 @@ class _Trainer:
         # Only fp16 needs the flag on the host (to retry the same group on the next batch);
         # it is read after the update and the copy-out are enqueued.
         return self.scaler.enabled and bool(found_inf.item())
+
+    def update(self, g: int, step_count, grad_scale, found_inf) -> None:
+        """The fused AdamW over group g, one state chunk at a time (the next chunk's copy-in
+        overlaps this one's update)."""
+        params = self.groups[g].params
+        chunks = self.state.chunks_of[g]
+        for k, c in enumerate(chunks):
+            if k + 1 < len(chunks):
+                self.state.prefetch(chunks[k + 1])
+            views = self.state.acquire(c)
+            # A parameter the loss did not reach has no grad: like torch's AdamW, it is not updated.
+            keep = [j for j, piece in enumerate(self.state.chunks[c].pieces) if params[piece.param].grad is not None]
+            pieces = [self.state.chunks[c].pieces[j] for j in keep]
+            pick = lambda views: [views[j] for j in keep]
+            ops.adamw_(
+                [_flat_piece(params[pc.param], pc) for pc in pieces],
+                pick(views.masters) if views.masters else [], pick(views.exp_avgs), pick(views.exp_avg_sqs),
+                [_flat_piece(params[pc.param].grad, pc) for pc in pieces],
+                lr=self.lr, step=step_count, beta1=self.cfg.betas[0], beta2=self.cfg.betas[1],
+                eps=self.cfg.eps, weight_decays=[self.weight_decays[g][pc.param] for pc in pieces],
+                grad_scale=grad_scale, found_inf=found_inf,
+            )
+            self.state.release(c)
 
     def check_and_scale(self, grads, loss):
         """The overflow flag and the one multiplier the fused update applies to every grad
@@ -314,13 +330,13 @@ class _Trainer:
 
     def fingerprint(self) -> dict:
         return {"groups": [g.names for g in self.groups], "with_master": self.state.with_master,
-                "precision": self.result.precision}
+                "precision": self.result.precision, "state_chunks": [c.numel for c in self.state.chunks]}
 
     def save(self) -> Path:
         self.flush_losses()
         self.state.synchronize()
         r = self.result
-        tensors = {f"group{g}": self.state.storage(g) for g in range(len(self.groups))}
+        tensors = {f"chunk{c}": self.state.storage(c) for c in range(len(self.state.chunks))}
         tensors["steps"] = self.state.steps
         tensors["rng_cpu"] = torch.get_rng_state()
         tensors["rng_epoch_cpu"] = self.stream.epoch_rng
@@ -350,13 +366,13 @@ class _Trainer:
                 f"{path} was made by a run with other {', '.join(what)} (precision "
                 f"{theirs.get('precision')}, {len(theirs.get('groups', []))} groups; this run: "
                 f"{ours['precision']}, {len(ours['groups'])} groups); resume with the same model, "
-                "group_size and precision")
+                "group_size, precision and state_chunk_mib")
 
     def restore(self, path: Path, meta: dict) -> None:
         checkpoint.load_weights(path, self.model)
         tensors = checkpoint.load_tensors(path)
-        for g in range(len(self.groups)):
-            self.state.storage(g).copy_(tensors[f"group{g}"])
+        for c in range(len(self.state.chunks)):
+            self.state.storage(c).copy_(tensors[f"chunk{c}"])
         self.state.steps.copy_(tensors["steps"])
         self.order.load_state_dict(meta["order"])
         self.scaler.load_state_dict(meta["scaler"])
@@ -368,6 +384,11 @@ class _Trainer:
         torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng_cuda"], self.device)
+
+
+def _flat_piece(t: torch.Tensor, piece) -> torch.Tensor:
+    """Elements [lo, hi) of a contiguous tensor, as a flat view the update writes through."""
+    return t.detach().view(-1)[piece.lo : piece.hi]
 
 
 def _progress(enabled: bool, total: int, initial: int):
