@@ -29,13 +29,13 @@ def _tail(losses, n=3) -> float:
 
 def device_equivalent_peak(r) -> int | None:
     """hift on the CPU keeps every group's state in the process (offload is off there: host and
-    device are one memory). On a GPU with offload only two groups' state (two slots) would be on
-    the device; this is the measured peak with the other groups' resting state taken out."""
+    device are one memory). On a GPU with offload only the active group's state (the one slot)
+    is on the device; this is the measured peak with the other groups' resting state taken out."""
     extra = r.get("extra") or {}
     sizes = extra.get("group_state_bytes")
     if not sizes or extra.get("offload"):
         return None
-    return r["peak_bytes"] - sum(sizes) + min(2, len(sizes)) * max(sizes)
+    return r["peak_bytes"] - sum(sizes) + max(sizes)
 
 
 def markdown(report: dict) -> str:
@@ -90,7 +90,7 @@ def markdown(report: dict) -> str:
     if eq:
         lines += ["", "hift on the CPU runs with offload off (the engine's CPU default: host and device are "
                   "one memory), so its measured peak holds every group's AdamW state. On a GPU with offload "
-                  "only two groups' state (the active slot and the prefetch slot) is on the device; the "
+                  "only the active group's state (its one slot) is on the device; the "
                   "measured peak with the other groups' resting state taken out:"]
         for r, v in eq:
             ratio = f" = {v / adamw['peak_bytes']:.2f}x AdamW's" if adamw and adamw["peak_bytes"] else ""
@@ -109,7 +109,7 @@ def markdown(report: dict) -> str:
                   f"state resident); target <= 0.50: {'met' if m_ratio <= 0.5 else 'missed'}"]
         v = device_equivalent_peak(h)
         if v is not None and adamw["peak_bytes"]:
-            lines.append(f"- the same with only two groups' state counted (what a GPU with offload holds): "
+            lines.append(f"- the same with only the active group's state counted (what a GPU with offload holds): "
                          f"{v / adamw['peak_bytes']:.2f}")
         for other in ("lomo", "badam"):
             o = next((r for r in results if r["method"] == other), None)
