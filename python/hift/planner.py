@@ -255,7 +255,7 @@ def trace_units(model: nn.Module, batch: int, seq: int) -> tuple[UnitTrace, list
 
 
 def sweep(trace: UnitTrace, trainable: list[bool], grad_bytes_of: list[int],
-          first_trainable: int) -> tuple[int, int, int]:
+          first_trainable: int, recompute_boundary: Optional[int] = None) -> tuple[int, int, int]:
     """(peak, activations at the peak incl. transient, gradients at the peak) of one backward.
 
     Units below `first_trainable` save nothing; trainable units save in their trainable mode,
@@ -270,6 +270,9 @@ def sweep(trace: UnitTrace, trainable: list[bool], grad_bytes_of: list[int],
             saved[u], transient[u] = trace.trainable[u], trace.transient_trainable[u]
         else:
             saved[u], transient[u] = trace.frozen[u], trace.transient_frozen[u]
+        if recompute_boundary is not None and trace.kinds[u] == "block":
+            # recomputed: the block keeps its input; its activations return during its backward
+            saved[u], transient[u] = recompute_boundary, saved[u] + transient[u]
     best = (0, 0, 0)
     grads = 0
     for u in range(n - 1, first_trainable - 1, -1):
@@ -300,7 +303,10 @@ def update_temporaries(trace: UnitTrace, groups: list[range]) -> list[int]:
 
 
 def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, prefetch: bool = True,
-              offload: bool = True, state_chunk_mib: Optional[float] = None) -> Breakdown:
+              offload: bool = True, state_chunk_mib: Optional[float] = None,
+              recompute_boundary: Optional[int] = None) -> Breakdown:
+    """recompute_boundary: the bytes of one block's input (batch x seq x hidden x weight
+    bytes) when recompute_activations is on, else None."""
     wbytes = DTYPES[precision].itemsize
     parts = 2 if precision == "fp32" else 3  # [master |] exp_avg | exp_avg_sq, fp32
     groups = make_group_ranges(len(trace.numels), group_size)
@@ -310,7 +316,7 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
     best = None
     for g, units in enumerate(groups):
         trainable = [u in units for u in range(len(trace.numels))]
-        peak, acts, grads = sweep(trace, trainable, grad_of, units.start)
+        peak, acts, grads = sweep(trace, trainable, grad_of, units.start, recompute_boundary)
         # the update: every gradient of the group alive (activations gone), plus what the
         # update allocates for itself
         all_grads = sum(grad_of[u] for u in units)
@@ -375,12 +381,17 @@ def plan_lomo(trace: UnitTrace, precision: str = "bf16") -> Breakdown:
     return out
 
 
+def block_input_bytes(model: nn.Module, batch: int, seq: int, precision: str) -> int:
+    return batch * seq * model.config.hidden_size * DTYPES[precision].itemsize
+
+
 def plan(config, batch: int, seq: int, precision: str = "bf16", group_size: int = 1,
-         prefetch: bool = True, offload: bool = True,
-         state_chunk_mib: Optional[float] = None) -> dict[str, Breakdown]:
+         prefetch: bool = True, offload: bool = True, state_chunk_mib: Optional[float] = None,
+         recompute: bool = False) -> dict[str, Breakdown]:
     model = meta_model(config, precision)
     trace, _ = trace_units(model, batch, seq)
-    return {"hift": plan_hift(trace, precision, group_size, prefetch, offload, state_chunk_mib),
+    boundary = block_input_bytes(model, batch, seq, precision) if recompute else None
+    return {"hift": plan_hift(trace, precision, group_size, prefetch, offload, state_chunk_mib, boundary),
             "adamw": plan_adamw(trace, precision),
             "lomo": plan_lomo(trace, precision)}
 
@@ -391,7 +402,7 @@ def plan(config, batch: int, seq: int, precision: str = "bf16", group_size: int 
 
 def measure(config, batch: int, seq: int, method: str = "hift", precision: str = "fp32",
             group_size: int = 1, prefetch: bool = True, offload: Optional[bool] = None,
-            steps: int = 3, device: str = "cpu", seed: int = 0) -> dict:
+            steps: int = 3, device: str = "cpu", seed: int = 0, recompute: bool = False) -> dict:
     """Train a randomly initialized model built from `config` for `steps` steps (hift: one cycle,
     every group once) and return the
     peak memory above the loaded model (CPU: VmHWM above VmRSS; CUDA: max_memory_allocated
@@ -404,7 +415,7 @@ def measure(config, batch: int, seq: int, method: str = "hift", precision: str =
     from transformers import AutoModelForCausalLM
 
     import hift
-    from hift.memory import host_peak_bytes, reset_host_peak
+    from hift.memory import host_peak_bytes, host_resident_bytes, reset_host_peak
 
     if isinstance(config, (str, dict)):
         config = llama_config(config)
@@ -427,23 +438,20 @@ def measure(config, batch: int, seq: int, method: str = "hift", precision: str =
     except OSError:
         pass
 
-    def rss():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     else:
         reset_host_peak()
-        base = rss()
+        base = host_resident_bytes()
     times = []
     if method == "hift":
         # one full cycle, so that the group the planner names as the peak does train
         result = hift.fit(model, batches, lr=1e-5, num_cycles=1, precision=precision,
                           group_size=group_size, prefetch=prefetch, offload=offload, progress=False,
-                          order="top_down", lr_schedule="constant", log_every=steps)
+                          order="top_down", lr_schedule="constant", log_every=steps,
+                          recompute_activations=recompute)
         times = result.step_seconds
     else:
         params = list(model.parameters())
@@ -507,8 +515,10 @@ def published_table(batch: int = 1, seq: int = 512, group_size: int = 1, prefetc
             trace, _ = trace_units(model, batch, seq)
             plans = {"hift": plan_hift(trace, precision, group_size, prefetch),
                      "lomo": plan_lomo(trace, precision), "adamw": plan_adamw(trace, precision)}
-            plans["hift-chunked"] = plan_hift(trace, precision, group_size, prefetch,
-                                                                state_chunk_mib=256)
+            plans["hift-chunked"] = plan_hift(trace, precision, group_size, prefetch, state_chunk_mib=256)
+            plans["hift-chunked-recompute"] = plan_hift(
+                trace, precision, group_size, prefetch, state_chunk_mib=256,
+                recompute_boundary=block_input_bytes(model, batch, seq, precision))
             for method, b in plans.items():
                 label = f"{method} {'mixed (bf16)' if precision == 'bf16' else 'fp32'}"
                 lines.append(_row(label, b, PUBLISHED.get((name, method, precision))))
@@ -516,10 +526,15 @@ def published_table(batch: int = 1, seq: int = 512, group_size: int = 1, prefetc
         lines.append("")
         h = plan(name, batch, seq, "bf16", group_size, prefetch)["hift"]
         lines.append("hift bf16: " + "; ".join(h.notes))
+        lines.append("hift-chunked: fit(..., state_chunk_mib=256); hift-chunked-recompute: also "
+                     "recompute_activations=True (the frozen blocks above the active group keep only "
+                     "their inputs and run again in backward).")
         if name == "llama-2-7b":
-            verdict = "under" if h.total < GOAL_7B_BYTES else "over"
-            lines.append(f"Goal, 7B bf16 with prefetch under 15 GB: {h.total / GB:.2f} GB predicted, {verdict}. "
-                         + ("" if h.total < GOAL_7B_BYTES else _what_it_takes(h)))
+            lean = plan(name, batch, seq, "bf16", group_size, prefetch, state_chunk_mib=256, recompute=True)["hift"]
+            verdict = lambda b: "under" if b.total < GOAL_7B_BYTES else "over"
+            lines.append(f"Goal, 7B bf16 with prefetch under 15 GB: {h.total / GB:.2f} GB predicted with the "
+                         f"defaults ({verdict(h)}), {lean.total / GB:.2f} GB with state_chunk_mib=256 and "
+                         f"recompute_activations=True ({verdict(lean)}). " + _what_it_takes(h))
         lines.append("")
     return "\n".join(lines)
 
@@ -529,9 +544,9 @@ def _what_it_takes(h: Breakdown) -> str:
     return (f"The bf16 weights alone are {h.weights / GB:.2f} GB; weights + gradients + activations at "
             f"the peak are {fixed / GB:.2f} GB before any optimizer state, and one slot of the largest "
             f"group's fp32 master+exp_avg+exp_avg_sq is {h.optimizer_resident / GB:.2f} GB. "
-            "state_chunk_mib=256 streams that state through two 256 MiB slots instead (the row above); "
-            "under 15 GB also needs fewer saved activations (recomputing the frozen blocks above the "
-            f"active group instead of keeping their {h.activations / GB:.2f} GB), not built yet.")
+            "state_chunk_mib=256 streams that state through two 256 MiB slots instead, and "
+            "recompute_activations=True keeps only the inputs of the frozen blocks above the active "
+            f"group instead of their {h.activations / GB:.2f} GB: see the hift-chunked-recompute row.")
 
 
 def main(argv=None) -> int:
@@ -544,6 +559,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=tuple(DTYPES))
     p.add_argument("--group-size", type=int, default=1)
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false")
+    p.add_argument("--recompute", action="store_true",
+                   help="predict fit(..., recompute_activations=True)")
     p.add_argument("--state-chunk-mib", type=float, default=None,
                    help="predict fit(..., state_chunk_mib=N): the state streamed in chunks of N MiB")
     p.add_argument("--cpu", action="store_true", help="predict a CPU run (offload off: every group's "
@@ -555,7 +572,7 @@ def main(argv=None) -> int:
         return 0
     config = args.config or args.model
     plans = plan(config, args.batch, args.seq, args.precision, args.group_size, args.prefetch,
-                 offload=not args.cpu, state_chunk_mib=args.state_chunk_mib)
+                 offload=not args.cpu, state_chunk_mib=args.state_chunk_mib, recompute=args.recompute)
     if args.json:
         print(json.dumps({k: v.as_dict() for k, v in plans.items()}, indent=1))
         return 0
