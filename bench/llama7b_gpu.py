@@ -5,6 +5,7 @@ peak memory and step time against the planner's prediction. Each method in its o
 
 hift: hift.fit, group size 1, top_down, offload and prefetch on (the GPU defaults); --steps 36
 covers one cycle of its 35 groups, so the group the planner names as the peak does train.
+hift-lean: the same with state_chunk_mib=256 and recompute_activations=True (the 15 GB goal).
 LOMO: fused SGD in backward (a post-accumulate-grad hook applies each gradient and frees it),
 the memory behaviour of lomo-optim's Lomo, which the GPU image does not have.
 """
@@ -18,12 +19,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
+LEAN_CHUNK_MIB = 256
 
 
 def one(model: str, method: str, steps: int, batch: int, seq: int, device: str) -> dict:
     from hift import planner
 
-    m = planner.measure(model, batch, seq, method=method, precision="bf16", steps=steps, device=device)
+    lean = dict(recompute=True, state_chunk_mib=LEAN_CHUNK_MIB) if method == "hift-lean" else {}
+    m = planner.measure(model, batch, seq, method=method.split("-")[0], precision="bf16", steps=steps,
+                        device=device, **lean)
     # on a GPU, "total" is max_memory_allocated: the model's bytes plus the peak above them
     m["total"] = m["peak_above_model"] + m["weights"]
     return m
@@ -35,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=36)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--methods", nargs="*", default=["hift", "lomo"])
+    p.add_argument("--methods", nargs="*", default=["hift", "hift-lean", "lomo"])
     p.add_argument("--model", default="llama-2-7b", help="a planner model name or a config.json (dry runs)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -50,6 +54,9 @@ def main(argv=None) -> int:
 
     plans = planner.plan(args.model, args.batch, args.seq, "bf16", group_size=1, prefetch=True,
                          offload=args.device != "cpu")  # on a CPU dry run hift keeps all state resident
+    plans["hift-lean"] = planner.plan(args.model, args.batch, args.seq, "bf16", group_size=1, prefetch=True,
+                                      offload=args.device != "cpu", state_chunk_mib=LEAN_CHUNK_MIB,
+                                      recompute=True)["hift"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
     rows = []
@@ -71,14 +78,14 @@ def main(argv=None) -> int:
              "| method | predicted total | measured total | measured / predicted | max reserved | median step (s) | published |",
              "|---|---|---|---|---|---|---|"]
     for method, plan, m, error in rows:
-        pub = planner.PUBLISHED.get((args.model, method, "bf16"))
+        pub = planner.PUBLISHED.get((args.model, method.split("-")[0], "bf16"))
         if m is None:
             lines.append(f"| {method} | {plan.total / GB:.2f} | failed: {error} | | | | {pub or '-'} |")
             continue
         lines.append(f"| {method} | {plan.total / GB:.2f} | {m['total'] / GB:.2f} | {m['total'] / plan.total:.3f} "
                      f"| {m['reserved'] / GB:.2f} | {m['median_step_seconds']:.3f} | {pub or '-'} |")
     lines += ["", "Planner breakdown (GB):", "", planner.HEADER]
-    lines += [planner._row(method, plan, planner.PUBLISHED.get((args.model, method, "bf16")))
+    lines += [planner._row(method, plan, planner.PUBLISHED.get((args.model, method.split("-")[0], "bf16")))
               for method, plan, _, _ in rows]
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -402,7 +402,8 @@ def plan(config, batch: int, seq: int, precision: str = "bf16", group_size: int 
 
 def measure(config, batch: int, seq: int, method: str = "hift", precision: str = "fp32",
             group_size: int = 1, prefetch: bool = True, offload: Optional[bool] = None,
-            steps: int = 3, device: str = "cpu", seed: int = 0, recompute: bool = False) -> dict:
+            steps: int = 3, device: str = "cpu", seed: int = 0, recompute: bool = False,
+            state_chunk_mib: Optional[float] = None) -> dict:
     """Train a randomly initialized model built from `config` for `steps` steps (hift: one cycle,
     every group once) and return the
     peak memory above the loaded model (CPU: VmHWM above VmRSS; CUDA: max_memory_allocated
@@ -451,7 +452,7 @@ def measure(config, batch: int, seq: int, method: str = "hift", precision: str =
         result = hift.fit(model, batches, lr=1e-5, num_cycles=1, precision=precision,
                           group_size=group_size, prefetch=prefetch, offload=offload, progress=False,
                           order="top_down", lr_schedule="constant", log_every=steps,
-                          recompute_activations=recompute)
+                          recompute_activations=recompute, state_chunk_mib=state_chunk_mib)
         times = result.step_seconds
     else:
         params = list(model.parameters())
