@@ -51,3 +51,11 @@ def test_bad_batches_are_explained_and_change_nothing(loader, error, match):
     with pytest.raises(error, match=match):
         fit(model, loader, max_steps=2, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_failed_probe_leaves_the_model_in_train_mode():
+    model = tm.llama(layers=2)
+    model.train()
+    with pytest.raises(BatchError):
+        fit(model, [{"input_ids": torch.randint(0, 61, (2, 5))}], max_steps=1, progress=False)
+    assert model.training

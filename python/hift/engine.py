@@ -128,6 +128,20 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     resume = checkpoint.read(cfg.resume_from) if cfg.resume_from is not None else None
     stream = BatchStream(loader)
     was_training = model.training
+    try:
+        trainer = _prepare(model, cfg, trainable, device, stream, loader, resume)
+        with recompute_blocks(model, cfg.recompute_activations):
+            return trainer.run()
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+            p.grad = None
+        model.train(was_training)
+
+
+def _prepare(model, cfg: Config, trainable, device, stream: BatchStream, loader, resume) -> "_Trainer":
+    """Groups, state, scaler and schedule, checked against the checkpoint to resume (if any)
+    before the model is touched; then the cast and the restore."""
     # The probe runs in eval mode on a forked RNG: it must not update batch-norm statistics
     # or consume the random numbers that dropout and shuffling will draw.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -140,29 +154,18 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     dtype = DTYPES[precision]
     offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
     # The state is made before the cast so an fp32 model's masters keep every bit it had.
-    with_master = dtype != torch.float32
-    chunk_numel = None
-    if cfg.state_chunk_mib is not None:
-        chunk_numel = max(1, int(cfg.state_chunk_mib * 2**20) // (4 * (3 if with_master else 2)))
-    state = OptimizerState(groups, device, with_master, offload, cfg.pin_memory, chunk_numel)
+    state = OptimizerState(groups, device, dtype != torch.float32, offload, cfg.pin_memory, cfg.state_chunk_mib)
     scaler = LossScaler(device, enabled=precision == "fp16", init_scale=cfg.loss_scale,
                         growth_interval=cfg.loss_scale_growth_interval)
     trainer = _Trainer(model, cfg, groups, state, scaler, GroupOrder(len(groups), cfg.order, cfg.seed),
                        plan, device, stream, precision)
     if resume is not None:
         trainer.check_resumable(*resume)
-    try:
-        if any(p.dtype != dtype for p in trainable):
-            model.to(dtype)
-        if resume is not None:
-            trainer.restore(*resume)
-        with recompute_blocks(model, cfg.recompute_activations):
-            return trainer.run()
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-            p.grad = None
-        model.train(was_training)
+    if any(p.dtype != dtype for p in trainable):
+        model.to(dtype)
+    if resume is not None:
+        trainer.restore(*resume)
+    return trainer
 
 
 class _Trainer:

@@ -81,12 +81,13 @@ def split_into_chunks(group: Group, max_numel: Optional[int]) -> list[Chunk]:
 
 class OptimizerState:
     def __init__(self, groups: list[Group], device: torch.device, with_master: bool,
-                 offload: bool, pin_memory: bool = True, chunk_numel: Optional[int] = None):
+                 offload: bool, pin_memory: bool = True, chunk_mib: Optional[float] = None):
         self.groups = groups
         self.device = torch.device(device)
         self.with_master = with_master
         self.offload = offload
         self.parts = 3 if with_master else 2
+        chunk_numel = None if chunk_mib is None else max(1, int(chunk_mib * 2**20) // (4 * self.parts))
         self.chunks: list[Chunk] = []
         self.chunks_of: list[list[int]] = []
         for group in groups:
