@@ -283,13 +283,18 @@ class PlainLM(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.head(self.norm(h)).flatten(0, 1), targets.flatten())
 
 
-def test_plain_module_trains_and_matches_per_group_adamw():
+def plain_model_and_batches(n):
+    """A PlainLM, a copy of it, and n (tokens, targets) batches."""
     torch.manual_seed(0)
     model = PlainLM()
-    reference = copy.deepcopy(model)
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randint(0, 37, (3, 5), generator=g), torch.randint(0, 37, (3, 5), generator=g))
-               for _ in range(12)]
+               for _ in range(n)]
+    return model, copy.deepcopy(model), batches
+
+
+def test_plain_module_trains_and_matches_per_group_adamw():
+    model, reference, batches = plain_model_and_batches(12)
     result = fit(model, batches, num_cycles=2, lr=FP32_LR, lr_schedule="constant", order="bottom_up", **QUIET)
     assert result.num_groups == 6 and result.groups == list(range(6)) * 2
     units = [[reference.embed.weight], *[list(b.parameters()) for b in reference.blocks],
@@ -320,12 +325,7 @@ def test_recomputed_activations_change_memory_not_results(how):
 
 
 def test_recompute_wraps_a_plain_models_blocks_and_unwraps_them():
-    torch.manual_seed(0)
-    model = PlainLM()
-    twin = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(2)
-    batches = [(torch.randint(0, 37, (3, 5), generator=g), torch.randint(0, 37, (3, 5), generator=g))
-               for _ in range(6)]
+    model, twin, batches = plain_model_and_batches(6)
     calls = {"plain": 0, "recompute": 0}
 
     def counter(key):
