@@ -21,7 +21,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 

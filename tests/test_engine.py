@@ -167,7 +167,6 @@ def test_bf16_masters_start_from_the_fp32_weights():
     def grab(event):
         # before its first update a group's master must equal the fp32 weight it was made from
         if event.step == 0:
-            group = event.groups[event.group]
             event.state.synchronize()
             for g in range(len(event.groups)):
                 if g == event.group:
