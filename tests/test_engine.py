@@ -8,6 +8,7 @@ import torch
 
 import tiny_models as tm
 from hift import fit, ops
+from kernel_twins import CheckedFusedAdamW
 from hift.groups import detect_units, make_groups
 from hift.schedule import GroupOrder, lr_at_cycle
 
@@ -20,24 +21,26 @@ FP32_LR = float(torch.tensor(1e-3, dtype=torch.float32))
 @pytest.fixture(params=["reference", "fused"])
 def kernel(request, monkeypatch):
     """Run the engine on the torch reference ops (which must match torch.optim.AdamW bit for
-    bit: same ops, same order) and on the fused extension kernel."""
+    bit: same ops, same order), and on the fused extension kernel with every one of its calls
+    held to the reference on the same inputs (kernel_twins.py says why not to a torch run)."""
     if request.param == "reference":
         monkeypatch.setattr(ops, "HAS_EXTENSION", False)
-    elif not ops.HAS_EXTENSION:
+        return None
+    if not ops.HAS_EXTENSION:
         pytest.skip("hift._C is not built")
-    return request.param
+    checked = CheckedFusedAdamW(ops.adamw_)
+    monkeypatch.setattr(ops, "adamw_", checked)
+    return checked
 
 
-def assert_matches_adamw(model, reference, kernel, fused_rtol=1e-6):
-    """The reference ops equal torch's AdamW exactly. The fused kernel's sqrt is exact where
-    torch's CPU sqrt (MKL) is at times 1 ulp off, and over several steps the model's forward
-    and backward magnify those ulps on near-zero gradients; per step it is held to torch at
-    1e-6 in test_adamw_kernel.py."""
-    if kernel == "reference":
+def assert_matches_adamw(model, reference, kernel, steps):
+    """On the reference ops the run equals torch's AdamW bit for bit; on the fused kernel each
+    of its `steps` updates was held to the reference as it ran."""
+    if kernel is None:
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             assert torch.equal(p, q), name
     else:
-        assert_params_close(model, reference, rtol=fused_rtol)
+        assert kernel.calls == steps
 
 
 def assert_params_close(model, reference, rtol=1e-6):
@@ -66,7 +69,7 @@ def test_one_group_equals_full_adamw(kernel):
         reference(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert_matches_adamw(model, reference, kernel)
+    assert_matches_adamw(model, reference, kernel, steps=10)
 
 
 def reference_lr(cycle, base, total, warmup):
@@ -105,7 +108,7 @@ def test_k_groups_equal_one_adamw_per_group(order, kernel):
         reference.zero_grad()
         reference(**batch).loss.backward()
         optimizers[g].step()
-    assert_matches_adamw(model, reference, kernel, fused_rtol=1e-5)
+    assert_matches_adamw(model, reference, kernel, steps=k * cycles)
 
 
 def test_random_order_is_fresh_each_cycle_and_seeded():
@@ -224,19 +227,42 @@ def test_accumulation_equals_one_step_on_the_concatenation(micro):
     assert_params_close(model, reference, rtol=1e-5)
 
 
-def test_clipping_bounds_the_update_of_a_huge_gradient():
-    model = tm.llama(layers=2)
-    reference = copy.deepcopy(model)
+class ScaledLoss(torch.nn.Module):
+    """A model whose loss is multiplied by `factor`: the same minimum, gradients `factor` times larger."""
+
+    def __init__(self, inner, factor):
+        super().__init__()
+        self.inner, self.factor = inner, factor
+
+    def forward(self, **batch):
+        return self.inner(**batch).loss * self.factor
+
+
+def test_clipping_bounds_the_update_of_a_huge_gradient(kernel):
+    """A gradient ~1e4 times the clip norm is cut to it, exactly as clip_grad_norm_ does. eps is
+    set near the clipped gradients' size so that the cut shows in the update (Adam divides the
+    scale of the gradient out otherwise), and the unclipped run is shown to differ."""
+    model = ScaledLoss(tm.llama(layers=2), factor=1e4)
+    clipped, unclipped = copy.deepcopy(model), copy.deepcopy(model)
     batches = tm.lm_batches(2)
-    fit(model, batches, group_size=5, max_steps=2, lr=1e-3, max_grad_norm=0.5, progress=False,
-        lr_schedule="constant")
-    optimizer = torch.optim.AdamW(adamw_param_groups(list(reference.parameters()), 0.0), lr=1e-3)
-    for batch in batches:
-        reference(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
-        optimizer.step()
-        optimizer.zero_grad()
-    assert_params_close(model, reference, rtol=1e-5)
+    options = dict(lr=1e-3, eps=1e-2, weight_decay=0.0)
+    fit(model, batches, group_size=5, max_steps=2, max_grad_norm=0.5, progress=False,
+        lr_schedule="constant", **options)
+    norms = []
+    for reference, clip in ((clipped, True), (unclipped, False)):
+        optimizer = torch.optim.AdamW(reference.parameters(), **options)
+        for batch in batches:
+            reference(**batch).backward()
+            if clip:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert min(norms) > 1e3  # the gradient really was huge
+    assert_params_close(model, clipped, rtol=1e-5)
+    with pytest.raises(AssertionError):
+        assert_params_close(model, unclipped, rtol=1e-2)
+    if kernel is not None:
+        assert kernel.calls == 2
 
 
 def test_requires_grad_and_mode_are_restored():
@@ -292,7 +318,7 @@ def plain_model_and_batches(n):
     return model, copy.deepcopy(model), batches
 
 
-def test_plain_module_trains_and_matches_per_group_adamw():
+def test_plain_module_trains_and_matches_per_group_adamw(kernel):
     model, reference, batches = plain_model_and_batches(12)
     result = fit(model, batches, num_cycles=2, lr=FP32_LR, lr_schedule="constant", order="bottom_up", **QUIET)
     assert result.num_groups == 6 and result.groups == list(range(6)) * 2
@@ -303,7 +329,7 @@ def test_plain_module_trains_and_matches_per_group_adamw():
         reference.zero_grad()
         reference(tokens, targets).backward()
         optimizers[step % 6].step()
-    assert_params_close(model, reference, rtol=1e-5)
+    assert_matches_adamw(model, reference, kernel, steps=12)
 
 
 @pytest.mark.parametrize("how", ["user", "recompute_activations"])

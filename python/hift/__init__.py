@@ -4,7 +4,7 @@
     result = hift.fit(model, loader, lr=2e-5, group_size=1, num_cycles=3)
 """
 from hift.config import Config
-from hift.engine import FitResult, fit
+from hift.engine import FitResult, NonFiniteError, StepEvent, fit
 
-__all__ = ["Config", "FitResult", "fit"]
+__all__ = ["Config", "FitResult", "NonFiniteError", "StepEvent", "fit"]
 __version__ = "0.1.0"

@@ -101,6 +101,14 @@ class BatchStream:
         self.epoch_rng = torch.get_rng_state()
         self._iterator = iter(self.loader)
 
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Where the stream is: JSON-able metadata and tensors (both go into a checkpoint)."""
+        return {"epoch": self.epoch, "position": self.position}, {"rng_epoch_cpu": self.epoch_rng}
+
+    def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue where state_dict() was taken (the caller restores the global RNG after)."""
+        self.restore(meta["epoch"], meta["position"], tensors["rng_epoch_cpu"])
+
     def restore(self, epoch: int, position: int, epoch_rng: torch.Tensor) -> None:
         """Continue at batch `position` of pass `epoch` (the caller restores the RNG after)."""
         self.epoch, self.position, self._peeked = epoch, 0, None

@@ -53,6 +53,9 @@ class Config:
     recompute_activations: bool = False
     loss_scale: float = 2.0**16
     loss_scale_growth_interval: int = 2000
+    # fp16: this many overflows in a row end the run (the scale has then fallen 2**N-fold, so
+    # the gradients are inf or nan whatever the scale)
+    max_consecutive_skips: int = 20
 
     # checkpoints: every save_every steps and at the end, the last keep_last kept
     save_dir: Optional[str] = None
@@ -110,6 +113,8 @@ class Config:
              f"state_chunk_mib must be > 0 or None (one slot per group), got {self.state_chunk_mib!r}")
         need(self.loss_scale > 0, f"loss_scale must be > 0, got {self.loss_scale}")
         need(self.loss_scale_growth_interval >= 1, "loss_scale_growth_interval must be >= 1")
+        need(isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 1,
+             f"max_consecutive_skips must be an integer >= 1, got {self.max_consecutive_skips!r}")
         need(self.save_every is None or (isinstance(self.save_every, int) and self.save_every >= 1),
              f"save_every must be an integer >= 1 or None, got {self.save_every!r}")
         need(self.save_every is None or self.save_dir is not None,

@@ -17,16 +17,21 @@ from hift.batches import BatchStream, compute_loss, probe, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, detect_units, make_groups, units_from_user
 from hift.memory import peak_memory_bytes, reset_peak_memory
-from hift.precision import DTYPES, LossScaler, resolve_precision
+from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.recompute import recompute_blocks
 from hift.schedule import GroupOrder, lr_at_cycle
 from hift.state import OptimizerState
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the data stream keeps its own state (data.* tensors)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became inf or nan in fp32/bf16, where no loss scale can explain it."""
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became inf or nan where no loss scale explains it (fp32, bf16, a
+    non-finite unscaled loss in fp16), or fp16 overflowed max_consecutive_skips times in a row.
+    The update that saw it was skipped: no inf or nan reaches a weight or the optimizer state.
+    `result` is the FitResult up to the stop."""
+
+    result: "FitResult"
 
 
 @dataclass
@@ -34,7 +39,7 @@ class FitResult:
     losses: list[float] = field(default_factory=list)  # one per step (mean over micro-batches)
     lrs: list[float] = field(default_factory=list)  # the learning rate each step used
     groups: list[int] = field(default_factory=list)  # the group each step trained
-    skipped_steps: int = 0  # fp16 overflows: update skipped, scale lowered, group retried
+    skipped_steps: int = 0  # updates skipped on a non-finite loss or gradient (fp16: then retried)
     steps: int = 0
     cycles: int = 0  # completed cycles
     num_groups: int = 0
@@ -57,11 +62,17 @@ class StepEvent:
     step: int  # 0-based index of the step just taken
     group: int
     lr: float
-    skipped: bool
+    found_inf: torch.Tensor  # 0-d device flag: 1.0 when the update was skipped
     model: nn.Module
     groups: list[Group]
     state: OptimizerState
     scaler: LossScaler
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the update was skipped (a non-finite loss or gradient); reading it waits for
+        the device, so the loop itself never does outside fp16."""
+        return bool(self.found_inf.item())
 
 
 @dataclass
@@ -177,7 +188,9 @@ class _Trainer:
         self.result = FitResult(num_groups=len(groups), precision=precision)
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.weight_decays = [[0.0 if no_decay(p) else cfg.weight_decay for p in g.params] for g in groups]
-        self._pending_losses: list[tuple[int, int, torch.Tensor]] = []
+        # (step, group, loss, found_inf) on the device until the next flush reads them together
+        self._pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        self._consecutive_skips = 0  # fp16 only: overflows in a row
 
     # ---------------------------------------------------------------------------- the loop
 
@@ -203,18 +216,18 @@ class _Trainer:
         while not self.done():
             tick = time.perf_counter()
             g = self.order.current
-            skipped = self.step(g)
+            found_inf, fp16_flags = self.step(g)
             result.groups.append(g)
             result.lrs.append(lr_value)
             result.steps += 1
-            if skipped:
-                result.skipped_steps += 1
+            if fp16_flags is not None and self.fp16_skipped(g, *fp16_flags):
+                pass  # the same group again, on the next batch
             elif self.order.advance():
                 lr_value = self.lr_of_cycle(self.order.cycle)
                 self.lr.fill_(lr_value)
             if self.cfg.on_step is not None:
-                self.cfg.on_step(StepEvent(result.steps - 1, g, lr_value if skipped else result.lrs[-1],
-                                           skipped, self.model, self.groups, self.state, self.scaler))
+                self.cfg.on_step(StepEvent(result.steps - 1, g, result.lrs[-1], found_inf, self.model,
+                                           self.groups, self.state, self.scaler))
             if result.steps % self.cfg.log_every == 0:
                 self.flush_losses(bar)
             if self.cfg.save_dir is not None and self.cfg.save_every and result.steps % self.cfg.save_every == 0:
@@ -236,8 +249,9 @@ class _Trainer:
                 self.model.save_pretrained(Path(self.cfg.save_dir) / "final")
         return result
 
-    def step(self, g: int) -> bool:
-        """Train group g on accum_steps micro-batches; True when the update was skipped."""
+    def step(self, g: int) -> tuple[torch.Tensor, Optional[tuple[bool, bool]]]:
+        """Train group g on accum_steps micro-batches. Returns the device flag of a skipped
+        update and, in fp16 only, (skipped, loss finite) read on the host."""
         group = self.groups[g]
         params = group.params
         for p in params:
@@ -253,20 +267,24 @@ class _Trainer:
             (self.scaler.scale_loss(loss) / self.cfg.accum_steps).backward()
             loss_sum += loss.detach().float()
         loss_mean = loss_sum / self.cfg.accum_steps
-        self._pending_losses.append((self.result.steps, g, loss_mean))
 
         grads = [p.grad for p in params if p.grad is not None]
-        found_inf, grad_scale = self.check_and_scale(grads, loss_mean)
-        step_count = self.state.steps.select(0, g)
-        step_count.add_(1.0 - found_inf)
-        self.update(g, step_count, grad_scale, found_inf)
+        check = check_grads(grads, loss_mean, self.scaler, self.cfg.max_grad_norm)
+        self._pending.append((self.result.steps, g, loss_mean, check.found_inf))
+        if grads:  # a batch that reaches none of g's parameters leaves g as it was
+            step_count = self.state.steps.select(0, g)
+            step_count.add_(1.0 - check.found_inf)
+            self.update(g, step_count, check.grad_scale, check.found_inf)
         for p in params:
             p.grad = None
             p.requires_grad_(False)
-        self.scaler.update(found_inf)
-        # Only fp16 needs the flag on the host (to retry the same group on the next batch);
-        # it is read after the update and the copy-out are enqueued.
-        return self.scaler.enabled and bool(found_inf.item())
+        self.scaler.update(check.found_inf)
+        if not self.scaler.enabled:
+            return check.found_inf, None
+        # fp16 reads its flags on the host (to retry the same group on the next batch), once
+        # the update and the copy-out are enqueued.
+        found_inf, loss_finite = torch.stack([check.found_inf, check.loss_finite.float()]).tolist()
+        return check.found_inf, (bool(found_inf), bool(loss_finite))
 
     def update(self, g: int, step_count, grad_scale, found_inf) -> None:
         """The fused AdamW over group g, one state chunk at a time (the next chunk's copy-in
@@ -291,51 +309,70 @@ class _Trainer:
             )
             self.state.release(c)
 
-    def check_and_scale(self, grads, loss):
-        """The overflow flag and the one multiplier the fused update applies to every grad
-        (the inverse loss scale times the clip coefficient), both left on the device."""
-        if not grads:
-            return torch.ones((), device=self.device), None
-        if not (self.cfg.clipping or self.scaler.enabled):
-            return (~torch.isfinite(loss)).float(), None
-        norm_sq = ops.grad_norm_sq(grads)
-        # inf or nan anywhere in the grads makes their squared norm non-finite (fp16 squares
-        # cannot overflow an fp32 sum), so one read pass both detects and measures.
-        found_inf = (~torch.isfinite(norm_sq)).float()
-        inv_scale = self.scaler.inv_scale()
-        grad_scale = inv_scale
-        if self.cfg.clipping:
-            norm = norm_sq.sqrt() * inv_scale
-            clip = (self.cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            grad_scale = inv_scale * clip
-        return found_inf, grad_scale
+    def fp16_skipped(self, g: int, skipped: bool, loss_finite: bool) -> bool:
+        """Count an fp16 overflow; True to retry the same group. An overflow of the scaled
+        grads is the loss scale's business, up to max_consecutive_skips in a row; a non-finite
+        unscaled loss is not, and no scale fixes it."""
+        if not loss_finite:
+            self.result.skipped_steps += 1
+            self.stop(self.result.steps - 1, g, "loss")
+        if not skipped:
+            self._consecutive_skips = 0
+            return False
+        self.result.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= self.cfg.max_consecutive_skips:
+            self.stop(self.result.steps - self._consecutive_skips, g, "overflows", count=self._consecutive_skips)
+        return True
 
     def flush_losses(self, bar=None) -> None:
-        """Bring the pending losses to the host: the one host sync, every log_every steps."""
-        if not self._pending_losses:
+        """Bring the pending losses and skip flags to the host: the one host sync outside fp16,
+        every log_every steps. Outside fp16 a skipped update stops the run here."""
+        if not self._pending:
             return
-        pending, self._pending_losses = self._pending_losses, []
-        values = torch.stack([loss for _, _, loss in pending]).tolist()
-        bad = next(((s, g, v) for (s, g, _), v in zip(pending, values) if not math.isfinite(v)), None)
-        self.result.losses.extend(values)
-        if bad is not None and not self.scaler.enabled:
-            step, g, value = bad
-            # That update was skipped on the device, so the weights are the last good state.
-            saved = self.save() if self.cfg.save_dir is not None else None
-            raise NonFiniteLossError(
-                f"the loss became {value} at step {step} while training {self.groups[g].describe()}; "
-                "its update was skipped, so the weights hold the last good state"
-                + (f" (saved in {saved})" if saved else "")
-                + ". Lower lr, check the data at that step, or use fp32."
-            )
+        pending, self._pending = self._pending, []
+        losses, flags = torch.stack([torch.stack([loss.float(), flag]) for *_, loss, flag in pending]).T.tolist()
+        self.result.losses.extend(losses)
         if bar is not None:
-            bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        if self.scaler.enabled:  # fp16 counted its skips step by step
+            return
+        skipped = [(step, g, loss) for (step, g, *_), loss, flag in zip(pending, losses, flags) if flag]
+        self.result.skipped_steps += len(skipped)
+        if skipped:
+            step, g, loss = skipped[0]
+            self.stop(step, g, "gradient" if math.isfinite(loss) else "loss", count=len(skipped))
+
+    def stop(self, step: int, g: int, what: str, count: int = 1) -> None:
+        """End the run on a non-finite value: save (every skipped update left the weights and
+        the state finite, so the checkpoint is good to resume from), then raise in words."""
+        saved = self.save() if self.cfg.save_dir is not None else None
+        where = f"step {step} while training {self.groups[g].describe()}"
+        if what == "overflows":
+            told = (f"fp16 overflowed {count} times in a row from {where}: each of those updates "
+                    f"was skipped, and the loss scale fell to {float(self.scaler.scale):g}. The "
+                    "gradients are inf or nan whatever the scale")
+        else:
+            later = f"; {count - 1} later update(s) were skipped for the same reason" if count > 1 else ""
+            told = (f"the {what} became inf or nan at {where}. That update was skipped, so no inf "
+                    f"or nan reached the weights or the optimizer state{later}")
+        error = NonFiniteError(
+            f"{told}. The run stopped after step {self.result.steps - 1}"
+            + (f" and saved its state in {saved}" if saved else "")
+            + ". Lower lr, check the data at that step, or train in fp32"
+            + (" (max_consecutive_skips sets how many overflows in a row end a run)" if what == "overflows" else "")
+            + ".")
+        error.result = self.result  # the history so far, skipped_steps included
+        raise error
 
     # ---------------------------------------------------------------------- checkpoints
 
     def fingerprint(self) -> dict:
+        """What a resumed run must share with the run that saved: the groups and the state's
+        layout, and the rotation (another order or seed would silently train other groups)."""
         return {"groups": [g.names for g in self.groups], "with_master": self.state.with_master,
-                "precision": self.result.precision, "state_chunks": [c.numel for c in self.state.chunks]}
+                "precision": self.result.precision, "state_chunks": [c.numel for c in self.state.chunks],
+                "order": self.cfg.order, "seed": self.cfg.seed}
 
     def save(self) -> Path:
         self.flush_losses()
@@ -344,7 +381,8 @@ class _Trainer:
         tensors = {f"chunk{c}": self.state.storage(c) for c in range(len(self.state.chunks))}
         tensors["steps"] = self.state.steps
         tensors["rng_cpu"] = torch.get_rng_state()
-        tensors["rng_epoch_cpu"] = self.stream.epoch_rng
+        data_meta, data_tensors = self.stream.state_dict()
+        tensors.update({f"data.{k}": v for k, v in data_tensors.items()})
         if self.device.type == "cuda":
             tensors["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {
@@ -352,7 +390,7 @@ class _Trainer:
             "run": self.fingerprint(),
             "order": self.order.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "data": {"epoch": self.stream.epoch, "position": self.stream.position},
+            "data": data_meta,
             "history": {"steps": r.steps, "losses": r.losses, "lrs": r.lrs, "groups": r.groups,
                         "skipped_steps": r.skipped_steps},
         }
@@ -365,13 +403,16 @@ class _Trainer:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise checkpoint.CheckpointError(f"{path} has format {meta.get('format')}; this hift reads {CHECKPOINT_FORMAT}")
         theirs, ours = meta["run"], self.fingerprint()
-        if theirs != ours:
-            what = [k for k in ours if theirs.get(k) != ours[k]]
+        differ = [k for k in ours if theirs.get(k) != ours[k]]
+        if differ:
+            def shown(run, key):
+                value = run.get(key)
+                return f"{len(value)} entries" if isinstance(value, list) else repr(value)
+
+            what = "; ".join(f"{k}: {shown(theirs, k)} there, {shown(ours, k)} here" for k in differ)
             raise checkpoint.CheckpointError(
-                f"{path} was made by a run with other {', '.join(what)} (precision "
-                f"{theirs.get('precision')}, {len(theirs.get('groups', []))} groups; this run: "
-                f"{ours['precision']}, {len(ours['groups'])} groups); resume with the same model, "
-                "group_size, precision and state_chunk_mib")
+                f"{path} was made by another run ({what}); resume with the same model, group_size, "
+                "precision, state_chunk_mib, order and seed as the run that saved it")
 
     def restore(self, path: Path, meta: dict) -> None:
         checkpoint.load_weights(path, self.model)
@@ -385,7 +426,8 @@ class _Trainer:
         r = self.result
         r.steps, r.losses, r.lrs = history["steps"], history["losses"], history["lrs"]
         r.groups, r.skipped_steps = history["groups"], history["skipped_steps"]
-        self.stream.restore(meta["data"]["epoch"], meta["data"]["position"], tensors["rng_epoch_cpu"])
+        self.stream.load_state_dict(meta["data"], {k[len("data."):]: v for k, v in tensors.items()
+                                                   if k.startswith("data.")})
         torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng_cuda"], self.device)

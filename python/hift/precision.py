@@ -5,8 +5,13 @@ the optimizer state; the fused update writes the master and the rounded weight t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from hift import ops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -56,3 +61,34 @@ class LossScaler:
     def load_state_dict(self, state: dict) -> None:
         self.scale.fill_(state["scale"])
         self.growth_tracker.fill_(state["growth_tracker"])
+
+
+@dataclass
+class GradCheck:
+    """What one step's gradients allow, decided on the device (no host sync)."""
+
+    found_inf: Tensor  # 0-d fp32, 1.0 when the update must be skipped (non-finite loss or grad)
+    loss_finite: Tensor  # 0-d bool: the loss itself (unscaled) was finite
+    grad_scale: Optional[Tensor]  # what the fused update multiplies every grad by, or None for 1
+
+
+def check_grads(grads: list[Tensor], loss: Tensor, scaler: LossScaler,
+                max_grad_norm: Optional[float]) -> GradCheck:
+    """The one non-finite flag and the one gradient multiplier of a step, for every precision
+    and clipping setting, from a single read of the gradients (their squared norm).
+
+    inf or nan anywhere in the grads makes their squared norm non-finite (fp16 squares cannot
+    overflow an fp32 sum), so the norm pass both detects and measures. The loss is checked too:
+    a non-finite loss with finite grads (a nan multiplied into a term that does not reach this
+    group) is no state to train on. The multiplier folds the inverse loss scale and the clip
+    coefficient into one tensor, which the fused update applies as it reads each grad.
+    """
+    loss_finite = torch.isfinite(loss)
+    norm_sq = ops.grad_norm_sq(grads) if grads else torch.zeros((), device=loss.device)
+    found_inf = (~(torch.isfinite(norm_sq) & loss_finite)).float()
+    grad_scale = scaler.inv_scale() if scaler.enabled else None
+    if max_grad_norm:
+        inv_scale = scaler.inv_scale()
+        norm = norm_sq.sqrt() * inv_scale
+        grad_scale = inv_scale * (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+    return GradCheck(found_inf, loss_finite, grad_scale)

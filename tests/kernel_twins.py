@@ -1,0 +1,38 @@
+"""Run the engine on the fused kernel while holding every call to its plain-torch twin.
+
+Training runs that differ by an ulp per step do not stay an ulp apart: the forward and backward
+magnify the difference on near-zero gradients, by how much depends on the CPU's vector width
+(ATen's own kernels round differently under AVX-512, AVX2 and the portable build). So a
+multi-step run on the fused kernel is never compared with a run on other arithmetic. Instead,
+each fused update is checked against ops.reference_adamw_ applied to clones of the very same
+inputs, at fp32 tolerances, and the reference run itself is compared with torch bit for bit.
+"""
+import torch
+
+from hift import ops
+
+# One update from identical inputs: the fused kernel's exact sqrt and its fused multiply-adds
+# against torch's ops are a few fp32 roundings apart (test_adamw_kernel.py uses the same).
+FP32 = dict(rtol=1e-6, atol=1e-7)
+
+
+class CheckedFusedAdamW:
+    """Stands in for ops.adamw_: the reference on clones first, then the fused kernel, then a
+    comparison of every role."""
+
+    def __init__(self, fused):
+        self.fused = fused
+        self.calls = 0
+
+    def __call__(self, params, masters, exp_avgs, exp_avg_sqs, grads, **kwargs):
+        twin = [[t.clone() for t in role] for role in (params, masters, exp_avgs, exp_avg_sqs)]
+        ops.reference_adamw_(*twin, grads, **kwargs)
+        self.fused(params, masters, exp_avgs, exp_avg_sqs, grads, **kwargs)
+        self.calls += 1
+        where = f"fused update call {self.calls}"
+        for name, ours, theirs in zip(("master", "exp_avg", "exp_avg_sq"),
+                                      (masters or params, exp_avgs, exp_avg_sqs), (twin[1] or twin[0], *twin[2:])):
+            for i, (a, b) in enumerate(zip(ours, theirs)):
+                torch.testing.assert_close(a, b, **FP32, msg=lambda m: f"{where}, {name} {i}: {m}")
+        for i, (p, m) in enumerate(zip(params, masters)):  # a low-precision weight is its master rounded
+            assert torch.equal(p, m.to(p.dtype)), f"{where}: weight {i} is not its master rounded"
