@@ -65,6 +65,25 @@ def roberta(layers=2, num_labels=3):
                                                           max_position_embeddings=70, num_labels=num_labels))
 
 
+def t5(layers=2, seed=0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=24, d_kv=12, d_ff=40, num_heads=2,
+                                               num_layers=layers, num_decoder_layers=layers,
+                                               pad_token_id=0, decoder_start_token_id=0))
+
+
+def bart(layers=2, seed=0):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=24, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2))
+
+
 def lm_batches(n, batch=2, seq=9, seed=1):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -81,4 +100,15 @@ def cls_batches(n, batch=2, seq=9, num_labels=3, seed=1):
         ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
                     "labels": torch.randint(0, num_labels, (batch,), generator=g)})
+    return out
+
+
+def seq2seq_batches(n, batch=2, seq=9, target_seq=7, seed=1):
+    """input_ids and labels of different lengths, as in translation or summarization."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "labels": torch.randint(3, VOCAB, (batch, target_seq), generator=g)})
     return out

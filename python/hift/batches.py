@@ -64,12 +64,17 @@ def compute_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return loss_of(call_model(model, batch))
 
 
-def probe(model: nn.Module, batch: Any) -> None:
-    """Run the first batch once (no autograd) so that a batch the model cannot take fails
-    before anything is changed, with the cause in words."""
+def probe(model: nn.Module, batch: Any) -> set[int] | None:
+    """Run the first batch once so that a batch the model cannot take fails before anything is
+    changed, with the cause in words. Returns the ids of the trainable parameters the loss
+    reaches (None where the graph cannot tell), so that fit can refuse a unit it never reaches."""
+    from hift.groups import parameters_reached
+
     try:
-        with torch.no_grad():
-            compute_loss(model, batch)
+        # The graph is built for its shape alone: the activations it would save are dropped as
+        # they come, so the probe needs no more memory than inference, and it never runs backward.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda _: None, lambda _: None):
+            loss = compute_loss(model, batch)
     except BatchError:
         raise
     except Exception as err:  # the model's own error, wrapped with what fit did
@@ -82,6 +87,7 @@ def probe(model: nn.Module, batch: Any) -> None:
             "accepts (for transformers: dicts with input_ids, attention_mask and labels, all "
             "sequences of one batch padded to the same length)."
         ) from err
+    return parameters_reached(loss)
 
 
 class BatchStream:

@@ -15,7 +15,7 @@ from torch import nn
 from hift import checkpoint, ops
 from hift.batches import BatchStream, compute_loss, probe, to_device
 from hift.config import Config, ConfigError
-from hift.groups import Group, GroupingError, detect_units, make_groups, units_from_user
+from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
 from hift.memory import peak_memory_bytes, reset_peak_memory
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.recompute import recompute_blocks
@@ -100,13 +100,19 @@ def plan_length(cfg: Config, loader, num_groups: int) -> Plan:
 
 def build_groups(model: nn.Module, cfg: Config, first_batch) -> list[Group]:
     """Groups of the model; the probe forward on the first batch also checks that the model
-    takes what the loader yields, before anything changes."""
-    run_probe = lambda: probe(model, first_batch)
+    takes what the loader yields and that the loss reaches every unit, before anything changes."""
+    reached = None
+
+    def run_probe():
+        nonlocal reached
+        reached = probe(model, first_batch)
+
     if cfg.units is not None:
         run_probe()
         units = units_from_user(model, cfg.units)
     else:
         units = detect_units(model, run_probe)
+    check_units_reached(units, reached)
     return make_groups(units, cfg.group_size)
 
 

@@ -7,8 +7,9 @@ about 2.4 GB less at the price of re-running the blocks above the active one. Bl
 active group record nothing either way (nothing there requires grad).
 
 A transformers model uses its own gradient checkpointing (which also turns the KV cache off,
-as recomputation needs); any other model has its block list's forwards wrapped in
-torch.utils.checkpoint. Either way the model is left as it was found.
+as recomputation needs); any other model has the forwards of every block of its block lists
+(an encoder's and a decoder's, each tower's) wrapped in torch.utils.checkpoint. Either way the
+model is left as it was found.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hift.config import ConfigError
-from hift.groups import find_block_list
+from hift.groups import find_block_lists
 
 
 def _hf_checkpointing_on(model: nn.Module) -> bool:
@@ -49,9 +50,9 @@ def recompute_blocks(model: nn.Module, enabled: bool = True):
             if not was_on:
                 (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         return
-    blocks = find_block_list(model)
-    if blocks is None:
-        raise ConfigError("recompute_activations needs the model's block list, and hift found none: "
+    blocks = [block for block_list in find_block_lists(model) for block in block_list]
+    if not blocks:
+        raise ConfigError("recompute_activations needs the model's block lists, and hift found none: "
                           "wrap your blocks' forwards in torch.utils.checkpoint.checkpoint(..., "
                           "use_reentrant=False) yourself and leave recompute_activations off")
     for block in blocks:
