@@ -20,8 +20,17 @@ $(VENV)/.hift-installed: pyproject.toml setup.py $(wildcard csrc/*)
 demo: setup
 	$(VENV)/bin/hift demo
 
+# The suite runs once per ATen CPU capability (native, then capped at AVX2 and at the portable
+# build; hift._C's CPU kernel follows the same cap), so a test whose verdict depends on the
+# CPU fails here rather than on someone else's machine.
+CAPABILITIES ?= native avx2 default
+
 test: setup
-	$(PY) -m pytest -q tests
+	@for cap in $(CAPABILITIES); do \
+	  echo "== tests with ATEN_CPU_CAPABILITY=$$cap"; \
+	  if [ "$$cap" = native ]; then $(PY) -m pytest -q tests || exit 1; \
+	  else ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q tests || exit 1; fi; \
+	done
 
 clean:
 	rm -rf build *.egg-info python/hift/*.so
