@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from hift import formats
+
 _FORCE_REFERENCE = os.environ.get("HIFT_KERNELS", "auto") == "reference"
 
 
@@ -32,6 +34,8 @@ def _load_extension():
 
 
 HAS_EXTENSION = False if _FORCE_REFERENCE else _load_extension()
+# TEMPORARY until csrc/ takes the compact formats: the op's schema tells whether it does.
+_EXTENSION_HAS_FORMATS = HAS_EXTENSION and "offsets" in str(torch.ops.hift.fused_adamw_.default._schema)
 
 
 def _load_triton():
@@ -76,14 +80,20 @@ def reference_adamw_(
     weight_decays: Sequence[float],
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    seed: int = 0,
+    offsets: Sequence[int] = (),
 ) -> None:
-    """AdamW (decoupled weight decay), the same arithmetic as torch.optim.AdamW, on fp32 state.
+    """AdamW (decoupled weight decay), the same arithmetic as torch.optim.AdamW, on fp32 values
+    of a state kept in any of hift.formats' formats.
 
-    params: the model's weights (fp32, bf16 or fp16). masters: one fp32 master per param, or an
-    empty list when the params are fp32 and are their own masters. grads may be any float dtype;
-    each is multiplied by `grad_scale` (unscale and clip folded in) before use. `step` is this
-    update's 1-based step count (bias correction). A nonzero `found_inf` leaves every buffer
-    untouched. lr and step may be Python numbers or 0-d tensors.
+    params: the model's weights (fp32, bf16 or fp16). masters: empty when the params are fp32
+    (their own masters), else one per param: an fp32 master, or for bf16 params the int16
+    remainder of one. exp_avgs, exp_avg_sqs: fp32, or bf16 written back with stochastic
+    rounding drawn from (seed, step, offsets[i] + element), where offsets[i] is where tensor i
+    starts in its group. grads may be any float dtype; each is multiplied by `grad_scale`
+    (unscale and clip folded in) before use. `step` is this update's 1-based step count (bias
+    correction). A nonzero `found_inf` leaves every buffer untouched. lr and step may be Python
+    numbers or 0-d tensors.
     """
     if found_inf is not None and _scalar(found_inf) != 0.0:
         return
@@ -92,8 +102,16 @@ def reference_adamw_(
     bias_correction1 = 1.0 - beta1**step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     step_size = lr / bias_correction1
-    targets = masters if masters else params
-    for i, (master, m, v, g) in enumerate(zip(targets, exp_avgs, exp_avg_sqs, grads)):
+    keys = {name: formats.rounding_key(seed, int(step), stream) for name, stream in formats.MOMENT_STREAMS.items()}
+    for i, (m_store, v_store, g) in enumerate(zip(exp_avgs, exp_avg_sqs, grads)):
+        remainder = masters[i] if masters and masters[i].dtype == torch.int16 else None
+        if remainder is not None:
+            master = formats.join_master(params[i], remainder)
+        else:
+            master = masters[i] if masters else params[i]
+        # fp32 state is updated in place, with exactly torch's ops; compact state is decoded
+        # to fp32, updated the same way and encoded back
+        m, v = m_store.float(), v_store.float()
         g = g.float()
         if scale is not None:
             g = g * scale
@@ -102,28 +120,43 @@ def reference_adamw_(
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         master.addcdiv_(m, denom, value=-step_size)
-        if masters:
+        if remainder is not None:
+            weight, low = formats.split_master(master)
+            params[i].copy_(weight)
+            remainder.copy_(low)
+        elif masters:
             params[i].copy_(master)
+        for store, value, name in ((m_store, m, "exp_avg"), (v_store, v, "exp_avg_sq")):
+            if store is not value:
+                formats.store_moment(store, value, keys[name], offsets[i] if offsets else 0)
 
 
 @torch.no_grad()
 def adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, *, lr, step, beta1, beta2, eps,
-           weight_decays, grad_scale=None, found_inf=None) -> None:
+           weight_decays, grad_scale=None, found_inf=None, seed: int = 0, offsets=()) -> None:
     """Fused AdamW over one group, in one pass over memory where the extension is built.
     Arguments as in `reference_adamw_`."""
     if not params:
         return
-    if HAS_EXTENSION and hasattr(torch.ops.hift, "fused_adamw_"):
+    if HAS_EXTENSION and hasattr(torch.ops.hift, "fused_adamw_") and _fused_takes(masters, exp_avgs, exp_avg_sqs):
         device = params[0].device
         torch.ops.hift.fused_adamw_(
             params, masters, exp_avgs, exp_avg_sqs, grads, list(map(float, weight_decays)),
             _as_tensor(lr, device), _as_tensor(step, device), float(beta1), float(beta2),
             float(eps), grad_scale, found_inf,
+            *((int(seed), [int(o) for o in offsets]) if _EXTENSION_HAS_FORMATS else ()),
         )
         return
     reference_adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, lr=lr, step=step,
                      beta1=beta1, beta2=beta2, eps=eps, weight_decays=weight_decays,
-                     grad_scale=grad_scale, found_inf=found_inf)
+                     grad_scale=grad_scale, found_inf=found_inf, seed=seed, offsets=offsets)
+
+
+def _fused_takes(masters, exp_avgs, exp_avg_sqs) -> bool:
+    """Whether the built extension knows these state formats (an extension built before the
+    compact formats takes fp32 state only)."""
+    compact = any(t.dtype != torch.float32 for t in (*masters, *exp_avgs, *exp_avg_sqs))
+    return not compact or _EXTENSION_HAS_FORMATS
 
 
 def _as_tensor(x, device) -> Tensor:

@@ -1,0 +1,146 @@
+"""Optimizer-state formats: what the bytes of a group's resting state hold, and the plain-torch
+codecs that define them. The fused kernels (csrc/adamw.h) are held to these.
+
+Master (the fp32 value each weight is the rounding of):
+- "none": fp32 weights are their own masters.
+- "fp32": an fp32 copy (fp16 weights; bf16 weights when asked).
+- "remainder": bf16 weights keep only the low 16 bits of their fp32 master, signed, beside the
+  weight. The weight is the master rounded to nearest with ties away from zero (a carry into the
+  high half when the low half is 0x8000 or more), so the remainder is master - weight<<16 in
+  [-0x8000, 0x7fff] and the master comes back bit for bit. (Ties to even would leave a tie that
+  went down and one that went up with the same 16 bits.) The same numbers as an fp32 master
+  in 2 bytes instead of 4; the weight differs from torch's round-to-even only on exact ties.
+
+Moments (exp_avg, exp_avg_sq):
+- "fp32".
+- "bf16": rounded stochastically. With round-to-nearest a bf16 exp_avg_sq cannot decay: 0.999*v
+  rounds back to v whenever v's relative spacing (2**-8) exceeds the decay (1e-3), so small
+  gradients would never lower the denominator again. Stochastic rounding is unbiased: the EMA
+  keeps its expected value, and its noise averages out over steps as Adam's own EMA does. The
+  random bits come from a counter-based hash of (run seed, group, step, element), so a resumed
+  run draws the same bits, and the result does not depend on how the state is cut into chunks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+MASTER_FORMATS = ("none", "fp32", "remainder")
+MOMENT_DTYPES = ("fp32", "bf16")
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "remainder": torch.int16}
+
+_MASK32 = 0xFFFFFFFF
+
+
+def master_format(weight_dtype: torch.dtype, requested: str = "auto") -> str:
+    """The master a weight dtype needs: none for fp32, the remainder for bf16 unless fp32 is
+    asked, an fp32 copy for fp16 (its bits are no truncation of an fp32 value)."""
+    if weight_dtype == torch.float32:
+        return "none"
+    if weight_dtype == torch.bfloat16 and requested in ("auto", "remainder"):
+        return "remainder"
+    return "fp32"
+
+
+def state_bytes_per_element(master: str, moment_dtype: str) -> int:
+    """Resting optimizer state per trained parameter."""
+    master_bytes = {"none": 0, "fp32": 4, "remainder": 2}[master]
+    return master_bytes + 2 * STORAGE_DTYPES[moment_dtype].itemsize
+
+
+# ------------------------------------------------------------------------- the bf16 remainder
+
+
+def _bits(x: Tensor) -> Tensor:
+    """An fp32 tensor's bit patterns as int64 in [0, 2**32)."""
+    return x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+
+
+def _from_bits16(u: Tensor, dtype: torch.dtype) -> Tensor:
+    """Int64 values in [0, 2**16) as a 16-bit dtype with those bits."""
+    return torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16).view(dtype)
+
+
+def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
+    """An fp32 master as (bf16 weight, int16 remainder); join_master undoes it exactly."""
+    u = _bits(master)
+    high = ((u + 0x8000) >> 16) & 0xFFFF
+    remainder = u - (((u + 0x8000) >> 16) << 16)  # in [-0x8000, 0x7fff]
+    return _from_bits16(high, torch.bfloat16), remainder.to(torch.int16)
+
+
+def join_master(weight: Tensor, remainder: Tensor) -> Tensor:
+    """The fp32 master of a bf16 weight and its int16 remainder."""
+    high = weight.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    u = ((high << 16) + remainder.to(torch.int64)) & _MASK32
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32)
+
+
+def round_to_bf16_weight(master: Tensor) -> Tensor:
+    """The bf16 weight of an fp32 master under the remainder format (ties away from zero)."""
+    return split_master(master)[0]
+
+
+# ------------------------------------------------------------------- stochastic rounding bits
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), without overflowing int64."""
+    low, high = c & 0xFFFF, c >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def lowbias32(x):
+    """A 32-bit integer hash with strong avalanche (Wellons' lowbias32); on Python ints or int64
+    tensors holding values in [0, 2**32). csrc/adamw.h has the same function."""
+    if isinstance(x, int):
+        x &= _MASK32
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & _MASK32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & _MASK32
+        return x ^ (x >> 16)
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def group_seed(run_seed: int, group: int) -> int:
+    """The seed a group's stochastic rounding draws from (passed to the fused update)."""
+    return lowbias32(lowbias32(run_seed & _MASK32) ^ (group & _MASK32))
+
+
+MOMENT_STREAMS = {"exp_avg": 0, "exp_avg_sq": 1}
+
+
+def rounding_key(seed: int, step: int, stream: int) -> int:
+    """One update's key for one moment: every (seed, step, moment) draws fresh bits."""
+    return lowbias32(seed ^ lowbias32((2 * step + stream) & _MASK32))
+
+
+def random_bits(key: int, offset: int, numel: int, device=None) -> Tensor:
+    """32 random bits per element for elements [offset, offset + numel) of a group."""
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device) & _MASK32
+    return lowbias32(index ^ key)
+
+
+def to_bf16_stochastic(x: Tensor, key: int, offset: int) -> Tensor:
+    """fp32 -> bf16, rounding the magnitude up with probability equal to the fraction of a bf16
+    step it lies above the value below (unbiased): add 16 random bits below the cut, truncate."""
+    u = _bits(x.reshape(-1))
+    r = random_bits(key, offset, u.numel(), u.device) & 0xFFFF
+    return _from_bits16(((u + r) >> 16) & 0xFFFF, torch.bfloat16).view(x.shape)
+
+
+def store_moment(target: Tensor, value: Tensor, key: Optional[int], offset: int) -> None:
+    """Write an fp32 moment into its storage (fp32 as is, bf16 rounded stochastically)."""
+    if target.dtype == torch.float32:
+        target.copy_(value)
+    elif target.dtype == torch.bfloat16:
+        target.copy_(to_bf16_stochastic(value, key, offset))
+    else:
+        raise TypeError(f"no moment format stores {target.dtype}")

@@ -1,0 +1,130 @@
+"""The compact state formats' reference codecs (hift.formats) and the reference update on them:
+the bf16 master remainder is lossless, stochastic rounding is unbiased and reproducible, and an
+update on compact state is the fp32 update on its decoded values."""
+import os
+
+import pytest
+import torch
+
+from hift import formats, ops
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("HIFT_TEST_SEED", int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF))
+    print(f"seed={seed} (HIFT_TEST_SEED={seed} replays it)")
+    return torch.Generator().manual_seed(seed)
+
+
+def wide_floats(n, gen):
+    """Normal, tiny, huge and subnormal magnitudes of both signs, and exact bf16 ties."""
+    x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-140, 120, (n,), generator=gen).float())
+    ties = (torch.randn(n // 8, generator=gen).to(torch.bfloat16).float().view(torch.int32) | 0x8000).view(torch.float32)
+    return torch.cat([x, ties, torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1e-45])])
+
+
+def test_remainder_gives_the_master_back_bit_for_bit(gen):
+    master = wide_floats(40_001, gen)
+    weight, remainder = formats.split_master(master)
+    assert weight.dtype == torch.bfloat16 and remainder.dtype == torch.int16
+    assert torch.equal(formats.join_master(weight, remainder).view(torch.int32), master.view(torch.int32))
+
+
+def test_remainder_weight_is_the_nearest_bf16_ties_away_from_zero(gen):
+    master = wide_floats(40_001, gen)
+    weight = formats.round_to_bf16_weight(master)
+    nearest = master.to(torch.bfloat16)
+    # as close as round-to-even everywhere; different only on exact ties, where it is the larger magnitude
+    assert torch.equal((weight.float() - master).abs(), (nearest.float() - master).abs())
+    differs = weight != nearest
+    ties = (master.view(torch.int32) & 0xFFFF) == 0x8000
+    assert differs.any() and bool((differs <= ties).all())
+    assert bool((weight.float().abs()[differs] > nearest.float().abs()[differs]).all())
+
+
+def test_lowbias32_on_ints_and_tensors_agree_and_match_the_published_function():
+    # values of the C reference (Wellons, lowbias32), which csrc/adamw.h implements too
+    known = {0: 0, 1: 1753845952, 0xFFFFFFFF: 1734902346}
+    assert {x: formats.lowbias32(x) for x in known} == known
+    xs = torch.randint(0, 2**32, (1000,), dtype=torch.int64)
+    assert formats.lowbias32(xs).tolist() == [formats.lowbias32(int(x)) for x in xs]
+
+
+def test_stochastic_rounding_is_unbiased_and_brackets_the_value(gen):
+    x = torch.rand(64, generator=gen) * 4 - 2
+    draws = torch.stack([formats.to_bf16_stochastic(x.expand(4096, -1).reshape(-1), key, 0).float().view(4096, 64)
+                         for key in (11, 12)]).reshape(-1, 64)
+    below = x.abs().to(torch.bfloat16)
+    ulp = torch.nextafter(below, torch.tensor(torch.inf, dtype=torch.bfloat16)).float() - below.float()
+    assert bool(((draws - x).abs() <= ulp).all())  # only the two neighbours are ever drawn
+    # the mean of 8192 draws is within 5 standard errors of x (each draw is off by < 1 ulp)
+    assert bool(((draws.mean(0) - x).abs() <= 5 * ulp / 8192**0.5 ).all())
+
+
+def test_stochastic_rounding_is_reproducible_and_cut_invariant(gen):
+    x = torch.randn(1000, generator=gen)
+    whole = formats.to_bf16_stochastic(x, key=7, offset=100)
+    pieces = torch.cat([formats.to_bf16_stochastic(x[:333], 7, 100), formats.to_bf16_stochastic(x[333:], 7, 433)])
+    assert torch.equal(whole, pieces) and torch.equal(whole, formats.to_bf16_stochastic(x, 7, 100))
+    assert not torch.equal(whole, formats.to_bf16_stochastic(x, 8, 100))
+
+
+def test_bf16_second_moment_decays_only_with_stochastic_rounding():
+    """0.999 * v rounds back to v in bf16 to nearest: v never decays. Stochastically rounded,
+    its mean follows 0.999**t."""
+    v = torch.full((20_000,), 1.0, dtype=torch.bfloat16)
+    nearest = v.clone()
+    for step in range(1, 201):
+        value = v.float() * 0.999
+        formats.store_moment(v, value, formats.rounding_key(3, step, 1), 0)
+        nearest = (nearest.float() * 0.999).to(torch.bfloat16)
+    assert torch.equal(nearest, torch.ones_like(nearest))
+    assert v.float().mean().item() == pytest.approx(0.999**200, rel=2e-3)
+
+
+def _update(state, grads, step, seed=5):
+    params, masters, m, v = state
+    ops.reference_adamw_(params, masters, m, v, grads, lr=1e-2, step=step, beta1=0.9, beta2=0.99,
+                         eps=1e-8, weight_decays=[0.1] * len(params), seed=seed,
+                         offsets=[sum(p.numel() for p in params[:i]) for i in range(len(params))])
+
+
+def test_remainder_update_equals_the_fp32_master_update_bit_for_bit(gen):
+    sizes = [7, 1001, 33]
+    masters = [torch.randn(n, generator=gen) for n in sizes]
+    fp32 = ([m.to(torch.bfloat16) for m in masters], [m.clone() for m in masters],
+            [torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes])
+    split = [formats.split_master(m) for m in masters]
+    compact = ([w for w, _ in split], [r for _, r in split], [torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes])
+    for step in range(1, 8):
+        grads = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in sizes]
+        _update(fp32, grads, step)
+        _update(compact, grads, step)
+    for i, (w, r) in enumerate(zip(compact[0], compact[1])):
+        assert torch.equal(formats.join_master(w, r), fp32[1][i]), i
+        assert torch.equal(w, formats.round_to_bf16_weight(fp32[1][i])), i
+        assert torch.equal(compact[2][i], fp32[2][i]) and torch.equal(compact[3][i], fp32[3][i])
+
+
+def test_bf16_moments_track_fp32_moments(gen):
+    """A stochastically rounded EMA m_t = SR(beta*m_{t-1} + (1-beta)*g) is off the fp32 one by
+    e_t = beta*e_{t-1} + d_t with |d_t| < one bf16 ulp (2**-7 relative, at most), so never by more
+    than ulp/(1 - beta), and on average far less (the d_t are unbiased and independent)."""
+    n, beta1, beta2 = 5001, 0.9, 0.99
+    start = torch.randn(n, generator=gen)
+    fp32 = ([start.clone()], [], [torch.zeros(n)], [torch.zeros(n)])
+    bf16 = ([start.clone()], [], [torch.zeros(n, dtype=torch.bfloat16)], [torch.zeros(n, dtype=torch.bfloat16)])
+    base = torch.randn(n, generator=gen)
+    largest = [torch.zeros(n), torch.zeros(n)]
+    for step in range(1, 51):
+        grads = [base + 0.1 * torch.randn(n, generator=gen)]
+        _update(fp32, grads, step)
+        _update(bf16, grads, step)
+        for i in range(2):
+            largest[i] = torch.maximum(largest[i], fp32[2 + i][0].abs())
+    for ours, theirs, top, beta in ((bf16[2][0], fp32[2][0], largest[0], beta1),
+                                    (bf16[3][0], fp32[3][0], largest[1], beta2)):
+        error = (ours.float() - theirs).abs()
+        ulp = top * 2**-7
+        assert bool((error <= ulp / (1 - beta) * 1.01).all())
+        assert error.mean() <= 3 * ulp.mean()
