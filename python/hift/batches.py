@@ -6,6 +6,8 @@ model(*batch), anything else as model(batch). The loss is `output.loss` (transfo
 """
 from __future__ import annotations
 
+import hashlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -91,42 +93,67 @@ def probe(model: nn.Module, batch: Any) -> set[int] | None:
 
 
 class BatchStream:
-    """The loader, pass after pass, remembering where it is (epoch, batch within the epoch)."""
+    """The loader, pass after pass, remembering where it is (epoch, batch within the epoch), and
+    able to come back there in another process.
+
+    A shuffling DataLoader draws its order when a pass begins (the iterator's base seed) and at
+    its first batch (the sampler's seed or permutation), from the global CPU RNG or from the
+    loader's and sampler's own generators; a RandomSampler draws once more when it runs out. So
+    the stream keeps the state of every one of those generators at the start of the pass, and a
+    resume sets them back, makes the pass's iterator again and replays it to the saved position.
+    """
 
     def __init__(self, loader):
         self.loader = loader
         self.epoch = 0
         self.position = 0
-        # The CPU RNG state when this epoch's iterator was made: a shuffling DataLoader draws
-        # its order from it, so a resumed run can make the same iterator again.
-        self.epoch_rng: torch.Tensor | None = None
+        self.epoch_rng: torch.Tensor | None = None  # the global CPU RNG when this pass began
+        self.epoch_generator_states: list[torch.Tensor] = []  # and each of _generators()'s
         self._iterator: Iterator | None = None
+        self._one_pass = False  # iter(loader) is loader: a generator, which no one can replay
         self._peeked = None
+        self._rng_after_peek: torch.Tensor | None = None
+        self._last = None  # the batch consumed last, fingerprinted when a checkpoint is saved
 
-    def _new_iterator(self):
+    def _samplers(self) -> list:
+        parts = [getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None)]
+        parts.append(getattr(parts[1], "sampler", None))
+        return [p for i, p in enumerate(parts) if p is not None and all(p is not q for q in parts[:i])]
+
+    def _generators(self) -> list[torch.Generator]:
+        """The generators (besides the global one) that the loader draws its order from."""
+        found = []
+        for part in (self.loader, *self._samplers()):
+            g = getattr(part, "generator", None)
+            if isinstance(g, torch.Generator) and all(g is not h for h in found):
+                found.append(g)
+        return found
+
+    def _new_iterator(self) -> None:
+        for sampler in self._samplers():
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new order each pass
+                sampler.set_epoch(self.epoch)
         self.epoch_rng = torch.get_rng_state()
+        self.epoch_generator_states = [g.get_state() for g in self._generators()]
         self._iterator = iter(self.loader)
+        self._one_pass = self._iterator is self.loader
 
-    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Where the stream is: JSON-able metadata and tensors (both go into a checkpoint)."""
-        return {"epoch": self.epoch, "position": self.position}, {"rng_epoch_cpu": self.epoch_rng}
-
-    def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Continue where state_dict() was taken (the caller restores the global RNG after)."""
-        self.restore(meta["epoch"], meta["position"], tensors["rng_epoch_cpu"])
-
-    def restore(self, epoch: int, position: int, epoch_rng: torch.Tensor) -> None:
-        """Continue at batch `position` of pass `epoch` (the caller restores the RNG after)."""
-        self.epoch, self.position, self._peeked = epoch, 0, None
-        torch.set_rng_state(epoch_rng)
+    def _fetch(self):
+        if self._iterator is None:
+            self._new_iterator()
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            if self.position == 0:
+                raise BatchError("the loader yielded no batches; give fit a loader with data") from None
+        self.epoch += 1
+        self.position = 0
         self._new_iterator()
-        for _ in range(position):
-            try:
-                next(self._iterator)
-            except StopIteration:
-                raise BatchError(f"the loader now has fewer than {position} batches per pass; resume "
-                                 "with the loader the checkpoint was made with") from None
-        self.position = position
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise BatchError("the loader yielded no batches on its second pass; fit needs "
+                             "a loader it can iterate more than once (a DataLoader, a list)") from None
 
     def __iter__(self):
         return self
@@ -134,30 +161,106 @@ class BatchStream:
     def __next__(self):
         if self._peeked is not None:
             batch, self._peeked = self._peeked, None
-            self.position += 1
-            return batch
-        if self._iterator is None:
-            self._new_iterator()
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            if self.position == 0:
-                raise BatchError("the loader yielded no batches; give fit a loader with data") from None
-            self.epoch += 1
-            self.position = 0
-            self._new_iterator()
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                raise BatchError("the loader yielded no batches on its second pass; fit needs "
-                                 "a loader it can iterate more than once (a DataLoader, a list)") from None
+            # The probe peeks inside a forked RNG, which undoes the draws the loader made to
+            # begin this pass: the next pass would draw them again and repeat this pass's order.
+            # They count as in a plain loop, unless something has drawn since.
+            if self._rng_after_peek is not None and torch.equal(torch.get_rng_state(), self.epoch_rng):
+                torch.set_rng_state(self._rng_after_peek)
+            self._rng_after_peek = None
+        else:
+            batch = self._fetch()
         self.position += 1
+        self._last = batch
         return batch
 
     def peek(self):
         """The next batch, without consuming it."""
         if self._peeked is None:
-            batch = next(self)
-            self.position -= 1
-            self._peeked = batch
+            begins_pass = self._iterator is None
+            self._peeked = self._fetch()
+            if begins_pass:
+                self._rng_after_peek = torch.get_rng_state()
         return self._peeked
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Where the stream is: JSON-able metadata and tensors (both go into a checkpoint)."""
+        if self._one_pass:
+            warnings.warn(
+                f"the loader is a one-pass iterator ({type(self.loader).__name__}: iter(loader) is "
+                "loader), so a run resumed from this checkpoint cannot replay its batches to where "
+                "it stopped, and resuming will be refused; pass fit a DataLoader or a list",
+                stacklevel=2)
+        generators = self._generators()
+        meta = {"epoch": self.epoch, "position": self.position, "generators": len(generators),
+                "last_batch": None if self._last is None else batch_fingerprint(self._last)}
+        tensors = {"rng_epoch_cpu": self.epoch_rng}
+        for i, (g, at_epoch) in enumerate(zip(generators, self.epoch_generator_states)):
+            tensors[f"rng_epoch_generator{i}"] = at_epoch
+            tensors[f"rng_generator{i}"] = g.get_state()
+        return meta, tensors
+
+    def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue where state_dict() was taken: the pass's iterator made again from the same
+        generator states and replayed to the saved position, whose last batch must match the
+        one the saving run consumed. The caller restores the global RNG after."""
+        epoch, position = meta["epoch"], meta["position"]
+        if self._one_pass and (epoch or position):
+            raise BatchError(
+                f"the loader is a one-pass iterator ({type(self.loader).__name__}: iter(loader) is "
+                f"loader), so it cannot be replayed to batch {position} of pass {epoch}, where the "
+                "checkpoint was saved; resume with a DataLoader or a list of the same batches")
+        generators = self._generators()
+        if len(generators) != meta.get("generators", 0):
+            raise BatchError(
+                f"the loader draws its order from {len(generators)} torch.Generator(s), the one that "
+                f"saved the checkpoint from {meta.get('generators', 0)}; resume with a loader built as "
+                "before")
+        torch.set_rng_state(tensors["rng_epoch_cpu"])
+        for i, g in enumerate(generators):
+            g.set_state(tensors[f"rng_epoch_generator{i}"])
+        self.epoch, self.position = epoch, 0
+        self._peeked = self._rng_after_peek = self._last = None
+        self._new_iterator()
+        for _ in range(position):
+            try:
+                self._last = next(self._iterator)
+            except StopIteration:
+                raise BatchError(f"the loader now has fewer than {position} batches per pass; resume "
+                                 "with the loader the checkpoint was made with") from None
+        self.position = position
+        saved_last = meta.get("last_batch")
+        if saved_last is not None and batch_fingerprint(self._last) != saved_last:
+            raise BatchError(
+                f"the loader does not yield the same batches as in the run that saved the checkpoint "
+                f"(batch {position} of pass {epoch} differs), so the run would continue on other data. "
+                "Resume with the same data, batch size and sampler, any torch.Generator seeded as "
+                "before, and no randomness in the loader beyond torch's generators; or start afresh.")
+        for i, g in enumerate(generators):
+            g.set_state(tensors[f"rng_generator{i}"])
+
+
+def batch_fingerprint(batch: Any) -> str:
+    """A short hash of a batch (its tensors' dtypes, shapes and bytes, its keys), the same in
+    any process: how a resume checks that it replayed the loader to the same place."""
+    digest = hashlib.blake2b(digest_size=16)
+    _feed(digest, batch)
+    return digest.hexdigest()
+
+
+def _feed(digest, x: Any) -> None:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(x, dict) or (hasattr(x, "keys") and hasattr(x, "__getitem__")):
+        for key in x.keys():
+            digest.update(f"K{key!r}".encode())
+            _feed(digest, x[key])
+    elif isinstance(x, (list, tuple)):
+        digest.update(f"L{len(x)}".encode())
+        for item in x:
+            _feed(digest, item)
+    elif x is None or isinstance(x, (str, bytes, int, float)):
+        digest.update(f"V{x!r}".encode())
+    else:  # no bytes known to be the same in another process; the type alone still counts
+        digest.update(f"O{type(x).__qualname__}".encode())

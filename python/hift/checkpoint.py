@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import safe_open
+from safetensors.torch import load_model, save_file, save_model
 
 PREFIX = "step-"
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
@@ -127,8 +128,11 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
                               f"unexpected {sorted(unexpected)[:3]}); resume with the model it was made from")
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / "optimizer.safetensors"))
+def load_tensors(path: Path, prefix: str = "", strip: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of optimizer.safetensors whose names start with `prefix` (all by default),
+    read alone; with strip, named without the prefix."""
+    with safe_open(str(Path(path) / "optimizer.safetensors"), framework="pt") as f:
+        return {(k[len(prefix):] if strip else k): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 def latest(root) -> Optional[Path]:

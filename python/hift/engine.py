@@ -178,6 +178,7 @@ def _prepare(model, cfg: Config, trainable, device, stream: BatchStream, loader,
                        plan, device, stream, precision)
     if resume is not None:
         trainer.check_resumable(*resume)
+        trainer.resume_data(*resume)  # the loader replays to the saved batch, or refuses
     if any(p.dtype != dtype for p in trainable):
         model.to(dtype)
     if resume is not None:
@@ -420,6 +421,11 @@ class _Trainer:
                 f"{path} was made by another run ({what}); resume with the same model, group_size, "
                 "precision, state_chunk_mib, order and seed as the run that saved it")
 
+    def resume_data(self, path: Path, meta: dict) -> None:
+        """Bring the batch stream to where the checkpoint was saved; this checks that the loader
+        yields the same batches, so it runs before the model is cast or loaded."""
+        self.stream.load_state_dict(meta["data"], checkpoint.load_tensors(path, prefix="data.", strip=True))
+
     def restore(self, path: Path, meta: dict) -> None:
         checkpoint.load_weights(path, self.model)
         tensors = checkpoint.load_tensors(path)
@@ -432,8 +438,6 @@ class _Trainer:
         r = self.result
         r.steps, r.losses, r.lrs = history["steps"], history["losses"], history["lrs"]
         r.groups, r.skipped_steps = history["groups"], history["skipped_steps"]
-        self.stream.load_state_dict(meta["data"], {k[len("data."):]: v for k, v in tensors.items()
-                                                   if k.startswith("data.")})
         torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng_cuda"], self.device)
