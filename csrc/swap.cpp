@@ -88,16 +88,42 @@ StateSwapper::StateSwapper(std::vector<int64_t> group_numels, c10::Device device
   for (Slot& slot : slots_) {
     slot.buffer = at::empty({largest}, at::TensorOptions().dtype(at::kFloat).device(device_));
   }
-  if (async_) copy_stream_ = impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
+  if (async_) {
+    copy_stream_ = impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
+    // The slots come from the current stream's pool; the copy stream uses them too, so the
+    // caching allocator must not hand their memory out again before its copies are done.
+    for (Slot& slot : slots_) slot.buffer.record_stream(*copy_stream_);
+  }
 }
 
 StateSwapper::~StateSwapper() {
   try {
-    synchronize();
+    close();
   } catch (...) {
-    // The device is gone or broken; unpinning below is still the right thing to try.
+    // The device is gone or broken; unpinning is still the right thing to try.
+    for (void* ptr : registered_) unpin(ptr);
   }
+}
+
+void StateSwapper::close() {
+  if (closed_) return;
+  // Host memory must stay pinned and alive until no copy reads or writes it any more.
+  synchronize();
   for (void* ptr : registered_) unpin(ptr);
+  registered_.clear();
+  pinned_ = false;
+  closed_ = true;
+  host_.clear();
+  for (Slot& slot : slots_) {  // (the count stays: num_slots() still says what there was)
+    slot.buffer = at::Tensor();
+    slot.copied_out.reset();
+  }
+  copied_in_.assign(numels_.size(), nullptr);
+  host_busy_.assign(numels_.size(), nullptr);
+}
+
+void StateSwapper::check_open(const char* what) const {
+  TORCH_CHECK(!closed_, "StateSwapper: ", what, " after close(); the swapper's buffers are gone");
 }
 
 void StateSwapper::check_group(int64_t group) const {
@@ -116,11 +142,13 @@ std::shared_ptr<c10::Event> StateSwapper::record_on(const c10::Stream& stream) {
 }
 
 bool StateSwapper::resident(int64_t group) const {
+  check_open("resident()");
   check_group(group);
   return !use_slots_ || slot_of_[group] >= 0;
 }
 
 at::Tensor StateSwapper::host(int64_t group) {
+  check_open("host()");
   check_group(group);
   if (host_busy_[group]) {
     host_busy_[group]->synchronize();
@@ -144,6 +172,7 @@ int64_t StateSwapper::take_free_slot(int64_t group) {
 }
 
 void StateSwapper::prefetch(int64_t group) {
+  check_open("prefetch()");
   check_group(group);
   if (!use_slots_ || slot_of_[group] >= 0) return;
   const int64_t s = take_free_slot(group);
@@ -166,6 +195,7 @@ void StateSwapper::prefetch(int64_t group) {
 }
 
 at::Tensor StateSwapper::acquire(int64_t group) {
+  check_open("acquire()");
   check_group(group);
   if (!use_slots_) return host_[group];
   prefetch(group);
@@ -174,6 +204,7 @@ at::Tensor StateSwapper::acquire(int64_t group) {
 }
 
 void StateSwapper::writeback(int64_t group) {
+  check_open("writeback()");
   check_group(group);
   if (!use_slots_) return;
   const int64_t s = slot_of_[group];
@@ -198,6 +229,7 @@ void StateSwapper::writeback(int64_t group) {
 }
 
 void StateSwapper::synchronize() {
+  if (closed_) return;  // close() already waited for every copy
   if (copy_stream_) copy_stream_->synchronize();
   for (auto& event : host_busy_) event.reset();
 }
@@ -210,6 +242,7 @@ void register_state_swapper(torch::Library& m) {
       .def("acquire", &StateSwapper::acquire)
       .def("writeback", &StateSwapper::writeback)
       .def("synchronize", &StateSwapper::synchronize)
+      .def("close", &StateSwapper::close)
       .def("resident", &StateSwapper::resident)
       .def("pinned", &StateSwapper::pinned)
       .def("uses_slots", &StateSwapper::uses_slots)

@@ -8,6 +8,9 @@
 //   writeback(g) side stream waits for the compute stream, D2H into host(g), then event out[slot];
 //                the slot is free for another group once out[slot] completes (stream order)
 //   host(g)      the host waits for the last copy that touched host(g), if still in flight
+//   close()      waits for every copy, then unpins the host buffers and lets go of all buffers;
+//                idempotent, and the destructor does it too. host, prefetch, acquire, writeback
+//                and resident throw after it (synchronize has nothing left to do).
 // On a CPU device the copies are plain synchronous copies; with use_slots=false acquire() hands
 // out the host buffer itself.
 #pragma once
@@ -35,6 +38,7 @@ class StateSwapper : public torch::CustomClassHolder {
   at::Tensor acquire(int64_t group);
   void writeback(int64_t group);
   void synchronize();
+  void close();
 
   bool resident(int64_t group) const;
   bool pinned() const { return pinned_; }
@@ -52,6 +56,7 @@ class StateSwapper : public torch::CustomClassHolder {
   };
 
   void check_group(int64_t group) const;
+  void check_open(const char* what) const;
   int64_t take_free_slot(int64_t group);
   std::shared_ptr<c10::Event> record_on(const c10::Stream& stream);
   c10::Stream current_stream() const;
@@ -61,6 +66,7 @@ class StateSwapper : public torch::CustomClassHolder {
   bool use_slots_;
   bool async_;  // device has streams and events (not the CPU)
   bool pinned_ = false;
+  bool closed_ = false;
   std::vector<at::Tensor> host_;
   std::vector<void*> registered_;  // host pointers pinned by cudaHostRegister, unpinned on exit
   std::vector<Slot> slots_;

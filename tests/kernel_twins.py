@@ -9,7 +9,7 @@ inputs, at fp32 tolerances, and the reference run itself is compared with torch 
 """
 import torch
 
-from hift import ops
+from hift import formats, ops
 
 # One update from identical inputs: the fused kernel's exact sqrt and its fused multiply-adds
 # against torch's ops are a few fp32 roundings apart (test_adamw_kernel.py uses the same).
@@ -30,9 +30,17 @@ class CheckedFusedAdamW:
         self.fused(params, masters, exp_avgs, exp_avg_sqs, grads, **kwargs)
         self.calls += 1
         where = f"fused update call {self.calls}"
-        for name, ours, theirs in zip(("master", "exp_avg", "exp_avg_sq"),
-                                      (masters or params, exp_avgs, exp_avg_sqs), (twin[1] or twin[0], *twin[2:])):
-            for i, (a, b) in enumerate(zip(ours, theirs)):
+        ours = decoded(params, masters, exp_avgs, exp_avg_sqs)
+        for name, mine, theirs in zip(("master", "exp_avg", "exp_avg_sq"), ours, decoded(*twin)):
+            for i, (a, b) in enumerate(zip(mine, theirs)):
                 torch.testing.assert_close(a, b, **FP32, msg=lambda m: f"{where}, {name} {i}: {m}")
         for i, (p, m) in enumerate(zip(params, masters)):  # a low-precision weight is its master rounded
-            assert torch.equal(p, m.to(p.dtype)), f"{where}: weight {i} is not its master rounded"
+            rounded = formats.round_to_bf16_weight(ours[0][i]) if m.dtype == torch.int16 else m.to(p.dtype)
+            assert torch.equal(p, rounded), f"{where}: weight {i} is not its master rounded"
+
+
+def decoded(params, masters, exp_avgs, exp_avg_sqs):
+    """fp32 masters (the params where they are their own), exp_avgs and exp_avg_sqs."""
+    if masters and masters[0].dtype == torch.int16:
+        masters = [formats.join_master(p, r) for p, r in zip(params, masters)]
+    return masters or params, [m.float() for m in exp_avgs], [v.float() for v in exp_avg_sqs]

@@ -34,13 +34,20 @@ def shuffled_loader():
 
 
 def final_state(root: Path):
+    """The newest checkpoint's weights, and its optimizer tensors with every state chunk's bytes."""
     last = checkpoint.latest(root)
-    return load_file(str(last / "model.safetensors")), load_file(str(last / "optimizer.safetensors"))
+    tensors = load_file(str(last / "optimizer.safetensors"))
+    chunks = sorted((last / checkpoint.STATE).glob("chunk-*.safetensors"))
+    assert chunks
+    tensors.update({f"chunk{c}": checkpoint.load_chunk(last, c) for c in range(len(chunks))})
+    return load_file(str(last / "model.safetensors")), tensors
 
 
 @pytest.mark.parametrize("precision,order,layout", [
     *[(p, o, {}) for p in ("fp32", "bf16") for o in ("bottom_up", "top_down", "random")],
     ("bf16", "random", dict(offload=True, state_chunk_mib=0.004)),  # state in chunks, via slots
+    ("bf16", "top_down", dict(moment_dtype="bf16")),  # stochastic rounding draws the same bits
+    ("fp32", "random", dict(moment_dtype="bf16", offload=True, state_chunk_mib=0.004)),
 ])
 def test_resume_is_bitwise_exact(tmp_path, precision, order, layout):
     model = dropout_llama()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tiny_models as tm
-from hift import fit, ops
+from hift import fit, formats, ops
 from kernel_twins import CheckedFusedAdamW
 from hift.groups import detect_units, make_groups
 from hift.schedule import GroupOrder, lr_at_cycle
@@ -70,6 +70,40 @@ def test_one_group_equals_full_adamw(kernel):
         optimizer.step()
         optimizer.zero_grad()
     assert_matches_adamw(model, reference, kernel, steps=10)
+
+
+@pytest.mark.parametrize("master_format", ["auto", "fp32"])
+def test_bf16_one_group_equals_full_adamw_on_an_fp32_master(kernel, master_format):
+    """The bf16 weights' masters, as 16-bit remainders (the default) or fp32 copies, are the
+    parameters of torch's AdamW run on an fp32 copy of the model, bit for bit; the weights are
+    those masters rounded."""
+    model = tm.llama(layers=2)
+    reference = copy.deepcopy(model)
+    batches = tm.lm_batches(8)
+    masters = {}
+
+    def keep_masters(event):
+        event.state.synchronize()
+        masters.update(zip((id(p) for p in event.groups[0].params), event.state.param_state(0).masters))
+
+    fit(model, batches, group_size=5, max_steps=8, lr=FP32_LR, weight_decay=0.1, lr_schedule="constant",
+        precision="bf16", master_format=master_format, on_step=keep_masters, **QUIET)
+    optimizer = torch.optim.AdamW(adamw_param_groups(list(reference.parameters()), 0.1), lr=FP32_LR)
+    for batch in batches:
+        # the forward and backward run on the bf16 weights, the update on the fp32 masters
+        weights = copy.deepcopy(reference).to(torch.bfloat16)
+        for p, q in zip(weights.parameters(), reference.parameters()):
+            p.data = rounded_to_weight(q.detach(), master_format)
+        weights(**batch).loss.backward()
+        for p, q in zip(weights.parameters(), reference.parameters()):
+            q.grad = p.grad.float()
+        optimizer.step()
+    if kernel is not None:
+        assert kernel.calls == 8
+        return
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(masters[id(p)], q.detach()), name
+        assert torch.equal(p.detach(), rounded_to_weight(q.detach(), master_format)), name
 
 
 def reference_lr(cycle, base, total, warmup):
@@ -140,8 +174,16 @@ def test_step_changes_only_the_active_group():
     assert sorted(seen) == list(range(6))
 
 
-@pytest.mark.parametrize("offload,chunk_mib", [(False, None), (True, None), (True, 0.004)])
-def test_bf16_weight_is_master_rounded(offload, chunk_mib):
+def rounded_to_weight(master, master_format):
+    """The bf16 weight of an fp32 master: ties away from zero with a remainder (so that 16 bits
+    give the master back), to even with an fp32 master (as torch rounds)."""
+    return formats.round_to_bf16_weight(master) if master_format != "fp32" else master.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("master_format", ["auto", "fp32"])
+@pytest.mark.parametrize("offload,chunk_mib,moments", [(False, None, "fp32"), (True, None, "fp32"),
+                                                      (True, 0.004, "fp32"), (True, 0.004, "bf16")])
+def test_bf16_weight_is_master_rounded(offload, chunk_mib, moments, master_format):
     model = tm.llama(layers=2)
     checked = []
 
@@ -152,11 +194,12 @@ def test_bf16_weight_is_master_rounded(offload, chunk_mib):
         assert len(masters) == len(group.params)
         for p, master in zip(group.params, masters):
             assert p.dtype == torch.bfloat16 and master.dtype == torch.float32
-            assert torch.equal(p.detach(), master.to(torch.bfloat16).to(p.device))
+            assert torch.equal(p.detach(), rounded_to_weight(master, master_format).to(p.device))
         checked.append(event.step)
 
     result = fit(model, tm.lm_batches(5), precision="bf16", max_steps=10, lr=1e-2, on_step=check,
-                 offload=offload, state_chunk_mib=chunk_mib, **QUIET)
+                 offload=offload, state_chunk_mib=chunk_mib, moment_dtype=moments,
+                 master_format=master_format, **QUIET)
     assert checked == list(range(10)) and result.precision == "bf16"
     assert all(math.isfinite(x) for x in result.losses)
 
@@ -276,14 +319,17 @@ def test_requires_grad_and_mode_are_restored():
     assert all(p.requires_grad for p in model.parameters() if p is not frozen)
 
 
-@pytest.mark.parametrize("group_size,chunk_mib", [(1, None), (2, None), (5, None), (1, 0.004), (2, 0.01)])
-def test_offloaded_state_trains_exactly_like_resident_state(group_size, chunk_mib):
+@pytest.mark.parametrize("group_size,chunk_mib,moments", [(1, None, "fp32"), (2, None, "fp32"), (5, None, "fp32"),
+                                                          (1, 0.004, "fp32"), (2, 0.01, "fp32"),
+                                                          (2, None, "bf16"), (1, 0.003, "bf16")])
+def test_offloaded_state_trains_exactly_like_resident_state(group_size, chunk_mib, moments):
     """Host buffers and device slots (plain copies on the CPU) change nothing but placement,
     including K=1 (the group after the current one is itself) and state streamed in chunks
-    that split parameters."""
+    that split parameters (stochastically rounded moments draw by element, not by chunk)."""
     model = tm.llama(layers=2)
     twin = copy.deepcopy(model)
-    options = dict(group_size=group_size, max_steps=7, lr=1e-2, precision="bf16", order="random", **QUIET)
+    options = dict(group_size=group_size, max_steps=7, lr=1e-2, precision="bf16", order="random",
+                   moment_dtype=moments, **QUIET)
     fit(model, tm.lm_batches(7), offload=True, state_chunk_mib=chunk_mib, **options)
     fit(twin, tm.lm_batches(7), offload=False, **options)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):

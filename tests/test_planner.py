@@ -1,10 +1,12 @@
 """hift.planner: its arithmetic against hand counts on a tiny config, and its CPU prediction
-against the measured peak of real runs (in a subprocess) within 10%."""
+against the measured peak of real runs (each in a fresh process) within 10%."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,14 @@ N = V * H + L * BLOCK + H + V * H
 
 
 @pytest.fixture(scope="module")
-def tiny_trace():
+def tiny_traced():
     model = planner.meta_model(TINY, "bf16")
-    trace, _ = planner.trace_units(model, 3, 7)
-    return trace
+    return planner.trace_units(model, 3, 7)
+
+
+@pytest.fixture(scope="module")
+def tiny_trace(tiny_traced):
+    return tiny_traced[0]
 
 
 def test_units_and_counts(tiny_trace):
@@ -48,17 +54,47 @@ def test_saved_tensors_by_hand(tiny_trace):
 
 def test_hift_state_and_weights_by_hand(tiny_trace):
     largest_group = max(V * H, BLOCK)
-    h = planner.plan_hift(tiny_trace, "bf16", group_size=1, prefetch=True, offload=True)
-    assert h.weights == 2 * N
-    assert h.optimizer_resident == 12 * largest_group  # fp32 master + exp_avg + exp_avg_sq
-    assert h.optimizer_in_flight == 0  # one slot: the state arrives during its own group's step
-    assert h.host == 12 * N
-    h = planner.plan_hift(tiny_trace, "bf16", group_size=1, prefetch=False, offload=True)
-    assert h.optimizer_in_flight == 0
+    for prefetch in (True, False):
+        h = planner.plan_hift(tiny_trace, "bf16", group_size=1, prefetch=prefetch, offload=True)
+        assert h.weights == 2 * N and h.host == 12 * N
+        # one slot of the largest group's fp32 master + exp_avg + exp_avg_sq; with prefetch the
+        # state arrives in it during its own group's step, so no second slot is in flight
+        assert h.optimizer_resident == 12 * largest_group and h.optimizer_in_flight == 0
+        assert h.total == h.weights + h.gradients + 12 * largest_group + h.activations
     h = planner.plan_hift(tiny_trace, "fp32", group_size=2, prefetch=True, offload=True)
     assert h.optimizer_resident == 8 * max(V * H + BLOCK, BLOCK + H, V * H)  # groups of two units
+    assert h.optimizer_in_flight == 0
     h = planner.plan_hift(tiny_trace, "fp32", group_size=1, offload=False)
-    assert h.optimizer_resident == 8 * N and h.optimizer_in_flight == 0
+    assert h.optimizer_resident == 8 * N and h.optimizer_in_flight == 0 and h.host == 0
+
+
+# state_chunk_mib: chunks of 872 parameters' bf16-run state (12 bytes each; a multiple of four
+# elements, so each fp32 section is whole 16-byte units, as hift.state aligns them); 1 MiB holds
+# every group whole
+@pytest.mark.parametrize("chunk_mib,resident,in_flight", [
+    (872 * 12 / 2**20, 872 * 12, 872 * 12),  # chunk k is updated in one slot while k+1 comes in
+    (1.0, 12 * max(V * H, BLOCK), 0),  # every group is one chunk: one slot, as without chunks
+])
+def test_chunked_state_by_hand_and_as_the_state_allocates_it(tiny_traced, chunk_mib, resident, in_flight):
+    import torch
+
+    from hift.groups import Group, Unit
+    from hift.state import OptimizerState, StateFormat
+
+    trace, units = tiny_traced
+    h = planner.plan_hift(trace, "bf16", group_size=1, offload=True, state_chunk_mib=chunk_mib)
+    assert (h.optimizer_resident, h.optimizer_in_flight) == (resident, in_flight)
+    assert h.optimizer == resident + in_flight and h.host == 12 * N
+    # what hift.state really puts on the device for the same groups: its slots, each the size
+    # of the largest chunk
+    groups = [Group(i, [Unit(u.kind, [torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.bfloat16))
+                                      for p in u.params])]) for i, u in enumerate(units)]
+    state = OptimizerState(groups, torch.device("cpu"), StateFormat(master="fp32"), offload=True,
+                           chunk_mib=chunk_mib)
+    try:
+        assert state.swapper.num_slots() * max(state.numels) * 4 == h.optimizer
+    finally:
+        state.close()
 
 
 def test_adamw_and_lomo_by_hand(tiny_trace):
@@ -103,23 +139,40 @@ def test_published_configs_are_written_out():
 
 
 # Predicted vs measured, CPU: hift fit (offload off, every group's state resident), fp32.
+#
+# What the measured peak (VmHWM above the resident size once the model is loaded) depends on
+# besides what the planner models, and how each is held fixed so that the 10% bound means the
+# same on every machine:
+# - the process's history: a process that has run other cases reuses their freed heap, which
+#   hides part of the next case's peak (up to 12% of it, measured on the machine this was
+#   written on). Each measurement runs in a fresh process, warmed up on a tiny model (code
+#   pages, lazy buffers) before it measures.
+# - the number of threads: ATen's CPU kernels keep scratch per thread (4-10 MB per extra thread
+#   at these sizes, 5-10% of the peak), which a model of one device does not count and which
+#   would tie the bound to the machine's core count (the planner's backward transient was
+#   calibrated with two threads). THREADS threads, whatever the machine has.
+# - what is left (allocator timing, a late free): spread under 1% between fresh runs; the
+#   median of three measurements is compared, so one stray run decides nothing.
+# glibc's mmap threshold is fixed so that freed tensors leave the resident set at once.
+THREADS = 2
+TINY_WARMUP = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=40, max_position_embeddings=64)
 MEASURE = textwrap.dedent("""
     import json, sys
+    import torch
+    torch.set_num_threads(int(sys.argv[2]))
     from hift import planner
-    cases = json.loads(sys.argv[1])
-    planner.measure(cases[0][0], 1, 16, steps=2)  # warm-up: code pages and lazy buffers
-    out = []
-    for config, batch, seq, method, group_size in cases:
-        recompute = method == "hift+recompute"
-        m = planner.measure(config, batch, seq, method=method.split("+")[0], group_size=group_size,
-                            steps=3, recompute=recompute)
-        model = planner.meta_model(config, "fp32")
-        trace, _ = planner.trace_units(model, batch, seq)
-        boundary = planner.block_input_bytes(model, batch, seq, "fp32") if recompute else None
-        p = (planner.plan_hift(trace, "fp32", group_size, offload=False, recompute_boundary=boundary)
-             if method.startswith("hift") else planner.plan_adamw(trace, "fp32"))
-        out.append([p.above_model, m["peak_above_model"]])
-    print(json.dumps(out))
+    config, batch, seq, method, group_size = json.loads(sys.argv[1])
+    options = dict(method=method.split("+")[0], group_size=group_size,
+                   recompute=method == "hift+recompute")
+    planner.measure(json.loads(sys.argv[3]), 1, 16, steps=2, **options)  # warm-up
+    measured = planner.measure(config, batch, seq, steps=3, **options)["peak_above_model"]
+    model = planner.meta_model(config, "fp32")
+    trace, _ = planner.trace_units(model, batch, seq)
+    boundary = planner.block_input_bytes(model, batch, seq, "fp32") if options["recompute"] else None
+    p = (planner.plan_hift(trace, "fp32", group_size, offload=False, recompute_boundary=boundary)
+         if method.startswith("hift") else planner.plan_adamw(trace, "fp32"))
+    print(json.dumps([p.above_model, measured]))
 """)
 CASES = [
     [dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -140,17 +193,39 @@ CASES = [
 ]
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset VmHWM")
-def test_predicted_vs_measured_cpu_peak_within_10_percent():
+def measure_in_fresh_process(case) -> tuple[int, int]:
+    """(predicted, measured) bytes above the model for one case, from a new interpreter."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
-               MALLOC_ARENA_MAX="2", PYTHONWARNINGS="ignore",
+               MALLOC_ARENA_MAX="2", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(THREADS),
                PYTHONPATH=os.pathsep.join([str(root / "python"), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(CASES)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(case), str(THREADS),
+                           json.dumps(TINY_WARMUP)], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    for (config, batch, seq, method, gs), (predicted, measured) in zip(CASES, results):
-        ratio = predicted / measured
-        assert 0.9 <= ratio <= 1.1, (f"{method} gs={gs} hidden {config['hidden_size']} batch {batch} seq {seq}: "
-                                     f"predicted {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    predicted, measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return predicted, measured
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset VmHWM")
+def test_predicted_vs_measured_cpu_peak_within_10_percent():
+    within = lambda predicted, measured: 0.9 <= predicted / measured <= 1.1
+    workers = max(1, len(os.sched_getaffinity(0)) // THREADS)
+    with ThreadPoolExecutor(workers) as pool:
+        runs = list(pool.map(measure_in_fresh_process, CASES * 2))
+    failures = []
+    for i, (config, batch, seq, method, gs) in enumerate(CASES):
+        predicted = runs[i][0]
+        measured = [runs[i][1], runs[i + len(CASES)][1]]
+        # The median of three lies between any two of them: where two runs agree on the verdict,
+        # the third cannot change it.
+        if within(predicted, measured[0]) != within(predicted, measured[1]):
+            measured.append(measure_in_fresh_process(CASES[i])[1])
+        median = statistics.median(measured)
+        if not within(predicted, median):
+            failures.append(f"{method} gs={gs} hidden {config['hidden_size']} batch {batch} seq {seq}: "
+                            f"predicted {predicted / 2**20:.1f} MiB, measured "
+                            f"{', '.join(f'{m / 2**20:.1f}' for m in measured)} MiB "
+                            f"(ratio {predicted / median:.3f} to the median)")
+    assert not failures, "\n".join(failures)

@@ -1,6 +1,9 @@
 """The state swapper: the plain-torch one (hift.swap.StateSwapper) and the compiled one
 (torch.classes.hift.StateSwapper), with the same tests. On the CPU both run their slot logic with
 plain copies (force_slots); on a GPU the copies are asynchronous on a side stream.
+
+Inputs are random from a fresh seed each test, printed as `seed=...` (pytest shows it when the
+test fails); HIFT_TEST_SEED=<seed> replays it.
 """
 import os
 import warnings
@@ -8,6 +11,9 @@ import warnings
 import pytest
 import torch
 
+from hift import swap
+from hift.groups import Group, Unit
+from hift.state import OptimizerState, StateFormat
 from hift.swap import StateSwapper, make_swapper
 
 try:
@@ -24,6 +30,7 @@ IMPLS = [
     pytest.param(("python", "cuda"), id="python-cuda", marks=cuda),
     pytest.param(("compiled", "cuda"), id="compiled-cuda", marks=[compiled] + cuda),
 ]
+CUDA_IMPLS = [p for p in IMPLS if p.values[0][1] == "cuda"]
 SIZES = [1001, 3, 0, 4097, 77]
 
 
@@ -44,8 +51,11 @@ def fill_hosts(swapper, sizes, gen):
 
 
 @pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+def gen(request):
+    replay = os.environ.get("HIFT_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    print(f"seed={seed} (replay: HIFT_TEST_SEED={seed} pytest '{request.node.nodeid}')")
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -97,7 +107,7 @@ def test_out_of_order_prefetch(impl, gen):
 def test_slot_reused_while_its_copy_out_is_in_flight(impl, gen):
     """One slot: each group's copy-in queues behind the previous group's copy-out; on a GPU a
     long kernel before each writeback keeps that copy-out in flight when the next group comes."""
-    sizes = [1 << 20, (1 << 20) - 5, 12345]
+    sizes = [(1 << 20) + 7, (1 << 20) - 5, 12345]
     swapper = new_swapper(impl, sizes, slots=1)
     expected = fill_hosts(swapper, sizes, gen)
     on_gpu = impl[1] == "cuda"
@@ -176,3 +186,168 @@ def test_make_swapper_on_cuda_is_compiled_when_built():
 
     assert isinstance(swapper, torch.ScriptObject) == (HAS_COMPILED and ops.HAS_EXTENSION)
     assert swapper.pinned()
+
+
+# -- close(): copies done, memory unpinned, further use refused ---------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_close_is_idempotent_and_use_after_it_fails_in_words(impl, gen):
+    sizes = [37, 1001]
+    swapper = new_swapper(impl, sizes, slots=1)
+    expected = fill_hosts(swapper, sizes, gen)
+    kept = swapper.host(1)
+    flat = swapper.acquire(1)
+    flat.mul_(3.0)
+    swapper.writeback(1)
+    swapper.close()
+    swapper.close()
+    swapper.synchronize()  # nothing left to wait for: a no-op, not an error
+    assert torch.equal(kept, expected[1] * 3.0)  # a buffer still held stays valid
+    assert swapper.num_groups() == 2 and swapper.num_slots() == 1 and not swapper.pinned()
+    for use in (lambda: swapper.host(0), lambda: swapper.prefetch(0), lambda: swapper.acquire(0),
+                lambda: swapper.writeback(0), lambda: swapper.resident(0)):
+        with pytest.raises(RuntimeError, match=r"after close\(\)"):
+            use()
+
+
+def test_optimizer_state_close_closes_its_swapper(gen):
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (7, 33)]
+    groups = [Group(0, [Unit("unit", params[:1])]), Group(1, [Unit("unit", params[1:])])]
+    state = OptimizerState(groups, torch.device("cpu"), StateFormat(), offload=True)
+    state.acquire(0)
+    state.release(0)
+    state.close()
+    state.close()
+    with pytest.raises(RuntimeError, match=r"after close\(\)"):
+        state.acquire(1)
+    resident = OptimizerState(groups, torch.device("cpu"), StateFormat(), offload=False)
+    resident.close()  # nothing to let go of; the resident state stays usable
+    assert resident.acquire(1).exp_avgs[0].numel() == 33
+
+
+class FakeCudart:
+    """Stands in for torch.cuda.cudart() where there is no GPU: it keeps what is registered
+    (pointer -> bytes) and refuses the registration number `fail_at` (0-based)."""
+
+    class cudaError:
+        success = 0
+
+    def __init__(self, log, fail_at=None):
+        self.log, self.fail_at, self.registered, self.calls = log, fail_at, {}, 0
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls += 1
+        if self.calls - 1 == self.fail_at:
+            return 2  # cudaErrorMemoryAllocation
+        assert ptr not in self.registered
+        self.registered[ptr] = size
+        self.log.append(("register", ptr, size, flags))
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.log.append(("unregister", ptr))
+        return 0 if self.registered.pop(ptr, None) is not None else 713  # not registered
+
+    def cudaGetErrorString(self, err):
+        return f"fake error {err}"
+
+
+def test_python_swapper_pins_each_buffer_in_place_and_unpins_after_its_copies(monkeypatch, gen):
+    log = []
+    fake = FakeCudart(log)
+    monkeypatch.setattr(swap, "_cudart", lambda: fake)
+    sizes = [1001, 3, 0, 4097, 77]
+    swapper = StateSwapper(sizes, "cpu", slots=2, pin=True, force_slots=True)
+    assert swapper.pinned()
+    hosts = [swapper.host(g) for g in range(len(sizes))]
+    # each buffer's own bytes, where the buffer lies: no rounding up, no second allocation
+    assert log == [("register", h.data_ptr(), 4 * n, 0) for h, n in zip(hosts, sizes) if n > 0]
+    assert all(h.numel() == n and h.untyped_storage().nbytes() == 4 * n for h, n in zip(hosts, sizes))
+    expected = fill_hosts(swapper, sizes, gen)
+    swapper.acquire(3).add_(1.0)
+    swapper.writeback(3)
+
+    synchronize = swapper.synchronize
+    monkeypatch.setattr(swapper, "synchronize", lambda: (log.append(("synchronize",)), synchronize())[1])
+    log.clear()
+    swapper.close()
+    assert log[0] == ("synchronize",), "close() unpinned a buffer before waiting for its copies"
+    assert sorted(log[1:]) == sorted(("unregister", h.data_ptr()) for h, n in zip(hosts, sizes) if n > 0)
+    assert not fake.registered and not swapper.pinned()
+    swapper.close()
+    assert len(log) == 1 + 4, "a second close() unpinned again"
+    assert torch.equal(hosts[3], expected[3] + 1.0)
+
+
+def test_python_swapper_that_cannot_pin_unpins_what_it_had_and_says_why(monkeypatch, gen):
+    fake = FakeCudart([], fail_at=2)
+    monkeypatch.setattr(swap, "_cudart", lambda: fake)
+    sizes = [5, 9, 11, 13]
+    with pytest.warns(UserWarning, match="pinned host memory is not available .fake error 2"):
+        swapper = StateSwapper(sizes, "cpu", slots=1, pin=True, force_slots=True)
+    assert not swapper.pinned() and not fake.registered
+    expected = fill_hosts(swapper, sizes, gen)
+    assert torch.equal(swapper.acquire(2), expected[2])
+    swapper.writeback(2)
+    swapper.close()
+
+
+# -- on a GPU: pinned in place, and closed safely -----------------------------------------
+
+
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
+def test_pinned_in_place_costs_exactly_the_requested_bytes(impl, gen):
+    """Through the caching host allocator a 4 MiB + 28 byte group would take a block of 8 MiB;
+    pinned in place it takes its own bytes, and the allocator makes no block at all."""
+    sizes = [(1 << 20) + 7, 12347, 3]
+    made_before = torch.cuda.host_memory_stats().get("num_host_alloc", 0)
+    swapper = new_swapper(impl, sizes, pin=True)
+    assert swapper.pinned()
+    expected = fill_hosts(swapper, sizes, gen)
+    for g in range(len(sizes)):  # non-blocking copies both ways, from and into the pinned buffers
+        swapper.acquire(g).mul_(-2.0)
+        swapper.writeback(g)
+    swapper.synchronize()
+    assert torch.cuda.host_memory_stats().get("num_host_alloc", 0) == made_before
+    hosts = [swapper.host(g) for g in range(len(sizes))]
+    for h, n, e in zip(hosts, sizes, expected):
+        assert h.is_pinned() and h.untyped_storage().nbytes() == 4 * n
+        assert torch.equal(h, e * -2.0)
+    swapper.close()
+    assert not any(h.is_pinned() for h in hosts), "close() left host memory pinned"
+
+
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
+def test_close_with_copies_in_flight_does_not_corrupt(impl, gen):
+    """close() right after a writeback queued behind a long update, and a prefetch: it waits
+    for both before it unpins and lets go of the buffers, so the host holds the update."""
+    sizes = [(1 << 22) + 5, 999]
+    swapper = new_swapper(impl, sizes, slots=2, pin=True)
+    expected = fill_hosts(swapper, sizes, gen)
+    kept = swapper.host(0)
+    flat = swapper.acquire(0)
+    torch.cuda._sleep(100_000_000)  # the update is slow: its copy-out is still queued below
+    flat.mul_(-1.0).add_(0.25)
+    swapper.writeback(0)
+    swapper.prefetch(1)
+    swapper.close()
+    assert torch.equal(kept, expected[0] * -1.0 + 0.25)
+    # the slots went back to the allocator; memory handed out now must not be overwritten
+    fresh = torch.full((sizes[0],), 7.0, device="cuda")
+    torch.cuda.synchronize()
+    assert bool((fresh == 7.0).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_a_failed_pin_leaves_no_cuda_error_behind():
+    buffer = torch.zeros(12345)
+    assert swap._pin_in_place(buffer) is None
+    try:
+        assert swap._pin_in_place(buffer) is not None  # registered twice: the runtime refuses
+        torch.ones(7, device="cuda").add_(1.0)  # its launch check reads the runtime's last error
+        torch.cuda.synchronize()
+    finally:
+        swap._unpin(buffer.data_ptr())
+    assert not buffer.is_pinned()

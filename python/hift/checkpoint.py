@@ -2,9 +2,11 @@
 
 A checkpoint is a directory `step-NNNNNNNN/` holding
   model.safetensors      every model tensor (shared ones once)
-  optimizer.safetensors  each group's flat state buffer, the per-group step counts, RNG states
+  optimizer.safetensors  the per-group step counts, RNG states, the data stream's state
+  state/chunk-N.safetensors  each chunk of optimizer state, its bytes in their formats (one
+                         file per chunk, so that no more than one chunk is ever in memory)
   trainer.json           schedule position, loss scaler, data position, history, the run's shape
-  manifest.json          size and sha256 of the three files above, written last
+  manifest.json          size and sha256 of every file above, written last
 It is written into a hidden temporary directory, flushed to disk, then renamed into place:
 a process killed mid-save leaves the previous checkpoint untouched, and a checkpoint without a
 manifest that matches its files is refused. Only safetensors and JSON are read back, never
@@ -17,7 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -25,6 +27,17 @@ from safetensors.torch import load_model, save_file, save_model
 
 PREFIX = "step-"
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
+STATE = "state"
+
+
+def chunk_file(c: int) -> str:
+    return f"{STATE}/chunk-{c:06d}.safetensors"
+
+
+def load_chunk(path: Path, c: int) -> torch.Tensor:
+    """State chunk c's bytes from checkpoint `path`."""
+    with safe_open(str(Path(path) / chunk_file(c)), framework="pt") as f:
+        return f.get_tensor("bytes")
 
 
 class CheckpointError(RuntimeError):
@@ -57,7 +70,9 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def save(root, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
-         keep_last: int = 2) -> Path:
+         keep_last: int = 2, write_state: Optional[Callable[[Callable[[int, torch.Tensor], None]], None]] = None) -> Path:
+    """Write checkpoint `step` atomically; write_state(write) hands each state chunk's bytes
+    to write(c, bytes)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -67,10 +82,22 @@ def save(root, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tenso
     save_model(model, str(tmp / "model.safetensors"))
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps(meta))
-    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+    names = list(FILES)
+    if write_state is not None:
+        (tmp / STATE).mkdir()
+
+        def write(c: int, data: torch.Tensor) -> None:
+            name = chunk_file(c)
+            save_file({"bytes": data.contiguous()}, str(tmp / name))
+            names.append(name)
+
+        write_state(write)
+    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for name in (*FILES, "manifest.json"):
+    for name in (*names, "manifest.json"):
         _fsync(tmp / name)
+    if write_state is not None:
+        _fsync(tmp / STATE)
     if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -92,7 +119,7 @@ def verify(path: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a complete checkpoint (manifest.json: {err}){hint}") from None
-    for name in FILES:
+    for name in sorted(set(FILES) | set(manifest)):
         file = path / name
         entry = manifest.get(name)
         if entry is None or not file.is_file():

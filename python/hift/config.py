@@ -9,6 +9,9 @@ from typing import Any, Callable, Optional, Sequence
 ORDERS = ("bottom_up", "top_down", "random")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MOMENT_DTYPES = ("fp32", "bf16")
+MASTER_FORMATS = ("auto", "remainder", "fp32")
+STATE_STORES = ("host", "disk")
 
 
 class ConfigError(ValueError):
@@ -44,6 +47,16 @@ class Config:
     offload: Optional[bool] = None  # keep inactive groups' state on the host; None = when on an accelerator
     prefetch: bool = True  # copy the next group's state in while the current one computes
     pin_memory: bool = True
+    # Optimizer state formats (hift.formats): moments in fp32, or bf16 with stochastic rounding
+    # (6 instead of 10 bytes per parameter with bf16 weights); a bf16 weight's master as the
+    # low 16 bits beside it ("auto"/"remainder", lossless) or a full fp32 copy ("fp32").
+    moment_dtype: str = "fp32"
+    master_format: str = "auto"
+    # Where every group's state rests: "host" (RAM, pinned on CUDA; with offload) or "disk"
+    # (files under state_dir, read ahead and written back on background threads: host RAM then
+    # holds at most two groups' state)
+    state_store: str = "host"
+    state_dir: Optional[str] = None
     # Stream a group's state through two device slots of this many MiB during its update
     # instead of one slot holding the whole group: less device memory, and the update waits
     # on its copies. None = whole-group slot.
@@ -109,6 +122,15 @@ class Config:
         need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
         need(isinstance(self.warmup_cycles, int) and self.warmup_cycles >= 0,
              f"warmup_cycles must be an integer >= 0, got {self.warmup_cycles!r}")
+        need(self.moment_dtype in MOMENT_DTYPES, f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")
+        need(self.master_format in MASTER_FORMATS,
+             f"master_format must be one of {MASTER_FORMATS}, got {self.master_format!r}")
+        need(self.state_store in STATE_STORES, f"state_store must be one of {STATE_STORES}, got {self.state_store!r}")
+        need(self.state_store != "disk" or self.state_dir is not None,
+             "state_store='disk' needs state_dir: a directory on a disk with room for the optimizer "
+             "state (hift plan says how much)")
+        need(self.state_store != "disk" or self.offload is not False,
+             "state_store='disk' keeps the state off the device, which offload=False asks for: drop one")
         need(self.state_chunk_mib is None or self.state_chunk_mib > 0,
              f"state_chunk_mib must be > 0 or None (one slot per group), got {self.state_chunk_mib!r}")
         need(self.loss_scale > 0, f"loss_scale must be > 0, got {self.loss_scale}")

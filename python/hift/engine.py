@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hift import checkpoint, ops
+from hift import checkpoint, formats, ops
 from hift.batches import BatchStream, compute_loss, probe, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
@@ -20,9 +20,11 @@ from hift.memory import peak_memory_bytes, reset_peak_memory
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.recompute import recompute_blocks
 from hift.schedule import GroupOrder, lr_at_cycle
-from hift.state import OptimizerState
+from hift.state import OptimizerState, StateFormat
 
-CHECKPOINT_FORMAT = 2  # 2: the data stream keeps its own state (data.* tensors)
+# 2: the data stream keeps its own state (data.* tensors); 3: state chunks are raw bytes in
+# their formats (hift.formats), not fp32
+CHECKPOINT_FORMAT = 3
 
 
 class NonFiniteError(FloatingPointError):
@@ -145,11 +147,14 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     resume = checkpoint.read(cfg.resume_from) if cfg.resume_from is not None else None
     stream = BatchStream(loader)
     was_training = model.training
+    trainer = None
     try:
         trainer = _prepare(model, cfg, trainable, device, stream, loader, resume)
         with recompute_blocks(model, cfg.recompute_activations):
             return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.state.close()  # waits for the copies and writes in flight, then lets go
         for p in trainable:
             p.requires_grad_(True)
             p.grad = None
@@ -157,8 +162,7 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
 
 
 def _prepare(model, cfg: Config, trainable, device, stream: BatchStream, loader, resume) -> "_Trainer":
-    """Groups, state, scaler and schedule, checked against the checkpoint to resume (if any)
-    before the model is touched; then the cast and the restore."""
+    """Groups, state, scaler and schedule; then the trainer loads (see _Trainer.load)."""
     # The probe runs in eval mode on a forked RNG: it must not update batch-norm statistics
     # or consume the random numbers that dropout and shuffling will draw.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -171,18 +175,18 @@ def _prepare(model, cfg: Config, trainable, device, stream: BatchStream, loader,
     dtype = DTYPES[precision]
     offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
     # The state is made before the cast so an fp32 model's masters keep every bit it had.
-    state = OptimizerState(groups, device, dtype != torch.float32, offload, cfg.pin_memory, cfg.state_chunk_mib)
+    state_format = StateFormat(formats.master_format(dtype, cfg.master_format), cfg.moment_dtype)
+    state = OptimizerState(groups, device, state_format, offload, cfg.pin_memory, cfg.state_chunk_mib, cfg.seed,
+                           state_dir=cfg.state_dir if cfg.state_store == "disk" else None)
     scaler = LossScaler(device, enabled=precision == "fp16", init_scale=cfg.loss_scale,
                         growth_interval=cfg.loss_scale_growth_interval)
     trainer = _Trainer(model, cfg, groups, state, scaler, GroupOrder(len(groups), cfg.order, cfg.seed),
                        plan, device, stream, precision)
-    if resume is not None:
-        trainer.check_resumable(*resume)
-        trainer.resume_data(*resume)  # the loader replays to the saved batch, or refuses
-    if any(p.dtype != dtype for p in trainable):
-        model.to(dtype)
-    if resume is not None:
-        trainer.restore(*resume)
+    try:
+        trainer.load(resume, trainable, dtype)
+    except BaseException:
+        state.close()  # nothing else holds it yet: its pinned memory and I/O threads go now
+        raise
     return trainer
 
 
@@ -198,6 +202,18 @@ class _Trainer:
         # (step, group, loss, found_inf) on the device until the next flush reads them together
         self._pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         self._consecutive_skips = 0  # fp16 only: overflows in a row
+
+    def load(self, resume, trainable, dtype) -> None:
+        """Check the checkpoint to resume (if any) before the model is touched; then the cast
+        and the restore."""
+        if resume is not None:
+            self.check_resumable(*resume)
+            self.resume_data(*resume)  # the loader replays to the saved batch, or refuses
+        if any(p.dtype != dtype for p in trainable):
+            self.state.cast_weights(dtype)  # the trained weights, rounded as their masters' format says
+            self.model.to(dtype)  # the rest
+        if resume is not None:
+            self.restore(*resume)
 
     # ---------------------------------------------------------------------------- the loop
 
@@ -265,8 +281,10 @@ class _Trainer:
             p.requires_grad_(True)
         if self.cfg.prefetch:
             # g's (first chunk of) state comes in on the side stream while its own forward and
-            # backward run, queued behind the previous group's copy-out.
+            # backward run, queued behind the previous group's copy-out; the disk store reads the
+            # next group's from its file meanwhile.
             self.state.prefetch(self.state.chunks_of[g][0])
+            self.state.read_ahead(self.order.following)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.cfg.accum_steps):
             batch = to_device(next(self.stream), self.device)
@@ -294,27 +312,9 @@ class _Trainer:
         return check.found_inf, (bool(found_inf), bool(loss_finite))
 
     def update(self, g: int, step_count, grad_scale, found_inf) -> None:
-        """The fused AdamW over group g, one state chunk at a time (the next chunk's copy-in
-        overlaps this one's update)."""
-        params = self.groups[g].params
-        chunks = self.state.chunks_of[g]
-        for k, c in enumerate(chunks):
-            if k + 1 < len(chunks):
-                self.state.prefetch(chunks[k + 1])
-            views = self.state.acquire(c)
-            # A parameter the loss did not reach has no grad: like torch's AdamW, it is not updated.
-            keep = [j for j, piece in enumerate(self.state.chunks[c].pieces) if params[piece.param].grad is not None]
-            pieces = [self.state.chunks[c].pieces[j] for j in keep]
-            pick = lambda views: [views[j] for j in keep]
-            ops.adamw_(
-                [_flat_piece(params[pc.param], pc) for pc in pieces],
-                pick(views.masters) if views.masters else [], pick(views.exp_avgs), pick(views.exp_avg_sqs),
-                [_flat_piece(params[pc.param].grad, pc) for pc in pieces],
-                lr=self.lr, step=step_count, beta1=self.cfg.betas[0], beta2=self.cfg.betas[1],
-                eps=self.cfg.eps, weight_decays=[self.weight_decays[g][pc.param] for pc in pieces],
-                grad_scale=grad_scale, found_inf=found_inf,
-            )
-            self.state.release(c)
+        self.state.update_group(g, lr=self.lr, step=step_count, betas=self.cfg.betas, eps=self.cfg.eps,
+                                weight_decays=self.weight_decays[g], grad_scale=grad_scale,
+                                found_inf=found_inf)
 
     def fp16_skipped(self, g: int, skipped: bool, loss_finite: bool) -> bool:
         """Count an fp16 overflow; True to retry the same group. An overflow of the scaled
@@ -377,7 +377,8 @@ class _Trainer:
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that saved: the groups and the state's
         layout, and the rotation (another order or seed would silently train other groups)."""
-        return {"groups": [g.names for g in self.groups], "with_master": self.state.with_master,
+        return {"groups": [g.names for g in self.groups], "master": self.state.format.master,
+                "moments": self.state.format.moments,
                 "precision": self.result.precision, "state_chunks": [c.numel for c in self.state.chunks],
                 "order": self.cfg.order, "seed": self.cfg.seed}
 
@@ -385,8 +386,7 @@ class _Trainer:
         self.flush_losses()
         self.state.synchronize()
         r = self.result
-        tensors = {f"chunk{c}": self.state.storage(c) for c in range(len(self.state.chunks))}
-        tensors["steps"] = self.state.steps
+        tensors = {"steps": self.state.steps}
         tensors["rng_cpu"] = torch.get_rng_state()
         data_meta, data_tensors = self.stream.state_dict()
         tensors.update({f"data.{k}": v for k, v in data_tensors.items()})
@@ -402,7 +402,7 @@ class _Trainer:
                         "skipped_steps": r.skipped_steps},
         }
         r.checkpoint = checkpoint.save(self.cfg.save_dir, r.steps, self.model, tensors, meta,
-                                       keep_last=self.cfg.keep_last)
+                                       keep_last=self.cfg.keep_last, write_state=self.state.save_chunks)
         return r.checkpoint
 
     def check_resumable(self, path: Path, meta: dict) -> None:
@@ -429,8 +429,7 @@ class _Trainer:
     def restore(self, path: Path, meta: dict) -> None:
         checkpoint.load_weights(path, self.model)
         tensors = checkpoint.load_tensors(path)
-        for c in range(len(self.state.chunks)):
-            self.state.storage(c).copy_(tensors[f"chunk{c}"])
+        self.state.load_chunks(lambda c: checkpoint.load_chunk(path, c))
         self.state.steps.copy_(tensors["steps"])
         self.order.load_state_dict(meta["order"])
         self.scaler.load_state_dict(meta["scaler"])
@@ -441,11 +440,6 @@ class _Trainer:
         torch.set_rng_state(tensors["rng_cpu"])
         if "rng_cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng_cuda"], self.device)
-
-
-def _flat_piece(t: torch.Tensor, piece) -> torch.Tensor:
-    """Elements [lo, hi) of a contiguous tensor, as a flat view the update writes through."""
-    return t.detach().view(-1)[piece.lo : piece.hi]
 
 
 def _progress(enabled: bool, total: int, initial: int):

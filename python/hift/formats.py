@@ -63,12 +63,20 @@ def _from_bits16(u: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16).view(dtype)
 
 
+_SLICE = 1 << 22  # elements per slice: the int64 arithmetic's temporaries stay ~100 MB
+
+
 def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
     """An fp32 master as (bf16 weight, int16 remainder); join_master undoes it exactly."""
-    u = _bits(master)
-    high = ((u + 0x8000) >> 16) & 0xFFFF
-    remainder = u - (((u + 0x8000) >> 16) << 16)  # in [-0x8000, 0x7fff]
-    return _from_bits16(high, torch.bfloat16), remainder.to(torch.int16)
+    flat = master.reshape(-1)
+    weight = torch.empty(flat.shape, dtype=torch.bfloat16, device=master.device)
+    remainder = torch.empty(flat.shape, dtype=torch.int16, device=master.device)
+    for lo in range(0, flat.numel(), _SLICE):
+        u = _bits(flat[lo : lo + _SLICE])
+        high = (u + 0x8000) >> 16
+        weight[lo : lo + _SLICE] = _from_bits16(high & 0xFFFF, torch.bfloat16)
+        remainder[lo : lo + _SLICE] = (u - (high << 16)).to(torch.int16)  # in [-0x8000, 0x7fff]
+    return weight.view(master.shape), remainder.view(master.shape)
 
 
 def join_master(weight: Tensor, remainder: Tensor) -> Tensor:

@@ -91,7 +91,9 @@ class Breakdown:
     weights: int = 0
     gradients: int = 0
     optimizer_resident: int = 0  # state the update of the active group reads and writes
-    optimizer_in_flight: int = 0  # the next group's state, copied in while this step computes
+    # the next chunk's state, copied into the second slot while this chunk is updated (hift with
+    # state_chunk_mib); one slot (the default) has none: the state arrives during its own step
+    optimizer_in_flight: int = 0
     activations: int = 0  # saved for backward, plus the transient of the peak's backward step
     host: int = 0  # optimizer state resting in host memory (not in total)
     notes: list[str] = field(default_factory=list)
@@ -328,11 +330,14 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
     out = Breakdown("hift", weights=sum(trace.numels) * wbytes, gradients=grads, activations=acts)
     if offload:
         out.host = sum(state)
-        if state_chunk_mib is not None:  # hift.state: two slots of one chunk, double-buffered
+        if state_chunk_mib is not None:  # hift.state: a slot of one chunk, double-buffered
             chunk = min(max(state), int(state_chunk_mib * 2**20) // (4 * parts) * 4 * parts)
-            out.optimizer_resident = min(2, -(-max(state) // chunk)) * chunk
-            out.notes.append(f"offload: state streamed through two device slots of {chunk / 2**20:.0f} MiB "
-                             "during the update; every group's state rests on the host")
+            out.optimizer_resident = chunk
+            # a second slot, where a group has a next chunk to copy in while one is updated
+            out.optimizer_in_flight = chunk if max(state) > chunk else 0
+            slots = 2 if out.optimizer_in_flight else 1
+            out.notes.append(f"offload: state streamed through {slots} device slot{'s' * (slots > 1)} of "
+                             f"{chunk / 2**20:.0f} MiB during the update; every group's state rests on the host")
         else:
             out.optimizer_resident = SLOTS * max(state)
             out.notes.append(f"offload: {SLOTS} device slot of the largest group's state "

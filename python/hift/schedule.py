@@ -41,6 +41,13 @@ class GroupOrder:
     def current(self) -> int:
         return self._current_order[self.position]
 
+    @property
+    def following(self) -> int:
+        """The group after the current one, if the current one's update is not skipped."""
+        if self.position + 1 < self.num_groups:
+            return self._current_order[self.position + 1]
+        return self.order_of_cycle(self.cycle + 1)[0]
+
     def advance(self) -> bool:
         """Move past the current group; True when that completed a cycle."""
         self.position += 1

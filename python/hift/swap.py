@@ -14,12 +14,20 @@ compute stream and the side stream meet only through events:
                   another group once that copy completes (the next copy-in queues behind it)
     host(g)       the host waits for the last copy that touched host(g), if still in flight
     synchronize() waits for every copy (before a checkpoint reads the host buffers)
+    close()       waits for every copy, then unpins the host buffers and lets go of every buffer;
+                  idempotent (garbage collection does it too); host, prefetch, acquire,
+                  writeback and resident raise after it (synchronize has nothing left to do)
+
+Host buffers are plain memory pinned in place (cudaHostRegister), as the compiled swapper does:
+`torch.zeros(n, pin_memory=True)` would go through the caching host allocator, which rounds each
+buffer up to a power of two (a 2.4 GB group would cost 4 GB of pinned memory).
 
 On a CPU device there is nothing to overlap: acquire(g) hands out host(g) itself, unless
 `force_slots=True`, which runs the slot logic with plain copies (so CPU tests exercise it).
 """
 from __future__ import annotations
 
+import ctypes
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -53,6 +61,43 @@ def _compiled_swapper_available() -> bool:
     return ops.HAS_EXTENSION and hasattr(torch.classes.hift, "StateSwapper")
 
 
+def _cudart():
+    """torch's binding of the CUDA runtime, or None where there is no CUDA device."""
+    return torch.cuda.cudart() if torch.cuda.is_available() else None
+
+
+def _clear_cuda_error() -> None:
+    # A failed cudaHostRegister stays behind as the runtime's last error, which torch's next
+    # kernel-launch check would report as its own. torch's binding has no cudaGetLastError, so
+    # call the runtime torch loaded (best effort: where it cannot be found, nothing is cleared).
+    names = [None] + ([f"libcudart.so.{torch.version.cuda.split('.')[0]}"] if torch.version.cuda else [])
+    for name in names:
+        try:
+            ctypes.CDLL(name).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue
+
+
+def _pin_in_place(buffer: Tensor) -> Optional[str]:
+    """Pins `buffer`'s memory where it is; None when it did, else why not (no CUDA error is
+    left behind)."""
+    cudart = _cudart()
+    if cudart is None:
+        return "no CUDA device"
+    err = cudart.cudaHostRegister(buffer.data_ptr(), buffer.nbytes, 0)  # cudaHostRegisterDefault
+    if err == cudart.cudaError.success:
+        return None
+    _clear_cuda_error()
+    return str(cudart.cudaGetErrorString(err))
+
+
+def _unpin(ptr: int) -> None:
+    cudart = _cudart()
+    if cudart is not None and cudart.cudaHostUnregister(ptr) != cudart.cudaError.success:
+        _clear_cuda_error()
+
+
 class _Slot:
     __slots__ = ("buffer", "owner", "resident", "freed_at", "copied_out")
 
@@ -83,21 +128,22 @@ class StateSwapper:
         if self._use_slots and slots < 1:
             raise ValueError(f"StateSwapper: slots must be at least 1, got {slots}")
 
+        self._closed = False
+        self._registered: list[int] = []  # host pointers pinned in place, unpinned by close()
         self._pinned = pin and len(self._numels) > 0
         why = None
         self._host = []
         for n in self._numels:
-            buffer = None
-            if self._pinned:
-                try:
-                    buffer = torch.zeros(n, dtype=torch.float32, pin_memory=True)
-                except RuntimeError as err:  # no CUDA, a memlock limit, a container
+            buffer = torch.zeros(n, dtype=torch.float32)
+            if self._pinned and n > 0:
+                why = _pin_in_place(buffer)  # fails without CUDA, past a memlock limit, in a container
+                if why is None:
+                    self._registered.append(buffer.data_ptr())
+                else:
                     self._pinned = False
-                    why = str(err).splitlines()[0]
-            if buffer is None:
-                buffer = torch.zeros(n, dtype=torch.float32)
             self._host.append(buffer)
         if why is not None:
+            self._unpin_all()
             warnings.warn(_PIN_WARNING.format(why=why), stacklevel=2)
 
         self._slot_of = [-1] * len(self._numels)
@@ -113,6 +159,16 @@ class StateSwapper:
                        for _ in range(slots)]
         if self._async:
             self._copy_stream = torch.cuda.Stream(device)
+            # The slots come from the current stream's pool; the copy stream uses them too, so the
+            # caching allocator must not hand their memory out again before its copies are done.
+            for slot in self._slots:
+                slot.buffer.record_stream(self._copy_stream)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # the interpreter or the device is going away; unpinning still matters
+            self._unpin_all()
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -129,14 +185,14 @@ class StateSwapper:
         return self._use_slots
 
     def resident(self, group: int) -> bool:
-        self._check(group)
+        self._check(group, "resident()")
         return not self._use_slots or self._slot_of[group] >= 0
 
     # -- the interface the engine uses -----------------------------------------------------
 
     def host(self, group: int) -> Tensor:
         """Group `group`'s flat fp32 host buffer, once no copy touches it any more."""
-        self._check(group)
+        self._check(group, "host()")
         busy = self._host_busy[group]
         if busy is not None:
             busy.synchronize()
@@ -145,7 +201,7 @@ class StateSwapper:
 
     def prefetch(self, group: int) -> None:
         """Start copying `group` into a free slot (a no-op if it is already there)."""
-        self._check(group)
+        self._check(group, "prefetch()")
         if not self._use_slots or self._slot_of[group] >= 0:
             return
         index = self._take_free_slot(group)
@@ -169,7 +225,7 @@ class StateSwapper:
 
     def acquire(self, group: int) -> Tensor:
         """Group `group`'s flat fp32 device buffer; the current stream waits for its copy-in."""
-        self._check(group)
+        self._check(group, "acquire()")
         if not self._use_slots:
             return self._host[group]
         self.prefetch(group)
@@ -180,7 +236,7 @@ class StateSwapper:
 
     def writeback(self, group: int) -> None:
         """Start copying `group` back to its host buffer; its slot frees once that completes."""
-        self._check(group)
+        self._check(group, "writeback()")
         if not self._use_slots:
             return
         index = self._slot_of[group]
@@ -212,9 +268,32 @@ class StateSwapper:
             self._copy_stream.synchronize()
         self._host_busy = [None] * len(self._numels)
 
+    def close(self) -> None:
+        """Wait for every copy in flight, then unpin the host buffers and let go of every buffer
+        (a host buffer someone else still holds stays valid, as pageable memory). Idempotent."""
+        if getattr(self, "_closed", True):  # (or __init__ never got as far as the buffers)
+            return
+        # No host buffer may be unpinned or freed while a copy still reads or writes it.
+        self.synchronize()
+        self._unpin_all()
+        self._closed = True
+        self._pinned = False
+        self._host, self._copy_stream = [], None
+        for slot in self._slots:  # (the count stays: num_slots() still says what there was)
+            slot.buffer, slot.copied_out = None, None
+        self._slot_of = [-1] * len(self._numels)
+        self._copied_in = [None] * len(self._numels)
+
     # -- internals -------------------------------------------------------------------------
 
-    def _check(self, group: int) -> None:
+    def _unpin_all(self) -> None:
+        registered, self._registered = getattr(self, "_registered", []), []
+        for ptr in registered:
+            _unpin(ptr)
+
+    def _check(self, group: int, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"StateSwapper: {what} after close(); the swapper's buffers are gone")
         if not 0 <= group < len(self._numels):
             raise IndexError(f"StateSwapper: group {group} is out of range "
                              f"({len(self._numels)} groups)")
