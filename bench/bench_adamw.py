@@ -6,12 +6,17 @@
 Variants, timed interleaved and reported as medians over --repeats:
   hift        torch.ops.hift.fused_adamw_: bf16 weights, fp32 master/exp_avg/exp_avg_sq, bf16
               grads; one pass (28 bytes per parameter)
+  hift <fmt>  the same op on the compact state formats (hift.formats), bf16 grads: the bf16
+              weight's int16 remainder for a master, and/or bf16 moments (stochastic rounding)
   torch+copy  what torch offers for the same job: bf16 grads copied into fp32 grads, fused AdamW
               (torch._fused_adamw_, i.e. AdamW(fused=True); foreach AdamW where there is none)
               on the fp32 master, then the master copied into the bf16 weight
   torch fp32  torch._fused_adamw_ on fp32 weights and fp32 grads: no master, the same 28 bytes
               per parameter, the speed of light for torch
-Targets: hift >= 2.5x torch+copy and >= 0.9x torch fp32. Writes bench/results/adamw_<device>.md.
+Each variant's bytes moved per parameter (read + write) over its time, against this machine's
+device-to-device copy bandwidth (read + write counted), says how close it runs to memory speed.
+Targets: hift >= 2.5x torch+copy and >= 0.9x torch fp32; every hift format >= 0.85 of copy
+bandwidth. Writes bench/results/adamw_<device>.md (or --out).
 """
 from __future__ import annotations
 
@@ -28,6 +33,20 @@ import torch
 
 BYTES_PER_PARAM = 28  # grad 2 + master 4+4 + exp_avg 4+4 + exp_avg_sq 4+4 + weight 2 (bf16)
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
+COPY_TARGET = 0.85  # of copy bandwidth, for every hift format
+
+# The compact state formats timed beside the fp32-master `hift` row: (label, weight dtype,
+# master format, exp_avg and exp_avg_sq dtype). Grads are bf16 throughout.
+FORMATS = {
+    "hift remainder": ("hift fused_adamw_ (bf16 weight + int16 remainder, fp32 moments)",
+                       torch.bfloat16, "remainder", torch.float32),
+    "hift bf16 moments": ("hift fused_adamw_ (bf16 weight + fp32 master, bf16 moments)",
+                          torch.bfloat16, "fp32", torch.bfloat16),
+    "hift remainder + bf16 moments": ("hift fused_adamw_ (bf16 weight + int16 remainder, bf16 moments)",
+                                      torch.bfloat16, "remainder", torch.bfloat16),
+    "hift fp32 weight + bf16 moments": ("hift fused_adamw_ (fp32 weight, its own master; bf16 moments)",
+                                        torch.float32, "none", torch.bfloat16),
+}
 
 
 def odd_sizes(total: int, count: int, seed: int = 0) -> list[int]:
@@ -87,6 +106,10 @@ class Variants:
         self.f_exp_avg_sqs = [torch.zeros(n, device=dev) for n in sizes]
         self.f_steps = [torch.zeros((), device=dev) for _ in sizes]
 
+    def formats(self, sizes: list[int]) -> dict[str, "FormatState"]:
+        """One state per compact format, on the same master values and grads."""
+        return {name: FormatState(self, sizes, *spec[1:]) for name, spec in FORMATS.items()}
+
     def hift(self):
         self.step.add_(1.0)
         torch.ops.hift.fused_adamw_(self.weights, self.masters, self.exp_avgs, self.exp_avg_sqs,
@@ -109,6 +132,38 @@ class Variants:
         torch._fused_adamw_(self.f_params, self.f_grads, self.f_exp_avgs, self.f_exp_avg_sqs, [],
                             self.f_steps, lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD,
                             eps=EPS, amsgrad=False, maximize=False)
+
+
+class FormatState:
+    """fused_adamw_ on one compact state format (hift.formats)."""
+
+    def __init__(self, v: Variants, sizes: list[int], weight_dtype, master: str, moment_dtype):
+        from hift import formats
+
+        if master == "remainder":
+            self.params, self.masters = map(list, zip(*(formats.split_master(m) for m in v.masters)))
+        elif master == "fp32":
+            self.params, self.masters = [m.to(weight_dtype) for m in v.masters], [m.clone() for m in v.masters]
+        else:
+            self.params, self.masters = [m.clone() for m in v.masters], []
+        self.exp_avgs = [torch.zeros(n, device=v.device, dtype=moment_dtype) for n in sizes]
+        self.exp_avg_sqs = [torch.zeros(n, device=v.device, dtype=moment_dtype) for n in sizes]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.seed = formats.group_seed(0, 0)
+        self.v = v
+        # Read and written once each: moments and masters; the weight is read when it holds the
+        # master (its own, or the remainder's high half) and written unless it is the master
+        # itself; the grad is read.
+        weight = self.params[0].element_size()
+        self.bytes_per_param = (2 * self.exp_avgs[0].element_size() * 2 + v.grads_bf16[0].element_size()
+                                + (2 * self.masters[0].element_size() if self.masters else 0)
+                                + weight * (2 if master in ("remainder", "none") else 1))
+
+    def __call__(self):
+        v = self.v
+        torch.ops.hift.fused_adamw_(self.params, self.masters, self.exp_avgs, self.exp_avg_sqs,
+                                    v.grads_bf16, v.wds, v.lr, v.step, BETAS[0], BETAS[1], EPS,
+                                    None, None, self.seed, self.offsets)
 
 
 def timer(device: torch.device, inner: int):
@@ -172,7 +227,12 @@ def main(argv=None) -> int:
     numel = sum(sizes)
     v = Variants(sizes, device)
     run = timer(device, inner)
-    variants = {"hift": v.hift, "torch+copy": v.torch_copy, "torch fp32": v.torch_fp32}
+    compact = v.formats(sizes)
+    variants = {"hift": v.hift, **compact, "torch+copy": v.torch_copy, "torch fp32": v.torch_fp32}
+    # grad 2+4 and weight 4+2 for the copies around torch's fused fp32 update (28)
+    bytes_per_param = {"hift": BYTES_PER_PARAM, "torch+copy": BYTES_PER_PARAM + 12,
+                       "torch fp32": BYTES_PER_PARAM,
+                       **{name: state.bytes_per_param for name, state in compact.items()}}
     for fn in variants.values():  # warm-up (first touch of memory, lazy init)
         fn()
         fn()
@@ -185,7 +245,8 @@ def main(argv=None) -> int:
     torch_copy_label = ("torch+copy (bf16 grad -> fp32, `_fused_adamw_` on fp32 master, copy to bf16)"
                         if v.fused_available else
                         "torch+copy (bf16 grad -> fp32, foreach AdamW on fp32 master, copy to bf16)")
-    labels = {"hift": "hift fused_adamw_ (bf16 weight + fp32 master, bf16 grad)",
+    labels = {"hift": "hift fused_adamw_ (bf16 weight + fp32 master, fp32 moments)",
+              **{name: spec[0] for name, spec in FORMATS.items()},
               "torch+copy": torch_copy_label,
               "torch fp32": "torch `_fused_adamw_` fp32 (no master, same 28 B/param)"}
     if not v.fused_available:
@@ -198,29 +259,28 @@ def main(argv=None) -> int:
         f"- {numel:,} parameters in {len(sizes)} tensors of odd sizes ({min(sizes):,} .. {max(sizes):,}); "
         f"median of {args.repeats} interleaved repeats, {inner} call(s) each", "",
     ]
-    header = "| variant | time (ms) | hift speedup |"
-    sep = "|---|---:|---:|"
-    if device.type == "cuda":
-        header += " GB/s at 28 B/param |"
-        sep += "---:|"
-    lines += [header, sep]
+    bandwidth = copy_bandwidth(device, BYTES_PER_PARAM * numel // 2, run)
+    lines += ["| variant | B/param | time (ms) | GB/s | of copy bandwidth | time / hift time |",
+              "|---|---:|---:|---:|---:|---:|"]
+    achieved = {name: bytes_per_param[name] * numel / median[name] for name in variants}
     for name in variants:
-        row = f"| {labels[name]} | {median[name] * 1e3:.3f} | {median[name] / median['hift']:.2f}x |"
-        if device.type == "cuda":
-            row += f" {BYTES_PER_PARAM * numel / median[name] / 1e9:.0f} |"
-        lines.append(row)
+        lines.append(f"| {labels[name]} | {bytes_per_param[name]} | {median[name] * 1e3:.3f} | "
+                     f"{achieved[name] / 1e9:.1f} | {achieved[name] / bandwidth:.2f} | "
+                     f"{median[name] / median['hift']:.2f}x |")
     lines.append("")
+    lines.append(f"- {device.type} copy (`dst.copy_(src)`, {BYTES_PER_PARAM * numel // 2 / 1e6:.0f} MB): "
+                 f"{bandwidth / 1e9:.1f} GB/s, read + write counted; grads are bf16 in every row")
+    hift_rows = ["hift", *compact]
+    slowest = min(hift_rows, key=lambda name: achieved[name] / bandwidth)
+    worst = achieved[slowest] / bandwidth
+    lines.append(f"- every hift format at >= {COPY_TARGET} of copy bandwidth: "
+                 f"{'met' if worst >= COPY_TARGET else 'NOT met'} (lowest {worst:.2f}, {slowest})")
     speedup_copy = median["torch+copy"] / median["hift"]
     speedup_fp32 = median["torch fp32"] / median["hift"]
     lines.append(f"- hift vs torch+copy: **{speedup_copy:.2f}x** (target >= 2.5x: "
                  f"{'met' if speedup_copy >= 2.5 else 'NOT met'})")
     lines.append(f"- hift vs torch fp32 fused: **{speedup_fp32:.2f}x** (target >= 0.9x: "
                  f"{'met' if speedup_fp32 >= 0.9 else 'NOT met'})")
-    if device.type == "cuda":
-        bandwidth = copy_bandwidth(device, BYTES_PER_PARAM * numel // 2, run)
-        achieved = BYTES_PER_PARAM * numel / median["hift"]
-        lines.append(f"- device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + write); hift "
-                     f"reaches {achieved / bandwidth:.0%} of it")
     lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -1,4 +1,5 @@
-// AdamW with fp32 master weights: the per-element math, shared by the CPU and CUDA kernels.
+// AdamW with fp32 master weights: the per-element math, shared by the CPU and CUDA kernels, and
+// the codecs of the compact state formats (python/hift/formats.py is their specification).
 //
 // The order of operations is torch.optim.AdamW's (single-tensor path) and ops.reference_adamw_'s,
 // with fused multiply-adds where torch's kernels have them, so the fused kernels agree with both
@@ -12,13 +13,23 @@
 // always, so against torch on a CPU about one element in a thousand differs by an ulp per step.
 // The per-step scalars are formed in double and rounded to float once, as torch does when a
 // Python float meets an fp32 tensor. `V` is float (scalar code, CUDA) or at::vec::Vectorized<float>.
+//
+// Compact state is decoded to fp32 before this math and encoded after it; the math never sees
+// the format. The codecs are integer functions of the fp32 bits, so kernels and the reference
+// agree on them bit for bit wherever they agree on the fp32 value.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
+// Always inlined on the host too: the per-ISA CPU units compile these under their own target
+// pragma, and an out-of-line copy (one symbol for all units) could hand AVX-512 code to a CPU
+// without it.
 #if defined(__CUDACC__)
 #define HIFT_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define HIFT_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define HIFT_HOST_DEVICE inline
 #endif
@@ -35,10 +46,89 @@ struct AdamWScalars {
   float bias_correction2_sqrt;  // sqrt(1 - beta2^step)
   float eps;
   float grad_scale;             // 1 when there is none (multiplying by 1 is exact)
+  uint32_t exp_avg_key;         // stochastic rounding keys of bf16 moments (formats.rounding_key)
+  uint32_t exp_avg_sq_key;
 };
 
+// ---------------------------------------------------------------- compact state (formats.py)
+
+// Where the master of a param lives; one format per call.
+enum class MasterFormat {
+  kNone,       // the fp32 param is its own master
+  kFp32,       // an fp32 master beside the param (copied out rounded to nearest even)
+  kRemainder,  // bf16 param + int16 remainder: the low 16 bits of the fp32 master
+};
+
+HIFT_HOST_DEVICE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+HIFT_HOST_DEVICE float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// formats.lowbias32 (Wellons): a 32-bit hash with strong avalanche; uint32 arithmetic wraps.
+HIFT_HOST_DEVICE uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Stochastic rounding streams (formats.MOMENT_STREAMS).
+constexpr uint32_t kExpAvgStream = 0;
+constexpr uint32_t kExpAvgSqStream = 1;
+
+// formats.rounding_key: one update's key for one moment, from the group's seed and the step.
+HIFT_HOST_DEVICE uint32_t rounding_key(uint32_t seed, int64_t step, uint32_t stream) {
+  return lowbias32(seed ^ lowbias32(static_cast<uint32_t>(2 * step + stream)));
+}
+
+// formats.to_bf16_stochastic for one element: the fp32 bits u plus 16 random bits below the cut,
+// truncated; `index` is the element's number in its group (offset + position, mod 2^32).
+HIFT_HOST_DEVICE uint16_t bf16_bits_stochastic(uint32_t u, uint32_t key, uint32_t index) {
+  return static_cast<uint16_t>((u + (lowbias32(key ^ index) & 0xffffu)) >> 16);
+}
+
+// formats.join_master: the fp32 bits of a master from its bf16 weight's bits and its remainder.
+HIFT_HOST_DEVICE uint32_t join_master_bits(uint16_t weight_bits, int16_t remainder) {
+  return (static_cast<uint32_t>(weight_bits) << 16) +
+         static_cast<uint32_t>(static_cast<int32_t>(remainder));
+}
+
+// formats.split_master: the weight is the master to nearest bf16, ties away from zero (adding
+// half a bf16 step to the bits rounds the magnitude half up), not the round-to-even of the fp32
+// master path: ties to even would give a tie that went down and one that went up the same
+// remainder. The remainder, u - (weight << 16), is then in [-0x8000, 0x7fff].
+HIFT_HOST_DEVICE uint16_t remainder_weight_bits(uint32_t master_bits) {
+  return static_cast<uint16_t>((master_bits + 0x8000u) >> 16);
+}
+
+HIFT_HOST_DEVICE int16_t remainder_bits(uint32_t master_bits) {
+  const uint32_t high = (master_bits + 0x8000u) >> 16;
+  return static_cast<int16_t>(static_cast<uint16_t>(master_bits - (high << 16)));
+}
+
+// ------------------------------------------------------------------------------- the update
+
+// `step` is this update's 1-based count (bias correction and rounding keys), `seed` the group's
+// stochastic rounding seed (formats.group_seed).
 HIFT_HOST_DEVICE AdamWScalars make_adamw_scalars(double lr, double step, double beta1, double beta2,
-                                                 double eps, double grad_scale) {
+                                                 double eps, double grad_scale, uint32_t seed) {
   AdamWScalars s;
   s.lr = static_cast<float>(lr);
   s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
@@ -48,6 +138,9 @@ HIFT_HOST_DEVICE AdamWScalars make_adamw_scalars(double lr, double step, double 
   s.bias_correction2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
   s.eps = static_cast<float>(eps);
   s.grad_scale = static_cast<float>(grad_scale);
+  // the key's step is the integer count, as Python's int(step)
+  s.exp_avg_key = rounding_key(seed, static_cast<int64_t>(step), kExpAvgStream);
+  s.exp_avg_sq_key = rounding_key(seed, static_cast<int64_t>(step), kExpAvgSqStream);
   return s;
 }
 
@@ -91,14 +184,17 @@ HIFT_HOST_DEVICE void adamw_math(V& master, V& m, V& v, V g, const AdamWCoeffs<V
   master = master + c.neg_step_size * m / denom;              // addcdiv_
 }
 
-// One tensor of a CPU update: raw pointers and its decay factor 1 - lr*wd.
+// One tensor of a CPU update: raw pointers, its decay factor 1 - lr*wd, and where it starts in
+// its group's element numbering (stochastic rounding draws per group element, so the bits do
+// not depend on how a group is cut into tensors or chunks).
 struct AdamWTensorRoles {
   void* param;
-  float* master;  // == param when the param is fp32 and its own master
-  float* exp_avg;
-  float* exp_avg_sq;
+  void* master;      // fp32 master or int16 remainder; == param when the fp32 param is its own
+  void* exp_avg;     // fp32 or bf16
+  void* exp_avg_sq;  // fp32 or bf16
   const void* grad;
   float decay;
+  uint32_t offset;   // mod 2^32, as the hash takes it
 };
 
 // Updates elements [begin, end) of one tensor (a CPU kernel specialised for its dtypes).
@@ -113,15 +209,24 @@ using AdamWRangeFn = void (*)(const AdamWTensorRoles&, int64_t, int64_t, const A
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <optional>
+#include <string>
 
 namespace hift {
 
-// Checks lengths, dtypes, devices, contiguity and sizes of one fused_adamw_ call; throws in words.
+// The instruction set of the CPU kernel fused_adamw_ runs in this process: "avx512", "avx2" or
+// "portable" (torch.ops.hift.cpu_kernel_isa; ATEN_CPU_CAPABILITY caps it as it caps ATen's).
+std::string cpu_kernel_isa();
+
+// Checks lengths, dtypes, formats, devices, contiguity and sizes of one fused_adamw_ call; throws
+// in words.
 void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, at::TensorList grads,
                             at::ArrayRef<double> weight_decays, const at::Tensor& lr,
                             const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf);
+                            const std::optional<at::Tensor>& found_inf, at::IntArrayRef offsets);
+
+// The master format of a checked call: none (no masters), fp32 (float32) or remainder (int16).
+MasterFormat master_format_of(at::TensorList masters);
 
 }  // namespace hift
 #endif

@@ -1,5 +1,7 @@
 // Fused AdamW on the CPU: one pass over grad, master, exp_avg, exp_avg_sq (and the low-precision
-// weight), vectorized with at::vec and spread over threads with one at::parallel_for.
+// weight), in whichever state format each role is kept (formats.py: fp32 or remainder masters,
+// fp32 or stochastically rounded bf16 moments), vectorized with at::vec and spread over threads
+// with one at::parallel_for.
 //
 // The work list is flattened over (tensor, chunk) so that a group of many small tensors keeps
 // every thread busy, and a big tensor is split as finely as many small ones. The kernel itself
@@ -15,6 +17,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "adamw.h"
@@ -25,7 +28,7 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::T
                             at::TensorList exp_avg_sqs, at::TensorList grads,
                             at::ArrayRef<double> weight_decays, const at::Tensor& lr,
                             const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf) {
+                            const std::optional<at::Tensor>& found_inf, at::IntArrayRef offsets) {
   const size_t n = params.size();
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n &&
                   weight_decays.size() == n,
@@ -41,7 +44,37 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::T
               "fused_adamw_: grad_scale must be a single-element tensor");
   TORCH_CHECK(!found_inf.has_value() || found_inf->numel() == 1,
               "fused_adamw_: found_inf must be a single-element tensor");
+  TORCH_CHECK(offsets.empty() || offsets.size() == n,
+              "fused_adamw_: offsets must be empty or give one per tensor (where it starts in its "
+              "group's element numbering); got ", offsets.size(), " offsets for ", n, " tensors");
   if (n == 0) return;
+  // One format per role and call: every tensor of a role has the first one's dtype.
+  auto check_one_dtype = [](at::TensorList role, const char* name, const char* formats) {
+    for (size_t i = 0; i < role.size(); ++i) {
+      TORCH_CHECK(role[i].scalar_type() == role[0].scalar_type(), "fused_adamw_: ", name,
+                  " must all have one dtype (", formats, "; one format per call), but ", name,
+                  "[0] is ", role[0].scalar_type(), " and ", name, "[", i, "] is ",
+                  role[i].scalar_type());
+    }
+  };
+  check_one_dtype(masters, "masters", "float32 masters or int16 remainders of bf16 params");
+  check_one_dtype(exp_avgs, "exp_avgs", "float32 or bfloat16");
+  check_one_dtype(exp_avg_sqs, "exp_avg_sqs", "float32 or bfloat16");
+  const bool remainders = !masters.empty() && masters[0].scalar_type() == at::kShort;
+  TORCH_CHECK(masters.empty() || remainders || masters[0].scalar_type() == at::kFloat,
+              "fused_adamw_: masters must be float32 (an fp32 master per param) or int16 (the "
+              "remainder of a bf16 param's fp32 master); got ", masters[0].scalar_type());
+  auto check_moment = [&](at::TensorList role, const char* name) {
+    const at::ScalarType type = role[0].scalar_type();
+    TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, "fused_adamw_: ", name,
+                " must be float32 or bfloat16; got ", type);
+    TORCH_CHECK(type != at::kBFloat16 || !offsets.empty(), "fused_adamw_: ", name,
+                " are bfloat16, which are written with stochastic rounding drawn per group "
+                "element, so offsets (where each tensor starts in its group) are required; none "
+                "were given");
+  };
+  check_moment(exp_avgs, "exp_avgs");
+  check_moment(exp_avg_sqs, "exp_avg_sqs");
   const auto device = params[0].device();
   auto is_low_or_fp32 = [](at::ScalarType t) {
     return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -59,9 +92,10 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::T
     TORCH_CHECK(masters.size() == n || p.scalar_type() == at::kFloat,
                 "fused_adamw_: params[", i, "] is ", p.scalar_type(),
                 " and no fp32 master was given (masters may be empty only for fp32 params)");
-    TORCH_CHECK(w.scalar_type() == at::kFloat && exp_avgs[i].scalar_type() == at::kFloat &&
-                    exp_avg_sqs[i].scalar_type() == at::kFloat,
-                "fused_adamw_: masters, exp_avgs and exp_avg_sqs must be float32 (tensor ", i, ")");
+    TORCH_CHECK(!remainders || p.scalar_type() == at::kBFloat16,
+                "fused_adamw_: masters are int16 remainders, the low 16 bits of an fp32 master "
+                "whose high 16 bits are a bfloat16 param, but params[", i, "] is ",
+                p.scalar_type(), " (give it a float32 master)");
     for (const at::Tensor* t : {&p, &w, &exp_avgs[i], &exp_avg_sqs[i], &grads[i]}) {
       TORCH_CHECK(t->device() == device, "fused_adamw_: every tensor must be on ", device,
                   "; tensor ", i, " has one on ", t->device());
@@ -73,12 +107,19 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::T
   }
 }
 
+MasterFormat master_format_of(at::TensorList masters) {
+  if (masters.empty()) return MasterFormat::kNone;
+  return masters[0].scalar_type() == at::kShort ? MasterFormat::kRemainder : MasterFormat::kFp32;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 namespace avx2 {
-AdamWRangeFn adamw_range_fn(c10::ScalarType, c10::ScalarType, bool);
+AdamWRangeFn adamw_range_fn(c10::ScalarType, c10::ScalarType, MasterFormat, c10::ScalarType,
+                            c10::ScalarType);
 }
 namespace avx512 {
-AdamWRangeFn adamw_range_fn(c10::ScalarType, c10::ScalarType, bool);
+AdamWRangeFn adamw_range_fn(c10::ScalarType, c10::ScalarType, MasterFormat, c10::ScalarType,
+                            c10::ScalarType);
 }
 #endif
 
@@ -87,18 +128,34 @@ namespace {
 // Elements per work item: big enough to amortize the dispatch, small enough to balance threads.
 constexpr int64_t kChunk = 1 << 15;
 
-AdamWRangeFn pick_range_fn(at::ScalarType param_type, at::ScalarType grad_type, bool has_master) {
-  AdamWRangeFn fn = nullptr;
+enum class CpuIsa { kPortable, kAvx2, kAvx512 };
+
+// ATen's own choice for this machine (cpuinfo, capped by ATEN_CPU_CAPABILITY), where this build
+// has a kernel for it; every ISA's kernel covers the same dtypes, so the choice is per process.
+CpuIsa chosen_isa() {
+  static const CpuIsa isa = [] {
 #if defined(__x86_64__) && defined(__GNUC__)
-  // ATen's own choice for this machine (cpuinfo, capped by ATEN_CPU_CAPABILITY).
-  static const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") {
-    fn = avx512::adamw_range_fn(param_type, grad_type, has_master);
-  } else if (capability == "AVX2") {
-    fn = avx2::adamw_range_fn(param_type, grad_type, has_master);
-  }
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512") return CpuIsa::kAvx512;
+    if (capability == "AVX2") return CpuIsa::kAvx2;
 #endif
-  if (fn == nullptr) fn = portable::adamw_range_fn(param_type, grad_type, has_master);
+    return CpuIsa::kPortable;
+  }();
+  return isa;
+}
+
+AdamWRangeFn pick_range_fn(at::ScalarType param_type, at::ScalarType grad_type,
+                           MasterFormat master, at::ScalarType exp_avg_type,
+                           at::ScalarType exp_avg_sq_type) {
+  AdamWRangeFn fn = nullptr;
+  const auto args = std::make_tuple(param_type, grad_type, master, exp_avg_type, exp_avg_sq_type);
+  switch (chosen_isa()) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    case CpuIsa::kAvx512: fn = std::apply(avx512::adamw_range_fn, args); break;
+    case CpuIsa::kAvx2: fn = std::apply(avx2::adamw_range_fn, args); break;
+#endif
+    default: fn = std::apply(portable::adamw_range_fn, args); break;
+  }
   TORCH_CHECK(fn != nullptr, "fused_adamw_: no CPU kernel for params of ", param_type,
               " and grads of ", grad_type);
   return fn;
@@ -111,15 +168,18 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList masters, at::TensorLi
                      at::ArrayRef<double> weight_decays, const at::Tensor& lr,
                      const at::Tensor& step, double beta1, double beta2, double eps,
                      const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf, int64_t seed,
+                     at::IntArrayRef offsets) {
   check_fused_adamw_args(params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays, lr, step,
-                         grad_scale, found_inf);
+                         grad_scale, found_inf, offsets);
   if (params.empty()) return;
   if (found_inf.has_value() && scalar_value(*found_inf) != 0.0f) return;
   const AdamWScalars s = make_adamw_scalars(
       scalar_value(lr), scalar_value(step), beta1, beta2, eps,
-      grad_scale.has_value() ? scalar_value(*grad_scale) : 1.0);
-  const bool has_master = !masters.empty();
+      grad_scale.has_value() ? scalar_value(*grad_scale) : 1.0, static_cast<uint32_t>(seed));
+  const MasterFormat master_format = master_format_of(masters);
+  const at::ScalarType exp_avg_type = exp_avgs[0].scalar_type();
+  const at::ScalarType exp_avg_sq_type = exp_avg_sqs[0].scalar_type();
 
   std::vector<AdamWTensorRoles> roles;
   std::vector<AdamWRangeFn> fns;
@@ -132,11 +192,13 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList masters, at::TensorLi
     const int64_t numel = params[i].numel();
     if (numel == 0) continue;
     const int32_t index = static_cast<int32_t>(roles.size());
-    float* master = (has_master ? masters[i] : params[i]).data_ptr<float>();
-    roles.push_back({params[i].data_ptr(), master, exp_avgs[i].data_ptr<float>(),
-                     exp_avg_sqs[i].data_ptr<float>(), grads[i].data_ptr(),
-                     decay_factor(s.lr, weight_decays[i])});
-    fns.push_back(pick_range_fn(params[i].scalar_type(), grads[i].scalar_type(), has_master));
+    void* master = (master_format == MasterFormat::kNone ? params[i] : masters[i]).data_ptr();
+    const uint32_t offset = offsets.empty() ? 0u : static_cast<uint32_t>(offsets[i]);
+    roles.push_back({params[i].data_ptr(), master, exp_avgs[i].data_ptr(),
+                     exp_avg_sqs[i].data_ptr(), grads[i].data_ptr(),
+                     decay_factor(s.lr, weight_decays[i]), offset});
+    fns.push_back(pick_range_fn(params[i].scalar_type(), grads[i].scalar_type(), master_format,
+                                exp_avg_type, exp_avg_sq_type));
     for (int64_t b = 0; b < numel; b += kChunk) work.push_back({index, b, std::min(numel, b + kChunk)});
   }
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
@@ -148,6 +210,14 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList masters, at::TensorLi
 }
 
 }  // namespace
+
+std::string cpu_kernel_isa() {
+  switch (chosen_isa()) {
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
 
 TORCH_LIBRARY_IMPL(hift, CPU, m) { m.impl("fused_adamw_", &fused_adamw_cpu); }
 

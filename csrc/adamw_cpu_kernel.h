@@ -1,9 +1,12 @@
 // The CPU AdamW kernel body, compiled once per instruction set: adamw_cpu.cpp (portable),
 // adamw_cpu_avx2.cpp and adamw_cpu_avx512.cpp each choose the ISA, then include this header.
+// One update, adamw_step, templated on each role's type (param P, grad G, master format, moments
+// M and V); every state format of hift.formats is an instance of it.
 // at::vec keeps its Vectorized types in a namespace named after CPU_CAPABILITY, and everything
 // here lives in hift::HIFT_CPU_ISA, so no symbol compiled for one ISA can stand in for another's
 // at link time. The per-ISA units odr-use nothing else (no scalar c10 conversions: tails go
-// through Vectorized::loadu(ptr, count)); adamw_cpu.cpp picks one at run time.
+// through Vectorized::loadu(ptr, count); adamw.h's scalar codecs are always inlined);
+// adamw_cpu.cpp picks one at run time.
 #pragma once
 
 #if !defined(HIFT_CPU_ISA) || !defined(CPU_CAPABILITY)
@@ -14,6 +17,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "adamw.h"
@@ -64,62 +69,195 @@ inline void store_pair(T* p, int64_t count, const Vec& a, const Vec& b) {
   }
 }
 
-template <typename param_t, typename grad_t, bool kHasMaster>
-inline void adamw_step(param_t* param, float* master, float* m, float* v, const grad_t* grad,
-                       int64_t count, const AdamWCoeffs<Vec>& c) {
+// The compact formats' codecs (adamw.h) are integer functions of the fp32 bits; they run lane by
+// lane over a stack array of one step's bits, because at::vec has no unsigned 32-bit vector (its
+// int32 right shift is arithmetic) and these constant-trip loops are vectorized by the compiler
+// for the unit's ISA anyway. Memory is still read and written once, a whole step at a time.
+using Bits = uint32_t[kWidth];
+using Halves = uint16_t[kWidth];
+
+// Inlined into adamw_step, so that a whole step's copies have a constant size (vector moves, not
+// calls to memcpy).
+#if defined(__GNUC__)
+#define HIFT_CODEC_INLINE inline __attribute__((always_inline))
+#else
+#define HIFT_CODEC_INLINE inline
+#endif
+
+// count 16-bit lanes between memory and a step's stack array.
+template <typename T>
+HIFT_CODEC_INLINE void copy_lanes(void* dst, const void* src, int64_t count) {
+  static_assert(sizeof(T) == 2);
+  if (count == kWidth) {
+    std::memcpy(dst, src, kWidth * sizeof(T));
+  } else {
+    std::memcpy(dst, src, count * sizeof(T));
+  }
+}
+
+HIFT_CODEC_INLINE void store_bits(const Vec& a, const Vec& b, Bits& bits) {
+  a.store(bits);
+  b.store(bits + Vec::size());
+}
+
+// A bf16 moment, rounded stochastically (formats.to_bf16_stochastic); `index` is the first
+// element's number in its group.
+HIFT_CODEC_INLINE void store_stochastic(c10::BFloat16* p, int64_t count, const Vec& a, const Vec& b,
+                             uint32_t key, uint32_t index) {
+  alignas(64) Bits bits;
+  alignas(64) Halves out;
+  store_bits(a, b, bits);
+  for (int64_t k = 0; k < kWidth; ++k) {
+    out[k] = bf16_bits_stochastic(bits[k], key, index + static_cast<uint32_t>(k));
+  }
+  copy_lanes<uint16_t>(p, out, count);
+}
+
+template <typename T>
+HIFT_CODEC_INLINE void store_moment(T* p, int64_t count, const Vec& a, const Vec& b, uint32_t key,
+                         uint32_t index) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    store_stochastic(p, count, a, b, key, index);
+  } else {
+    store_pair(p, count, a, b);
+  }
+}
+
+// The fp32 master of a bf16 weight and its int16 remainder (formats.join_master).
+HIFT_CODEC_INLINE void load_remainder_master(const c10::BFloat16* weight, const int16_t* remainder,
+                                  int64_t count, Vec& a, Vec& b) {
+  alignas(64) Halves high;
+  alignas(64) int16_t low[kWidth];
+  if (count < kWidth) {  // the lanes past a tail are zero, as Vec::loadu(ptr, count) leaves them
+    std::memset(high, 0, sizeof(high));
+    std::memset(low, 0, sizeof(low));
+  }
+  copy_lanes<uint16_t>(high, weight, count);
+  copy_lanes<int16_t>(low, remainder, count);
+  alignas(64) Bits bits;
+  for (int64_t k = 0; k < kWidth; ++k) bits[k] = join_master_bits(high[k], low[k]);
+  a = Vec::loadu(bits);
+  b = Vec::loadu(bits + Vec::size());
+}
+
+// An fp32 master as its bf16 weight (ties away from zero) and int16 remainder (split_master).
+HIFT_CODEC_INLINE void store_remainder_master(c10::BFloat16* weight, int16_t* remainder, int64_t count,
+                                   const Vec& a, const Vec& b) {
+  alignas(64) Bits bits;
+  alignas(64) Halves high;
+  alignas(64) int16_t low[kWidth];
+  store_bits(a, b, bits);
+  for (int64_t k = 0; k < kWidth; ++k) {
+    high[k] = remainder_weight_bits(bits[k]);
+    low[k] = remainder_bits(bits[k]);
+  }
+  copy_lanes<uint16_t>(weight, high, count);
+  copy_lanes<int16_t>(remainder, low, count);
+}
+
+// The storage of a master: fp32 (its own, or the fp32 param itself) or an int16 remainder.
+template <MasterFormat kMaster>
+using master_t = std::conditional_t<kMaster == MasterFormat::kRemainder, int16_t, float>;
+
+// The one update, for every format: decode each role to fp32, adamw_math, encode each role.
+template <typename P, typename G, MasterFormat kMaster, typename M, typename V>
+inline void adamw_step(P* param, master_t<kMaster>* master, M* m, V* v, const G* grad,
+                       int64_t count, uint32_t index, const AdamWCoeffs<Vec>& c,
+                       const AdamWScalars& s) {
   Vec w0, w1, m0, m1, v0, v1, g0, g1;
-  load_pair(master, count, w0, w1);
+  if constexpr (kMaster == MasterFormat::kRemainder) {
+    load_remainder_master(param, master, count, w0, w1);
+  } else {
+    load_pair(master, count, w0, w1);
+  }
   load_pair(m, count, m0, m1);
   load_pair(v, count, v0, v1);
   load_pair(grad, count, g0, g1);
   adamw_math(w0, m0, v0, g0, c);
   adamw_math(w1, m1, v1, g1, c);
-  store_pair(master, count, w0, w1);
-  store_pair(m, count, m0, m1);
-  store_pair(v, count, v0, v1);
-  if constexpr (kHasMaster) store_pair(param, count, w0, w1);
+  if constexpr (kMaster == MasterFormat::kRemainder) {
+    store_remainder_master(param, master, count, w0, w1);
+  } else {
+    store_pair(master, count, w0, w1);
+    if constexpr (kMaster == MasterFormat::kFp32) store_pair(param, count, w0, w1);
+  }
+  store_moment(m, count, m0, m1, s.exp_avg_key, index);
+  store_moment(v, count, v0, v1, s.exp_avg_sq_key, index);
 }
 
-template <typename param_t, typename grad_t, bool kHasMaster>
+template <typename P, typename G, MasterFormat kMaster, typename M, typename V>
 void adamw_range(const AdamWTensorRoles& t, int64_t begin, int64_t end, const AdamWScalars& s) {
-  auto* param = static_cast<param_t*>(t.param);
-  auto* grad = static_cast<const grad_t*>(t.grad);
+  auto* param = static_cast<P*>(t.param);
+  auto* master = static_cast<master_t<kMaster>*>(t.master);
+  auto* m = static_cast<M*>(t.exp_avg);
+  auto* v = static_cast<V*>(t.exp_avg_sq);
+  auto* grad = static_cast<const G*>(t.grad);
   const AdamWCoeffs<Vec> c(s, t.decay);
+  auto index = [&](int64_t i) { return t.offset + static_cast<uint32_t>(i); };  // mod 2^32
   int64_t i = begin;
   for (; i + kWidth <= end; i += kWidth) {
-    adamw_step<param_t, grad_t, kHasMaster>(param + i, t.master + i, t.exp_avg + i,
-                                            t.exp_avg_sq + i, grad + i, kWidth, c);
+    adamw_step<P, G, kMaster>(param + i, master + i, m + i, v + i, grad + i, kWidth, index(i), c, s);
   }
   if (i < end) {
-    adamw_step<param_t, grad_t, kHasMaster>(param + i, t.master + i, t.exp_avg + i,
-                                            t.exp_avg_sq + i, grad + i, end - i, c);
+    adamw_step<P, G, kMaster>(param + i, master + i, m + i, v + i, grad + i, end - i, index(i), c, s);
   }
 }
 
-template <typename param_t, bool kHasMaster>
-AdamWRangeFn pick_for_grad(c10::ScalarType grad_type) {
+template <typename P, typename G, MasterFormat kMaster>
+AdamWRangeFn pick_for_moments(c10::ScalarType exp_avg_type, c10::ScalarType exp_avg_sq_type) {
+  auto pick_v = [&](auto m_tag) -> AdamWRangeFn {
+    using M = decltype(m_tag);
+    switch (exp_avg_sq_type) {
+      case c10::ScalarType::Float: return &adamw_range<P, G, kMaster, M, float>;
+      case c10::ScalarType::BFloat16: return &adamw_range<P, G, kMaster, M, c10::BFloat16>;
+      default: return nullptr;
+    }
+  };
+  switch (exp_avg_type) {
+    case c10::ScalarType::Float: return pick_v(float{});
+    case c10::ScalarType::BFloat16: return pick_v(c10::BFloat16{});
+    default: return nullptr;
+  }
+}
+
+template <typename P, MasterFormat kMaster>
+AdamWRangeFn pick_for_grad(c10::ScalarType grad_type, c10::ScalarType exp_avg_type,
+                           c10::ScalarType exp_avg_sq_type) {
   switch (grad_type) {
-    case c10::ScalarType::Float: return &adamw_range<param_t, float, kHasMaster>;
-    case c10::ScalarType::BFloat16: return &adamw_range<param_t, c10::BFloat16, kHasMaster>;
-    case c10::ScalarType::Half: return &adamw_range<param_t, c10::Half, kHasMaster>;
+    case c10::ScalarType::Float:
+      return pick_for_moments<P, float, kMaster>(exp_avg_type, exp_avg_sq_type);
+    case c10::ScalarType::BFloat16:
+      return pick_for_moments<P, c10::BFloat16, kMaster>(exp_avg_type, exp_avg_sq_type);
+    case c10::ScalarType::Half:
+      return pick_for_moments<P, c10::Half, kMaster>(exp_avg_type, exp_avg_sq_type);
     default: return nullptr;
   }
 }
 
 }  // namespace
 
-// The kernel for one (param dtype, grad dtype, master or not), or nullptr for other dtypes.
+// The kernel for one combination of role types, or nullptr for one no format has.
 AdamWRangeFn adamw_range_fn(c10::ScalarType param_type, c10::ScalarType grad_type,
-                            bool has_master) {
-  if (!has_master) {
-    return param_type == c10::ScalarType::Float ? pick_for_grad<float, false>(grad_type) : nullptr;
+                            MasterFormat master, c10::ScalarType exp_avg_type,
+                            c10::ScalarType exp_avg_sq_type) {
+  using c10::ScalarType;
+  const ScalarType g = grad_type, m = exp_avg_type, v = exp_avg_sq_type;
+  switch (master) {
+    case MasterFormat::kNone:
+      if (param_type != ScalarType::Float) return nullptr;
+      return pick_for_grad<float, MasterFormat::kNone>(g, m, v);
+    case MasterFormat::kRemainder:
+      if (param_type != ScalarType::BFloat16) return nullptr;
+      return pick_for_grad<c10::BFloat16, MasterFormat::kRemainder>(g, m, v);
+    case MasterFormat::kFp32:
+      switch (param_type) {
+        case ScalarType::Float: return pick_for_grad<float, MasterFormat::kFp32>(g, m, v);
+        case ScalarType::BFloat16: return pick_for_grad<c10::BFloat16, MasterFormat::kFp32>(g, m, v);
+        case ScalarType::Half: return pick_for_grad<c10::Half, MasterFormat::kFp32>(g, m, v);
+        default: return nullptr;
+      }
   }
-  switch (param_type) {
-    case c10::ScalarType::Float: return pick_for_grad<float, true>(grad_type);
-    case c10::ScalarType::BFloat16: return pick_for_grad<c10::BFloat16, true>(grad_type);
-    case c10::ScalarType::Half: return pick_for_grad<c10::Half, true>(grad_type);
-    default: return nullptr;
-  }
+  return nullptr;
 }
 
 }  // namespace HIFT_CPU_ISA

@@ -6,8 +6,10 @@
 // read from device memory for the same reason. Blocks stride over 2048-element chunks of the
 // concatenated group; each thread updates 8 consecutive elements, with 16-byte loads and stores
 // when all of a tensor's roles are 16-byte aligned (a chunk start keeps that alignment) and a
-// guarded scalar loop otherwise and at a tensor's tail. Templated on each role's dtype:
-// param (weight) P, grad G; master, exp_avg and exp_avg_sq are fp32.
+// guarded scalar loop otherwise and at a tensor's tail. Templated on each role's type: param
+// (weight) P, grad G, the master's format (none, fp32, or the int16 remainder of a bf16 param)
+// and the exp_avg / exp_avg_sq types M, V (fp32, or bf16 rounded stochastically); every format
+// is an instance of the one kernel, decoding to fp32 before adamw_math and encoding after it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -24,61 +26,126 @@ namespace hift {
 namespace {
 
 constexpr int kThreads = 256;
+// Elements per thread: one 16-byte load of a 2-byte role (bf16 weight, grad or moment, int16
+// remainder), two of a 4-byte one; each role loads with its own width.
 constexpr int kIlp = 8;
 constexpr int64_t kChunk = kThreads * kIlp;
-constexpr int kMaxTensors = 320;  // keeps the table (about 21 KB) under the 32 KB argument limit
+constexpr int kMaxTensors = 320;
 
 struct TensorTable {
   void* param[kMaxTensors];
-  float* master[kMaxTensors];
-  float* exp_avg[kMaxTensors];
-  float* exp_avg_sq[kMaxTensors];
+  void* master[kMaxTensors];      // fp32 master or int16 remainder; unused without a master
+  void* exp_avg[kMaxTensors];     // fp32 or bf16
+  void* exp_avg_sq[kMaxTensors];  // fp32 or bf16
   const void* grad[kMaxTensors];
   int64_t numel[kMaxTensors];
   double weight_decay[kMaxTensors];
   int64_t first_chunk[kMaxTensors + 1];  // prefix sum of chunks; first_chunk[count] = total
+  uint32_t offset[kMaxTensors];  // first element in the group's numbering, mod 2^32 (rounding)
   bool aligned[kMaxTensors];
   int count;
 };
 
 struct Hyper {
   double beta1, beta2, eps;
+  uint32_t seed;
 };
 
+// Kernel arguments are limited to 32764 bytes (Volta and later, CUDA 12.1+); the table is most of
+// them (about 22 KB).
+static_assert(sizeof(TensorTable) + 4 * sizeof(void*) + sizeof(Hyper) <= 32764,
+              "TensorTable is over the kernel argument limit: lower kMaxTensors");
+
+// The storage of a master: fp32 (its own, or the fp32 param itself) or an int16 remainder.
+template <MasterFormat kMaster>
+using master_t = std::conditional_t<kMaster == MasterFormat::kRemainder, int16_t, float>;
+
+// kIlp elements of one role as stored: 16-byte loads when the caller knows they are all there
+// and aligned, else a guarded scalar loop (lanes past the tensor's end are zero).
 template <typename T>
-__device__ __forceinline__ void load_ilp(const T* p, float (&out)[kIlp]) {
+__device__ __forceinline__ void load_role(const T* p, T (&out)[kIlp], int n, bool vector) {
   constexpr int kPerLoad = 16 / sizeof(T);
+  if (vector) {
 #pragma unroll
-  for (int j = 0; j < kIlp; j += kPerLoad) {
-    alignas(16) T tmp[kPerLoad];
-    *reinterpret_cast<uint4*>(tmp) = *reinterpret_cast<const uint4*>(p + j);
+    for (int j = 0; j < kIlp; j += kPerLoad) {
+      alignas(16) T tmp[kPerLoad];
+      *reinterpret_cast<uint4*>(tmp) = *reinterpret_cast<const uint4*>(p + j);
 #pragma unroll
-    for (int k = 0; k < kPerLoad; ++k) out[j + k] = static_cast<float>(tmp[k]);
+      for (int k = 0; k < kPerLoad; ++k) out[j + k] = tmp[k];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) out[k] = k < n ? p[k] : T{};
   }
 }
 
 template <typename T>
-__device__ __forceinline__ void store_ilp(T* p, const float (&in)[kIlp]) {
+__device__ __forceinline__ void store_role(T* p, const T (&in)[kIlp], int n, bool vector) {
   constexpr int kPerLoad = 16 / sizeof(T);
+  if (vector) {
 #pragma unroll
-  for (int j = 0; j < kIlp; j += kPerLoad) {
-    alignas(16) T tmp[kPerLoad];
+    for (int j = 0; j < kIlp; j += kPerLoad) {
+      alignas(16) T tmp[kPerLoad];
 #pragma unroll
-    for (int k = 0; k < kPerLoad; ++k) tmp[k] = static_cast<T>(in[j + k]);
-    *reinterpret_cast<uint4*>(p + j) = *reinterpret_cast<const uint4*>(tmp);
+      for (int k = 0; k < kPerLoad; ++k) tmp[k] = in[j + k];
+      *reinterpret_cast<uint4*>(p + j) = *reinterpret_cast<const uint4*>(tmp);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      if (k < n) p[k] = in[k];
+    }
   }
 }
 
-template <typename P, typename G, bool kHasMaster>
+// The fp32 master of one element, from its param and its master storage.
+template <MasterFormat kMaster, typename P, typename W>
+__device__ __forceinline__ float decode_master(const P& param, const W& master) {
+  if constexpr (kMaster == MasterFormat::kRemainder) {
+    return bits_float(join_master_bits(param.x, master));
+  } else {
+    return master;
+  }
+}
+
+template <MasterFormat kMaster, typename P, typename W>
+__device__ __forceinline__ void encode_master(float value, P& param, W& master) {
+  if constexpr (kMaster == MasterFormat::kRemainder) {
+    const uint32_t u = float_bits(value);
+    param = P(remainder_weight_bits(u), P::from_bits());
+    master = remainder_bits(u);
+  } else {
+    master = value;
+    if constexpr (kMaster == MasterFormat::kFp32) param = static_cast<P>(value);  // to nearest even
+  }
+}
+
+// A moment as stored: fp32 as is, bf16 rounded stochastically.
+template <typename T>
+__device__ __forceinline__ T encode_moment(float value, uint32_t key, uint32_t index) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return T(bf16_bits_stochastic(float_bits(value), key, index), T::from_bits());
+  } else {
+    return value;
+  }
+}
+
+// The one update, for every format: each thread decodes kIlp elements of every role to fp32,
+// runs adamw_math and encodes them back.
+template <typename P, typename G, MasterFormat kMaster, typename M, typename V>
 __global__ void __launch_bounds__(kThreads)
     fused_adamw_kernel(const __grid_constant__ TensorTable table, const float* lr,
                        const float* step, const float* grad_scale, const float* found_inf,
                        Hyper hyper) {
+  using W = master_t<kMaster>;
+  // The param is read when it holds the master or its high half, and written when it is a copy.
+  constexpr bool kReadsParam = kMaster == MasterFormat::kRemainder;
+  constexpr bool kWritesParam = kMaster != MasterFormat::kNone;
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   __shared__ AdamWScalars shared_scalars;
   if (threadIdx.x == 0) {
     shared_scalars = make_adamw_scalars(*lr, *step, hyper.beta1, hyper.beta2, hyper.eps,
-                                        grad_scale != nullptr ? *grad_scale : 1.0f);
+                                        grad_scale != nullptr ? *grad_scale : 1.0f, hyper.seed);
   }
   __syncthreads();
   const AdamWScalars s = shared_scalars;
@@ -90,48 +157,54 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t numel = table.numel[t];
     const int64_t i0 = (chunk - table.first_chunk[t]) * kChunk + threadIdx.x * kIlp;
     if (i0 >= numel) continue;
+    const int n = static_cast<int>(numel - i0 < kIlp ? numel - i0 : kIlp);
+    const bool vector = table.aligned[t] && n == kIlp;
     const AdamWCoeffs<float> c(s, decay_factor(s.lr, table.weight_decay[t]));
     P* param = static_cast<P*>(table.param[t]) + i0;
-    float* master = (kHasMaster ? table.master[t] : reinterpret_cast<float*>(table.param[t])) + i0;
-    float* m = table.exp_avg[t] + i0;
-    float* v = table.exp_avg_sq[t] + i0;
+    W* master = static_cast<W*>(kMaster == MasterFormat::kNone ? table.param[t] : table.master[t]) + i0;
+    M* exp_avg = static_cast<M*>(table.exp_avg[t]) + i0;
+    V* exp_avg_sq = static_cast<V*>(table.exp_avg_sq[t]) + i0;
     const G* grad = static_cast<const G*>(table.grad[t]) + i0;
-    if (table.aligned[t] && i0 + kIlp <= numel) {
-      float w[kIlp], mm[kIlp], vv[kIlp], g[kIlp];
-      load_ilp(master, w);
-      load_ilp(m, mm);
-      load_ilp(v, vv);
-      load_ilp(grad, g);
+    const uint32_t index = table.offset[t] + static_cast<uint32_t>(i0);  // mod 2^32
+
+    P p[kIlp];
+    W w[kIlp];
+    M m[kIlp];
+    V v[kIlp];
+    G g[kIlp];
+    if constexpr (kReadsParam) load_role(param, p, n, vector);
+    load_role(master, w, n, vector);
+    load_role(exp_avg, m, n, vector);
+    load_role(exp_avg_sq, v, n, vector);
+    load_role(grad, g, n, vector);
 #pragma unroll
-      for (int k = 0; k < kIlp; ++k) adamw_math(w[k], mm[k], vv[k], g[k], c);
-      store_ilp(master, w);
-      store_ilp(m, mm);
-      store_ilp(v, vv);
-      if constexpr (kHasMaster) store_ilp(param, w);
-    } else {
-      const int n = static_cast<int>(numel - i0 < kIlp ? numel - i0 : kIlp);
-      for (int k = 0; k < n; ++k) {
-        float w = master[k], mk = m[k], vk = v[k];
-        adamw_math(w, mk, vk, static_cast<float>(grad[k]), c);
-        master[k] = w;
-        m[k] = mk;
-        v[k] = vk;
-        if constexpr (kHasMaster) param[k] = static_cast<P>(w);
-      }
+    for (int k = 0; k < kIlp; ++k) {
+      float master_k = decode_master<kMaster>(p[k], w[k]);
+      float m_k = static_cast<float>(m[k]);  // bf16 -> fp32 is exact
+      float v_k = static_cast<float>(v[k]);
+      adamw_math(master_k, m_k, v_k, static_cast<float>(g[k]), c);
+      encode_master<kMaster>(master_k, p[k], w[k]);
+      m[k] = encode_moment<M>(m_k, s.exp_avg_key, index + k);
+      v[k] = encode_moment<V>(v_k, s.exp_avg_sq_key, index + k);
     }
+    if constexpr (kWritesParam) store_role(param, p, n, vector);
+    store_role(master, w, n, vector);
+    store_role(exp_avg, m, n, vector);
+    store_role(exp_avg_sq, v, n, vector);
   }
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename P, typename G, bool kHasMaster>
+template <typename P, typename G, MasterFormat kMaster, typename M, typename V>
 void launch(const std::vector<int64_t>& tensors, at::TensorList params, at::TensorList masters,
             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList grads,
-            at::ArrayRef<double> weight_decays, const float* lr, const float* step,
-            const float* grad_scale, const float* found_inf, Hyper hyper) {
+            at::ArrayRef<double> weight_decays, at::IntArrayRef offsets, const float* lr,
+            const float* step, const float* grad_scale, const float* found_inf, Hyper hyper) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int max_blocks =
       at::cuda::getCurrentDeviceProperties()->multiProcessorCount * (2048 / kThreads);
+  constexpr bool kHasMaster = kMaster != MasterFormat::kNone;
   for (size_t first = 0; first < tensors.size(); first += kMaxTensors) {
     TensorTable table;
     table.count = 0;
@@ -140,12 +213,13 @@ void launch(const std::vector<int64_t>& tensors, at::TensorList params, at::Tens
       const int64_t i = tensors[k];
       const int j = table.count++;
       table.param[j] = params[i].data_ptr();
-      table.master[j] = kHasMaster ? masters[i].data_ptr<float>() : nullptr;
-      table.exp_avg[j] = exp_avgs[i].data_ptr<float>();
-      table.exp_avg_sq[j] = exp_avg_sqs[i].data_ptr<float>();
+      table.master[j] = kHasMaster ? masters[i].data_ptr() : nullptr;
+      table.exp_avg[j] = exp_avgs[i].data_ptr();
+      table.exp_avg_sq[j] = exp_avg_sqs[i].data_ptr();
       table.grad[j] = grads[i].data_ptr();
       table.numel[j] = params[i].numel();
       table.weight_decay[j] = weight_decays[i];
+      table.offset[j] = offsets.empty() ? 0u : static_cast<uint32_t>(offsets[i]);
       table.first_chunk[j + 1] = table.first_chunk[j] + (table.numel[j] + kChunk - 1) / kChunk;
       table.aligned[j] = aligned16(table.param[j]) && aligned16(table.exp_avg[j]) &&
                          aligned16(table.exp_avg_sq[j]) && aligned16(table.grad[j]) &&
@@ -154,7 +228,7 @@ void launch(const std::vector<int64_t>& tensors, at::TensorList params, at::Tens
     const int64_t chunks = table.first_chunk[table.count];
     if (chunks == 0) continue;
     const int blocks = static_cast<int>(std::min<int64_t>(chunks, max_blocks));
-    fused_adamw_kernel<P, G, kHasMaster>
+    fused_adamw_kernel<P, G, kMaster, M, V>
         <<<blocks, kThreads, 0, stream>>>(table, lr, step, grad_scale, found_inf, hyper);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -165,14 +239,31 @@ at::Tensor device_scalar(const at::Tensor& t, const at::Device& device) {
   return t.to(device, at::kFloat).reshape({});
 }
 
+// Calls fn with a value of the C++ type of a float dtype (fp32, or also bf16/fp16 where allowed).
+template <typename Fn>
+void with_type(at::ScalarType type, bool half_too, const char* role, Fn&& fn) {
+  switch (type) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(at::BFloat16{});
+    case at::kHalf:
+      if (half_too) return fn(at::Half{});
+      [[fallthrough]];
+    default: TORCH_CHECK(false, "fused_adamw_: unsupported ", role, " dtype ", type);
+  }
+}
+
+template <MasterFormat kMaster>
+using MasterTag = std::integral_constant<MasterFormat, kMaster>;
+
 void fused_adamw_cuda(at::TensorList params, at::TensorList masters, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList grads,
                       at::ArrayRef<double> weight_decays, const at::Tensor& lr,
                       const at::Tensor& step, double beta1, double beta2, double eps,
                       const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& found_inf, int64_t seed,
+                      at::IntArrayRef offsets) {
   check_fused_adamw_args(params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays, lr, step,
-                         grad_scale, found_inf);
+                         grad_scale, found_inf, offsets);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), "fused_adamw_: the CUDA kernel got tensors on ", device);
@@ -184,10 +275,13 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList masters, at::TensorL
   if (found_inf.has_value()) inf_d = device_scalar(*found_inf, device);
   const float* scale_ptr = scale_d ? scale_d->data_ptr<float>() : nullptr;
   const float* inf_ptr = inf_d ? inf_d->data_ptr<float>() : nullptr;
-  const Hyper hyper{beta1, beta2, eps};
-  const bool has_master = !masters.empty();
+  const Hyper hyper{beta1, beta2, eps, static_cast<uint32_t>(seed)};
+  const MasterFormat master_format = master_format_of(masters);
+  const at::ScalarType exp_avg_type = exp_avgs[0].scalar_type();
+  const at::ScalarType exp_avg_sq_type = exp_avg_sqs[0].scalar_type();
 
-  // One launch per (param dtype, grad dtype) present in the group: usually exactly one.
+  // One launch per (param dtype, grad dtype) present in the group: usually exactly one. The
+  // master format and the moment dtypes are one per call.
   std::map<std::pair<at::ScalarType, at::ScalarType>, std::vector<int64_t>> buckets;
   for (size_t i = 0; i < params.size(); ++i) {
     if (params[i].numel() == 0) continue;
@@ -197,27 +291,29 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList masters, at::TensorL
     const at::ScalarType param_type = bucket.first.first;
     const at::ScalarType grad_type = bucket.first.second;
     const std::vector<int64_t>& tensors = bucket.second;
-    auto run = [&](auto param_tag, auto has_master_tag) {
+    auto run = [&](auto param_tag, auto master_tag) {
       using P = decltype(param_tag);
-      constexpr bool kHasMaster = decltype(has_master_tag)::value;
-      auto go = [&](auto grad_tag) {
-        launch<P, decltype(grad_tag), kHasMaster>(
-            tensors, params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays,
-            lr_d.data_ptr<float>(), step_d.data_ptr<float>(), scale_ptr, inf_ptr, hyper);
-      };
-      switch (grad_type) {
-        case at::kFloat: return go(float{});
-        case at::kBFloat16: return go(at::BFloat16{});
-        case at::kHalf: return go(at::Half{});
-        default: TORCH_CHECK(false, "fused_adamw_: unsupported grad dtype ", grad_type);
-      }
+      constexpr MasterFormat kMaster = decltype(master_tag)::value;
+      with_type(grad_type, true, "grad", [&](auto grad_tag) {
+        with_type(exp_avg_type, false, "exp_avg", [&](auto m_tag) {
+          with_type(exp_avg_sq_type, false, "exp_avg_sq", [&](auto v_tag) {
+            launch<P, decltype(grad_tag), kMaster, decltype(m_tag), decltype(v_tag)>(
+                tensors, params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays, offsets,
+                lr_d.data_ptr<float>(), step_d.data_ptr<float>(), scale_ptr, inf_ptr, hyper);
+          });
+        });
+      });
     };
-    if (!has_master || param_type == at::kFloat) {
-      has_master ? run(float{}, std::true_type{}) : run(float{}, std::false_type{});
-    } else if (param_type == at::kBFloat16) {
-      run(at::BFloat16{}, std::true_type{});
-    } else {
-      run(at::Half{}, std::true_type{});
+    // The (param, master) pairs the formats have (check_fused_adamw_args refused the others).
+    switch (master_format) {
+      case MasterFormat::kNone: run(float{}, MasterTag<MasterFormat::kNone>{}); break;
+      case MasterFormat::kRemainder:
+        run(at::BFloat16{}, MasterTag<MasterFormat::kRemainder>{});
+        break;
+      case MasterFormat::kFp32:
+        with_type(param_type, true, "param",
+                  [&](auto param_tag) { run(param_tag, MasterTag<MasterFormat::kFp32>{}); });
+        break;
     }
   }
 }

@@ -20,19 +20,24 @@ namespace hift {
 namespace {
 
 // Shapes never change and nothing is returned, so the fake (meta) kernel has nothing to do;
-// it lets FakeTensor, torch.compile and opcheck trace through the op.
+// it lets FakeTensor, torch.compile and opcheck trace through the op. (It does not check the
+// arguments: sizes may be symbolic there.)
 void fused_adamw_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                       at::TensorList, at::ArrayRef<double>, const at::Tensor&, const at::Tensor&,
                       double, double, double, const std::optional<at::Tensor>&,
-                      const std::optional<at::Tensor>&) {}
+                      const std::optional<at::Tensor>&, int64_t, at::IntArrayRef) {}
 
 }  // namespace
 
 TORCH_LIBRARY(hift, m) {
+  // masters: empty, float32 or int16 (bf16 remainders); moments float32 or bfloat16, the latter
+  // rounded stochastically from (seed, step, offsets[i] + element) (python/hift/formats.py).
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor(b!)[] masters, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor[] grads, float[] weight_decays, Tensor lr, Tensor step, "
-      "float beta1, float beta2, float eps, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "float beta1, float beta2, float eps, Tensor? grad_scale, Tensor? found_inf, int seed=0, "
+      "int[] offsets=[]) -> ()");
+  m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa);  // no tensors: one kernel for every backend
   register_state_swapper(m);
 }
 

@@ -31,9 +31,16 @@ class CheckedFusedAdamW:
         self.calls += 1
         where = f"fused update call {self.calls}"
         ours = decoded(params, masters, exp_avgs, exp_avg_sqs)
-        for name, mine, theirs in zip(("master", "exp_avg", "exp_avg_sq"), ours, decoded(*twin)):
+        for name, mine, theirs, stored in zip(("master", "exp_avg", "exp_avg_sq"), ours, decoded(*twin),
+                                              (masters or params, exp_avgs, exp_avg_sqs)):
             for i, (a, b) in enumerate(zip(mine, theirs)):
-                torch.testing.assert_close(a, b, **FP32, msg=lambda m: f"{where}, {name} {i}: {m}")
+                if stored[i].dtype == torch.bfloat16:
+                    # stochastic rounding of fp32 values an ulp apart can land a bf16 ulp apart
+                    # (test_adamw_kernel.py holds it exact where the fp32 values agree)
+                    ulp = torch.maximum(a.abs(), b.abs()) * 2**-7
+                    assert bool(((a - b).abs() <= ulp).all()), f"{where}, {name} {i}: more than a bf16 ulp off"
+                else:
+                    torch.testing.assert_close(a, b, **FP32, msg=lambda m: f"{where}, {name} {i}: {m}")
         for i, (p, m) in enumerate(zip(params, masters)):  # a low-precision weight is its master rounded
             rounded = formats.round_to_bf16_weight(ours[0][i]) if m.dtype == torch.int16 else m.to(p.dtype)
             assert torch.equal(p, rounded), f"{where}: weight {i} is not its master rounded"

@@ -34,8 +34,6 @@ def _load_extension():
 
 
 HAS_EXTENSION = False if _FORCE_REFERENCE else _load_extension()
-# TEMPORARY until csrc/ takes the compact formats: the op's schema tells whether it does.
-_EXTENSION_HAS_FORMATS = HAS_EXTENSION and "offsets" in str(torch.ops.hift.fused_adamw_.default._schema)
 
 
 def _load_triton():
@@ -138,13 +136,12 @@ def adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, *, lr, step, beta1, be
     Arguments as in `reference_adamw_`."""
     if not params:
         return
-    if HAS_EXTENSION and hasattr(torch.ops.hift, "fused_adamw_") and _fused_takes(masters, exp_avgs, exp_avg_sqs):
+    if HAS_EXTENSION and hasattr(torch.ops.hift, "fused_adamw_"):
         device = params[0].device
         torch.ops.hift.fused_adamw_(
             params, masters, exp_avgs, exp_avg_sqs, grads, list(map(float, weight_decays)),
             _as_tensor(lr, device), _as_tensor(step, device), float(beta1), float(beta2),
-            float(eps), grad_scale, found_inf,
-            *((int(seed), [int(o) for o in offsets]) if _EXTENSION_HAS_FORMATS else ()),
+            float(eps), grad_scale, found_inf, int(seed), [int(o) for o in offsets],
         )
         return
     reference_adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, lr=lr, step=step,
@@ -152,11 +149,11 @@ def adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, *, lr, step, beta1, be
                      grad_scale=grad_scale, found_inf=found_inf, seed=seed, offsets=offsets)
 
 
-def _fused_takes(masters, exp_avgs, exp_avg_sqs) -> bool:
-    """Whether the built extension knows these state formats (an extension built before the
-    compact formats takes fp32 state only)."""
-    compact = any(t.dtype != torch.float32 for t in (*masters, *exp_avgs, *exp_avg_sqs))
-    return not compact or _EXTENSION_HAS_FORMATS
+def cpu_kernel_isa() -> str:
+    """The instruction set of the CPU AdamW kernel `adamw_` runs in this process: "avx512", "avx2"
+    or "portable" (ATen's choice for the machine, capped by ATEN_CPU_CAPABILITY as ATen's own
+    kernels are), or "reference" where hift._C is not in use."""
+    return torch.ops.hift.cpu_kernel_isa() if HAS_EXTENSION else "reference"
 
 
 def _as_tensor(x, device) -> Tensor:
