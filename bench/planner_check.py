@@ -6,7 +6,8 @@ CPU: hift.fit (offload off, so every group's AdamW state is resident: what hift 
 a CPU), full AdamW and LOMO (fused SGD in backward) on small LLaMA configs, fp32, each
 measured in a fresh process as VmHWM above the resident size once the model is loaded (glibc's
 mmap threshold fixed at 64 KiB so that freed tensors leave the resident set); predicted with
-`hift.planner` from the same config on the meta device.
+`hift.planner` from the same config on the meta device. Then `hift plan`'s tables: the published
+setting, and hift per optimizer-state format and store (device peak, host RAM, disk, PCIe).
 """
 import argparse
 import datetime
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     results = json.loads(done.stdout.strip().splitlines()[-1])
     from bench.compare import machine
 
-    lines = [f"# hift.planner: predicted vs measured, and the published setting", "",
+    lines = ["# hift.planner: predicted vs measured, the published setting, and the state formats", "",
              f"- date: {datetime.datetime.now():%Y-%m-%d %H:%M}", f"- machine: {machine()}",
              f"- command: `PYTHONPATH=python:. python bench/planner_check.py {' '.join(map(shlex.quote, argv or sys.argv[1:]))}`",
              "", "## CPU: predicted vs measured peak above the loaded model (fp32)", "",
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                      f"| {b} x {s} | {method} | {gs if method == 'hift' else '-'} | {r['predicted'] / MiB:.1f} "
                      f"| {r['measured'] / MiB:.1f} | {ratio:.3f} |")
     lines += ["", f"Largest deviation: {worst:.1%} (goal: within 10%).", "",
-              "## The published setting (LLaMA-2, batch 1, seq 512): `hift plan`", "",
+              "## The published setting and the state formats (LLaMA-2, batch 1, seq 512): `hift plan`", "",
               planner.published_table()]
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)

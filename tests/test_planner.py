@@ -1,5 +1,6 @@
-"""hift.planner: its arithmetic against hand counts on a tiny config, and its CPU prediction
-against the measured peak of real runs (each in a fresh process) within 10%."""
+"""hift.planner: its arithmetic against hand counts on a tiny config, its optimizer-state bytes
+(per format and store) against what hift.state allocates, and its CPU prediction against the
+measured peak of real runs (each in a fresh process) within 10%."""
 import json
 import os
 import statistics
@@ -56,11 +57,15 @@ def test_hift_state_and_weights_by_hand(tiny_trace):
     largest_group = max(V * H, BLOCK)
     for prefetch in (True, False):
         h = planner.plan_hift(tiny_trace, "bf16", group_size=1, prefetch=prefetch, offload=True)
-        assert h.weights == 2 * N and h.host == 12 * N
-        # one slot of the largest group's fp32 master + exp_avg + exp_avg_sq; with prefetch the
-        # state arrives in it during its own group's step, so no second slot is in flight
-        assert h.optimizer_resident == 12 * largest_group and h.optimizer_in_flight == 0
-        assert h.total == h.weights + h.gradients + 12 * largest_group + h.activations
+        # fit's default for bf16 weights: the int16 remainder of the fp32 master beside each
+        # weight, fp32 exp_avg and exp_avg_sq: 2 + 4 + 4 bytes per parameter
+        assert h.weights == 2 * N and h.host == 10 * N
+        # one slot of the largest group's state; with prefetch the state arrives in it during its
+        # own group's step, so no second slot is in flight
+        assert h.optimizer_resident == 10 * largest_group and h.optimizer_in_flight == 0
+        assert h.total == h.weights + h.gradients + 10 * largest_group + h.activations
+    h = planner.plan_hift(tiny_trace, "bf16", master_format="fp32")  # a full fp32 master
+    assert h.host == 12 * N and h.optimizer_resident == 12 * largest_group
     h = planner.plan_hift(tiny_trace, "fp32", group_size=2, prefetch=True, offload=True)
     assert h.optimizer_resident == 8 * max(V * H + BLOCK, BLOCK + H, V * H)  # groups of two units
     assert h.optimizer_in_flight == 0
@@ -68,9 +73,9 @@ def test_hift_state_and_weights_by_hand(tiny_trace):
     assert h.optimizer_resident == 8 * N and h.optimizer_in_flight == 0 and h.host == 0
 
 
-# state_chunk_mib: chunks of 872 parameters' bf16-run state (12 bytes each; a multiple of four
-# elements, so each fp32 section is whole 16-byte units, as hift.state aligns them); 1 MiB holds
-# every group whole
+# state_chunk_mib: chunks of 872 parameters' bf16-run state with an fp32 master (12 bytes each;
+# a multiple of four elements, so each fp32 section is whole 16-byte units, as hift.state aligns
+# them); 1 MiB holds every group whole
 @pytest.mark.parametrize("chunk_mib,resident,in_flight", [
     (872 * 12 / 2**20, 872 * 12, 872 * 12),  # chunk k is updated in one slot while k+1 comes in
     (1.0, 12 * max(V * H, BLOCK), 0),  # every group is one chunk: one slot, as without chunks
@@ -82,7 +87,8 @@ def test_chunked_state_by_hand_and_as_the_state_allocates_it(tiny_traced, chunk_
     from hift.state import OptimizerState, StateFormat
 
     trace, units = tiny_traced
-    h = planner.plan_hift(trace, "bf16", group_size=1, offload=True, state_chunk_mib=chunk_mib)
+    h = planner.plan_hift(trace, "bf16", group_size=1, offload=True, state_chunk_mib=chunk_mib,
+                          master_format="fp32")
     assert (h.optimizer_resident, h.optimizer_in_flight) == (resident, in_flight)
     assert h.optimizer == resident + in_flight and h.host == 12 * N
     # what hift.state really puts on the device for the same groups: its slots, each the size
@@ -95,6 +101,122 @@ def test_chunked_state_by_hand_and_as_the_state_allocates_it(tiny_traced, chunk_
         assert state.swapper.num_slots() * max(state.numels) * 4 == h.optimizer
     finally:
         state.close()
+
+
+# Resting bytes per parameter of each format as fit picks it from the weights' dtype
+# (hift.formats): master none 0, remainder 2, fp32 4; two moments of 4 (fp32) or 2 (bf16).
+# Every unit of the tiny model has a multiple of 8 parameters, so each section is whole
+# 16-byte units and the bytes are exactly per_param x parameters.
+@pytest.mark.parametrize("precision,master_format,moments,per_param", [
+    ("bf16", "auto", "fp32", 10), ("bf16", "remainder", "fp32", 10), ("bf16", "fp32", "fp32", 12),
+    ("bf16", "auto", "bf16", 6), ("bf16", "fp32", "bf16", 8), ("fp16", "auto", "fp32", 12),
+    ("fp16", "remainder", "bf16", 8), ("fp32", "auto", "fp32", 8), ("fp32", "fp32", "bf16", 4),
+])
+def test_state_formats_host_store_by_hand(tiny_trace, precision, master_format, moments, per_param):
+    largest_group = BLOCK  # > V * H
+    h = planner.plan_hift(tiny_trace, precision, master_format=master_format, moment_dtype=moments)
+    assert h.host == h.host_ram == per_param * N and h.disk == h.disk_io_per_step == 0
+    assert (h.optimizer_resident, h.optimizer_in_flight) == (per_param * largest_group, 0)
+    # per step the active group's state is copied to the device and back: the largest group's
+    assert h.step_params == largest_group and h.pcie_per_step == 2 * per_param * largest_group
+    assert h.pcie_per_param == 2 * per_param
+
+
+def test_sections_are_16_byte_aligned_by_hand():
+    # odd unit sizes: each section of a group's state starts on a 16-byte boundary (hift.state)
+    trace = planner.UnitTrace(kinds=["a", "b", "c"], numels=[1001, 333, 7], largest_param=1001,
+                              unit_largest_param=[1001, 333, 7], trainable=[5, 5, 5], frozen=[1, 1, 1],
+                              transient_trainable=[3, 3, 3], transient_frozen=[1, 1, 1])
+    # remainder + bf16 moments: three sections of 2 bytes per element; 2002 -> 2016, 666 -> 672, 14 -> 16
+    h = planner.plan_hift(trace, "bf16", moment_dtype="bf16")
+    assert h.host == 3 * (2016 + 672 + 16) and h.optimizer_resident == 3 * 2016
+    assert h.pcie_per_step == 2 * 3 * 2016 and h.step_params == 1001
+    # remainder + fp32 moments: 2002 -> 2016, then 4004 -> 4016 twice
+    h = planner.plan_hift(trace, "bf16")
+    assert h.optimizer_resident == 2016 + 2 * 4016
+    assert h.host == 2016 + 2 * 4016 + 672 + 2 * 1344 + 16 + 2 * 32
+
+
+@pytest.mark.parametrize("moments,per_param", [("fp32", 10), ("bf16", 6)])
+def test_disk_store_by_hand(tiny_trace, moments, per_param):
+    largest = per_param * BLOCK  # the largest group's state
+    host = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments)
+    h = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk")
+    # every group's state in its files; host RAM holds two staging buffers of the largest
+    # group's state (the step's, and the next step's read ahead); the device one slot of it,
+    # as with the host store
+    assert h.disk == per_param * N and h.host == h.host_ram == 2 * largest
+    assert (h.optimizer_resident, h.optimizer_in_flight) == (largest, 0)
+    assert h.total == host.total
+    # per step the group's state is read from its file, copied to the device and back, written
+    assert h.pcie_per_step == h.disk_io_per_step == 2 * largest and h.pcie_per_param == 2 * per_param
+    # groups cut into chunks of 872 parameters: three staging buffers of one chunk, two slots
+    chunk = 872 * per_param
+    c = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk",
+                          state_chunk_mib=chunk / 2**20)
+    assert c.host == 3 * chunk and (c.optimizer_resident, c.optimizer_in_flight) == (chunk, chunk)
+    assert c.disk == per_param * N and c.pcie_per_step == 2 * largest
+    # on a CPU no device slot: the update works on the staging buffers in RAM, which count in
+    # the process's total; host RAM is that total, and nothing crosses PCIe
+    cpu = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk", device="cpu")
+    assert cpu.optimizer == 2 * largest and cpu.host == 0 and cpu.host_ram == cpu.total
+    assert cpu.pcie_per_step == 0 and cpu.disk_io_per_step == 2 * largest and cpu.disk == per_param * N
+
+
+# (weight dtype, master_format): masters none, fp32 (asked, and fp16's), remainder
+@pytest.mark.parametrize("precision,master_format", [("fp32", "auto"), ("bf16", "fp32"), ("fp16", "auto"),
+                                                     ("bf16", "auto")])
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+@pytest.mark.parametrize("store", ["host", "disk"])
+@pytest.mark.parametrize("chunk_numel", [None, 333])
+def test_state_bytes_as_the_state_allocates_them(tiny_traced, tmp_path, precision, master_format, moments,
+                                                 store, chunk_numel):
+    import torch
+
+    from hift import formats
+    from hift.groups import Group, Unit
+    from hift.state import OptimizerState, StateFormat
+
+    trace, units = tiny_traced
+    dtype = planner.DTYPES[precision]
+    fmt = StateFormat(formats.master_format(dtype, master_format), moments)  # as hift.engine makes it
+    assert planner.state_format(precision, moments, master_format) == fmt
+    chunk_mib = None if chunk_numel is None else chunk_numel * fmt.bytes_per_element / 2**20
+    gen = torch.Generator().manual_seed(0)
+    groups = [Group(i, [Unit(u.kind, [torch.nn.Parameter(torch.randn(p.shape, generator=gen).to(dtype))
+                                      for p in u.params])]) for i, u in enumerate(units)]
+    state = OptimizerState(groups, torch.device("cpu"), fmt, offload=True, chunk_mib=chunk_mib,
+                           state_dir=str(tmp_path) if store == "disk" else None)
+    try:
+        allocated = [[state.numels[c] * 4 for c in chunks] for chunks in state.chunks_of]
+        assert planner.state_chunk_bytes([u.numel for u in units], fmt, chunk_mib) == allocated
+        h = planner.plan_hift(trace, precision, state_chunk_mib=chunk_mib, moment_dtype=moments,
+                              master_format=master_format, state_store=store)
+        resting = sum(map(sum, allocated))
+        if store == "host":
+            assert h.host == resting and h.disk == 0
+            # the device slots, each the largest chunk (on the CPU the slot logic runs all the same)
+            assert state.swapper.num_slots() * max(state.numels) * 4 == h.optimizer
+        else:
+            assert h.disk == resting == sum(path.stat().st_size for path in state.store.paths)
+            # the staging buffers are the host buffers of the disk store's swapper
+            staging = state.swapper
+            assert sum(staging.host(i).numel() for i in range(staging.num_groups())) * 4 == h.host
+            assert h.disk_io_per_step == 2 * max(map(sum, allocated))
+        assert h.pcie_per_step == 2 * max(map(sum, allocated))
+    finally:
+        state.close()
+
+
+def test_llama_7b_state_formats_meet_the_issue_targets():
+    trace, _ = planner.trace_units(planner.meta_model("llama-2-7b", "bf16"), 1, 512)
+    for (moments, store), target in planner.HOST_RAM_TARGETS_7B.items():
+        h = planner.plan_hift(trace, "bf16", moment_dtype=moments, state_store=store)
+        assert h.host_ram <= target * planner.GB, (moments, store, h.host_ram / planner.GB)
+    # state over PCIe per trained parameter and step: in and out, 2 x the bytes at rest
+    for master, moments, per_param in [("fp32", "fp32", 24), ("auto", "fp32", 20), ("auto", "bf16", 12)]:
+        h = planner.plan_hift(trace, "bf16", master_format=master, moment_dtype=moments)
+        assert h.pcie_per_param == pytest.approx(per_param, rel=1e-6)
 
 
 def test_adamw_and_lomo_by_hand(tiny_trace):

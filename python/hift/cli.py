@@ -12,7 +12,8 @@ def main(argv=None) -> int:
                                      "tragedies and histories apart (options: hift demo --help)",
                         add_help=False)
     commands.add_parser("plan", help="predict the peak device memory of a hift run (and of full AdamW "
-                                     "and LOMO) from a model config (options: hift plan --help)",
+                                     "and LOMO) from a model config, and hift's host RAM, disk and PCIe "
+                                     "traffic per state format and store (options: hift plan --help)",
                         add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

@@ -27,15 +27,36 @@ after u's backward its activations are freed and its gradients exist. For hift t
 What is "the device"
 --------------------
 - GPU, offload on (hift's default there): the weights, the active group's gradients, and the
-  swapper's one state slot (the size of the largest group's state: fp32 master (bf16/fp16 runs
-  only), exp_avg, exp_avg_sq), which the active group's state enters during its own forward
-  and backward. Every other group's state rests in host memory (reported as `host`, not in
-  the total).
+  store's device slots, which the active group's state enters during its own forward and
+  backward. Every other group's state rests off the device (reported as `host` and `disk`, not
+  in the total).
 - CPU (offload off, hift's default there): every group's state is resident (host and device
   are one memory), so the prediction is the process's memory above the loaded model: every
   group's state + the sweep. This is what tests/test_planner.py measures (VmHWM above the
   resident size after the model is loaded, glibc's mmap threshold fixed so that freed tensors
   leave the resident set).
+
+The optimizer state: formats and stores
+---------------------------------------
+The state's bytes come from the code that allocates them: the format is the one fit() picks
+(hift.formats.master_format of the weight dtype and master_format, with moment_dtype; a bf16
+run's master is the int16 remainder unless master_format="fp32"), and each group's state is
+cut into chunks (state_chunk_mib) and laid out as hift.state.StateFormat lays a chunk out:
+[master | exp_avg | exp_avg_sq], each section 16-byte aligned. Per parameter at rest: fp32
+master + fp32 moments 12 B, remainder + fp32 moments 10 B, remainder + bf16 moments 6 B, fp32
+weights (no master) 8 B or 4 B. Where it rests (hift.store), on a GPU:
+- host store (offload): every group's state in host RAM, pinned in place (cudaHostRegister: no
+  rounding, so no overhead beyond the bytes); 1 device slot of the largest chunk, 2 when a
+  group is cut into several chunks (the next one comes in while one is updated).
+- disk store: every group's state in files under state_dir (`disk`); host RAM holds only the
+  staging buffers, each the largest chunk: 2 (the step's chunk and the next step's, read
+  ahead), 3 when groups are cut into chunks; the device holds 2 slots of the largest chunk.
+On a CPU everything is one memory: the host store's slots, or the disk store's staging buffers
+(the update works on them in place), count in the total, and `host_ram` is the total.
+Per step the active group's state is copied in and out: 2 x its bytes over PCIe (GPU), read
+from and written to its files (disk store). Reported for the largest group, and per trained
+parameter (2 x the bytes per element: 24 B with the fp32 master, 20 with the remainder, 12
+with bf16 moments).
 
 Full AdamW: weights + grads of every weight + exp_avg and exp_avg_sq (and an fp32 master for
 bf16/fp16: the usual mixed-precision recipe) + activations. LOMO: weights + activations + the
@@ -54,6 +75,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from hift import formats
+from hift.state import StateFormat
 
 GB = 1e9
 GiB = 2**30
@@ -80,22 +104,34 @@ PUBLISHED = {
 GOAL_7B_BYTES = 15 * GB  # this project's goal: 7B, bf16, prefetch on, under 15 GB
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SLOTS = 1  # hift.state.OptimizerState: one device slot, filled during the group's own forward/backward
+STATE_STORES = ("host", "disk")
+# Targets for LLaMA-2-7B in bf16 (the issue "Optimizer state at 6 bytes per parameter and
+# below, and a disk tier"): host RAM at most this many GB, by moments and store
+HOST_RAM_TARGETS_7B = {("fp32", "host"): 68, ("bf16", "host"): 41, ("fp32", "disk"): 5, ("bf16", "disk"): 5}
 
 
 @dataclass
 class Breakdown:
-    """Predicted peak device memory of one method, in bytes, by what holds it."""
+    """Predicted peak device memory of one method, in bytes, by what holds it, and what the
+    run holds beside it (host RAM, disk) and moves per step."""
 
     method: str
     weights: int = 0
     gradients: int = 0
     optimizer_resident: int = 0  # state the update of the active group reads and writes
-    # the next chunk's state, copied into the second slot while this chunk is updated (hift with
-    # state_chunk_mib); one slot (the default) has none: the state arrives during its own step
+    # a second device slot (hift: the next chunk's state copied in while this chunk is updated,
+    # or the disk store's second slot); on a CPU the store's other buffers
     optimizer_in_flight: int = 0
     activations: int = 0  # saved for backward, plus the transient of the peak's backward step
-    host: int = 0  # optimizer state resting in host memory (not in total)
+    # host RAM beside the device (not in total): the resting state or the staging buffers; 0 on
+    # a CPU, where everything is in the total
+    host: int = 0
+    disk: int = 0  # the state's files (disk store)
+    pcie_per_step: int = 0  # state copied to the device and back in the largest group's step
+    disk_io_per_step: int = 0  # state read from and written to disk in that step
+    step_params: int = 0  # the parameters that step trains
+    device: str = "cuda"
+    state_format: str = ""  # e.g. "remainder master + fp32 moments, 10 B/param" (hift only)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -110,11 +146,23 @@ class Breakdown:
     def above_model(self) -> int:
         return self.total - self.weights
 
+    @property
+    def host_ram(self) -> int:
+        """Host RAM at the peak: beside the device's total on a GPU; the total itself on a CPU."""
+        return self.total if self.device == "cpu" else self.host
+
+    @property
+    def pcie_per_param(self) -> float:
+        return self.pcie_per_step / self.step_params if self.step_params else 0.0
+
     def as_dict(self) -> dict:
         return dict(method=self.method, weights=self.weights, gradients=self.gradients,
                     optimizer_resident=self.optimizer_resident,
                     optimizer_in_flight=self.optimizer_in_flight, activations=self.activations,
-                    host=self.host, total=self.total, above_model=self.above_model, notes=self.notes)
+                    host=self.host, total=self.total, above_model=self.above_model,
+                    host_ram=self.host_ram, disk=self.disk, pcie_per_step=self.pcie_per_step,
+                    pcie_per_param=self.pcie_per_param, disk_io_per_step=self.disk_io_per_step,
+                    device=self.device, state_format=self.state_format, notes=self.notes)
 
 
 # ------------------------------------------------------------------------------------------
@@ -303,13 +351,39 @@ def update_temporaries(trace: UnitTrace, groups: list[range]) -> list[int]:
     return [2 * 4 * max(trace.unit_largest_param[u] for u in g) for g in groups]
 
 
+def state_format(precision: str, moment_dtype: str = "fp32", master_format: str = "auto") -> StateFormat:
+    """The format fit() gives the state of a run in `precision` (as hift.engine builds it)."""
+    return StateFormat(formats.master_format(DTYPES[precision], master_format), moment_dtype)
+
+
+def describe_format(fmt: StateFormat) -> str:
+    master = {"none": "no master (fp32 weights)", "fp32": "fp32 master", "remainder": "remainder master"}
+    return f"{master[fmt.master]} + {fmt.moments} moments, {fmt.bytes_per_element} B/param"
+
+
+def state_chunk_bytes(group_numels: list[int], fmt: StateFormat,
+                      chunk_mib: Optional[float] = None) -> list[list[int]]:
+    """Each group's state chunks, in bytes, as hift.state.OptimizerState cuts and lays them out:
+    whole groups, or pieces of int(chunk_mib MiB / bytes per element) elements (a group's last
+    one shorter), each [master | exp_avg | exp_avg_sq] with 16-byte aligned sections."""
+    if chunk_mib is None:
+        numels = [[n] for n in group_numels]
+    else:
+        size = max(1, int(chunk_mib * MiB) // fmt.bytes_per_element)
+        numels = [[size] * (n // size) + ([n % size] if n % size else []) for n in group_numels]
+    return [[sum(fmt.section_bytes(n)) for n in chunks] for chunks in numels]
+
+
 def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, prefetch: bool = True,
               offload: bool = True, state_chunk_mib: Optional[float] = None,
-              recompute_boundary: Optional[int] = None) -> Breakdown:
+              recompute_boundary: Optional[int] = None, *, moment_dtype: str = "fp32",
+              master_format: str = "auto", state_store: str = "host", device: str = "cuda") -> Breakdown:
     """recompute_boundary: the bytes of one block's input (batch x seq x hidden x weight
-    bytes) when recompute_activations is on, else None."""
+    bytes) when recompute_activations is on, else None. moment_dtype, master_format,
+    state_store and state_chunk_mib as fit() takes them; device "cuda" or "cpu"."""
+    if state_store not in STATE_STORES:
+        raise ValueError(f"state_store must be one of {STATE_STORES}, got {state_store!r}")
     wbytes = DTYPES[precision].itemsize
-    parts = 2 if precision == "fp32" else 3  # [master |] exp_avg | exp_avg_sq, fp32
     groups = make_group_ranges(len(trace.numels), group_size)
     group_numels = [sum(trace.numels[u] for u in g) for g in groups]
     grad_of = [n * wbytes for n in trace.numels]
@@ -326,30 +400,57 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
         if best is None or peak > best[0]:
             best = (peak, acts, grads, g)
     _, acts, grads, g_peak = best
-    state = [n * parts * 4 for n in group_numels]
-    out = Breakdown("hift", weights=sum(trace.numels) * wbytes, gradients=grads, activations=acts)
-    if offload:
-        out.host = sum(state)
-        if state_chunk_mib is not None:  # hift.state: a slot of one chunk, double-buffered
-            chunk = min(max(state), int(state_chunk_mib * 2**20) // (4 * parts) * 4 * parts)
-            out.optimizer_resident = chunk
-            # a second slot, where a group has a next chunk to copy in while one is updated
-            out.optimizer_in_flight = chunk if max(state) > chunk else 0
-            slots = 2 if out.optimizer_in_flight else 1
-            out.notes.append(f"offload: state streamed through {slots} device slot{'s' * (slots > 1)} of "
-                             f"{chunk / 2**20:.0f} MiB during the update; every group's state rests on the host")
-        else:
-            out.optimizer_resident = SLOTS * max(state)
-            out.notes.append(f"offload: {SLOTS} device slot of the largest group's state "
-                             f"({max(state) / GiB:.2f} GiB); every group's state rests on the host"
-                             + ("; with prefetch it is copied in while the group's own forward and "
-                                "backward run" if prefetch else ""))
-    else:
-        out.optimizer_resident = sum(state)
-        out.notes.append("offload off: every group's state is resident")
+    fmt = state_format(precision, moment_dtype, master_format)
+    out = Breakdown("hift", weights=sum(trace.numels) * wbytes, gradients=grads, activations=acts,
+                    device=device, state_format=describe_format(fmt))
+    _place_state(out, state_chunk_bytes(group_numels, fmt, state_chunk_mib), group_numels,
+                 offload, state_store, prefetch)
     out.notes.append(f"peak while training group {g_peak} of {len(groups)} "
                      f"({', '.join(trace.kinds[u] for u in groups[g_peak])})")
     return out
+
+
+def _place_state(out: Breakdown, chunks: list[list[int]], group_numels: list[int], offload: bool,
+                 state_store: str, prefetch: bool) -> None:
+    """Fill in where the state's bytes are (device slots, host RAM, disk) and what moves per
+    step, as hift.state and hift.store allocate them (see the module doc)."""
+    state = [sum(c) for c in chunks]  # per group
+    largest = max((b for c in chunks for b in c), default=0)  # each slot or staging buffer
+    chunked = any(len(c) > 1 for c in chunks)
+    on_cpu = out.device == "cpu"
+    big = max(range(len(state)), key=state.__getitem__)  # the group whose step moves the most
+    out.step_params = group_numels[big]
+    slot_of = "a chunk" if chunked else "the largest group's state"
+    where = f"state: {out.state_format}; "
+    slots = 2 if chunked else 1  # device slots, whichever store
+    if state_store == "disk":
+        buffers = 3 if chunked else 2
+        staging = buffers * largest
+        out.disk, out.disk_io_per_step = sum(state), 2 * state[big]
+        if on_cpu:  # no device slots: the update works on a staging buffer in place
+            out.optimizer_resident, out.optimizer_in_flight = largest, staging - largest
+        else:
+            out.optimizer_resident, out.optimizer_in_flight = largest, (slots - 1) * largest
+            out.host, out.pcie_per_step = staging, 2 * state[big]
+        out.notes.append(where + "disk store: every group's state in files under state_dir "
+                         f"({out.disk / GB:.2f} GB); host RAM holds {buffers} staging buffers of {slot_of} "
+                         f"({largest / GiB:.2f} GiB each)"
+                         + ("" if on_cpu else f"; {slots} device slot{'s' * (slots > 1)}")
+                         + "; the next group's state is read ahead while a step computes")
+    elif offload:
+        if on_cpu:  # the slot logic runs with plain copies; slots and resting state share RAM
+            out.optimizer_resident, out.optimizer_in_flight = sum(state), slots * largest
+        else:
+            out.optimizer_resident, out.optimizer_in_flight = largest, (slots - 1) * largest
+            out.host, out.pcie_per_step = sum(state), 2 * state[big]
+        out.notes.append(where + f"offload: {slots} device slot{'s' * (slots > 1)} of {slot_of} "
+                         f"({largest / GiB:.2f} GiB); every group's state rests in host RAM"
+                         + ("; the update streams the chunks through the slots" if chunked else
+                            "; with prefetch it is copied in while the group's own forward and "
+                            "backward run" if prefetch else ""))
+    else:
+        out.optimizer_resident = sum(state)
+        out.notes.append(where + "offload off: every group's state is resident")
 
 
 def plan_adamw(trace: UnitTrace, precision: str = "bf16") -> Breakdown:
@@ -391,13 +492,24 @@ def block_input_bytes(model: nn.Module, batch: int, seq: int, precision: str) ->
 
 def plan(config, batch: int, seq: int, precision: str = "bf16", group_size: int = 1,
          prefetch: bool = True, offload: bool = True, state_chunk_mib: Optional[float] = None,
-         recompute: bool = False) -> dict[str, Breakdown]:
+         recompute: bool = False, *, moment_dtype: str = "fp32", master_format: str = "auto",
+         state_store: str = "host", device: str = "cuda") -> dict[str, Breakdown]:
     model = meta_model(config, precision)
     trace, _ = trace_units(model, batch, seq)
     boundary = block_input_bytes(model, batch, seq, precision) if recompute else None
-    return {"hift": plan_hift(trace, precision, group_size, prefetch, offload, state_chunk_mib, boundary),
-            "adamw": plan_adamw(trace, precision),
-            "lomo": plan_lomo(trace, precision)}
+    return _plans(trace, boundary, precision, group_size, prefetch, offload, state_chunk_mib,
+                  moment_dtype=moment_dtype, master_format=master_format, state_store=state_store,
+                  device=device)
+
+
+def _plans(trace: UnitTrace, recompute_boundary: Optional[int], precision: str, group_size: int,
+           prefetch: bool, offload: bool, state_chunk_mib: Optional[float], **state) -> dict[str, Breakdown]:
+    plans = {"hift": plan_hift(trace, precision, group_size, prefetch, offload, state_chunk_mib,
+                               recompute_boundary, **state),
+             "adamw": plan_adamw(trace, precision), "lomo": plan_lomo(trace, precision)}
+    for b in plans.values():
+        b.device = state["device"]
+    return plans
 
 
 # ------------------------------------------------------------------------------------------
@@ -407,9 +519,10 @@ def plan(config, batch: int, seq: int, precision: str = "bf16", group_size: int 
 def measure(config, batch: int, seq: int, method: str = "hift", precision: str = "fp32",
             group_size: int = 1, prefetch: bool = True, offload: Optional[bool] = None,
             steps: int = 3, device: str = "cpu", seed: int = 0, recompute: bool = False,
-            state_chunk_mib: Optional[float] = None) -> dict:
+            state_chunk_mib: Optional[float] = None, moment_dtype: str = "fp32",
+            master_format: str = "auto", state_store: str = "host", state_dir: Optional[str] = None) -> dict:
     """Train a randomly initialized model built from `config` for `steps` steps (hift: one cycle,
-    every group once) and return the
+    every group once; the state options as fit() takes them) and return the
     peak memory above the loaded model (CPU: VmHWM above VmRSS; CUDA: max_memory_allocated
     above memory_allocated) and the median step time. Run it in a fresh process on the CPU,
     with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=65536), for a clean number."""
@@ -456,7 +569,9 @@ def measure(config, batch: int, seq: int, method: str = "hift", precision: str =
         result = hift.fit(model, batches, lr=1e-5, num_cycles=1, precision=precision,
                           group_size=group_size, prefetch=prefetch, offload=offload, progress=False,
                           order="top_down", lr_schedule="constant", log_every=steps,
-                          recompute_activations=recompute, state_chunk_mib=state_chunk_mib)
+                          recompute_activations=recompute, state_chunk_mib=state_chunk_mib,
+                          moment_dtype=moment_dtype, master_format=master_format,
+                          state_store=state_store, state_dir=state_dir)
         times = result.step_seconds
     else:
         params = list(model.parameters())
@@ -502,45 +617,99 @@ def _row(name: str, b: Breakdown, published: Optional[float] = None, unit: float
     pub = f"{published:.2f}" if published is not None else "-"
     return (f"| {name} | {b.weights / unit:.2f} | {b.gradients / unit:.2f} | {b.optimizer_resident / unit:.2f} "
             f"| {b.optimizer_in_flight / unit:.2f} | {b.activations / unit:.2f} | **{b.total / unit:.2f}** "
-            f"| {pub} | {b.host / unit:.2f} |")
+            f"| {pub} | {b.host_ram / unit:.2f} |")
 
 
 HEADER = ("| method | weights | grads | optimizer (resident) | optimizer (in flight) | activations "
-          "| total | published | host (not on device) |\n|---|---|---|---|---|---|---|---|---|")
+          "| total | published | host RAM |\n|---|---|---|---|---|---|---|---|---|")
+
+# (master_format, moment_dtype, state_store): the rows of the formats table; the first is the
+# layout before the remainder (an fp32 master), for reference
+FORMAT_ROWS = [("fp32", "fp32", "host"), ("auto", "fp32", "host"), ("auto", "fp32", "disk"),
+               ("auto", "bf16", "host"), ("auto", "bf16", "disk")]
+FORMAT_HEADER = ("| master | moments | store | state B/param | state on device | device peak | host RAM "
+                 "| disk | PCIe per step | PCIe B/param | disk I/O per step |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def formats_table(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, prefetch: bool = True,
+                  state_chunk_mib: Optional[float] = None, recompute_boundary: Optional[int] = None,
+                  device: str = "cuda", name: Optional[str] = None) -> str:
+    """hift's prediction per state format and store (GB = 1e9 bytes; per step: the largest
+    group's, its state copied in and out)."""
+    lines, seen, by_row = [FORMAT_HEADER], set(), {}
+    for master, moments, store in FORMAT_ROWS:
+        fmt = state_format(precision, moments, master)
+        if (fmt, store) in seen:  # fp32 weights: "fp32" and "auto" are both no master
+            continue
+        seen.add((fmt, store))
+        # the host store as fit uses it by default: offload on a GPU, resident on a CPU
+        h = plan_hift(trace, precision, group_size, prefetch, device != "cpu", state_chunk_mib,
+                      recompute_boundary, moment_dtype=moments, master_format=master, state_store=store,
+                      device=device)
+        by_row[master, moments, store] = h
+        lines.append(f"| {fmt.master} | {moments} | {store} | {fmt.bytes_per_element} | {h.optimizer / GB:.2f} "
+                     f"| **{h.total / GB:.2f}** | **{h.host_ram / GB:.2f}** | {h.disk / GB:.2f} "
+                     f"| {h.pcie_per_step / GB:.2f} | {h.pcie_per_param:.1f} | {h.disk_io_per_step / GB:.2f} |")
+    lines.append("| - | int8 | - | not built | | | | | | | |")
+    if name == "llama-2-7b" and precision == "bf16" and device == "cuda":
+        met = []
+        for (moments, store), target in HOST_RAM_TARGETS_7B.items():
+            got = by_row["auto", moments, store].host_ram / GB
+            met.append(f"{moments} moments, {store} store: {got:.2f} GB (at most {target}: "
+                       f"{'met' if got <= target else 'NOT met'})")
+        lines += ["", "Host RAM targets (the issue, LLaMA-2-7B bf16, predicted): " + "; ".join(met) + "."]
+    return "\n".join(lines)
+
+
+def _formats_notes() -> str:
+    return ("master: what fit(master_format=...) gives bf16 weights (auto = remainder: the low 16 bits "
+            "of the fp32 master beside the weight; fp32 = a full copy, the layout before the remainder). "
+            "state on device: the store's device slots, each the largest chunk (whole groups unless "
+            "state_chunk_mib): 1, or 2 when groups are cut into chunks, whichever the store. host RAM: "
+            "host store, every group's resting state (pinned in place: no overhead); disk store, its "
+            "staging buffers only (2 of the largest chunk, 3 when groups are cut into chunks). disk: the "
+            "state's files under state_dir. PCIe / disk I/O per step: the largest group's state copied in "
+            "and out (2 x its bytes); per trained parameter, 2 x the bytes per element at rest. On a CPU "
+            "(--cpu) host RAM is the whole total and nothing crosses PCIe.")
 
 
 def published_table(batch: int = 1, seq: int = 512, group_size: int = 1, prefetch: bool = True) -> str:
     lines = [f"Predicted peak device memory (GB = 1e9 bytes), batch {batch}, seq {seq}, "
              f"group size {group_size}, prefetch {'on' if prefetch else 'off'}, offload on; "
-             "published: HiFT paper (Liu et al. 2024), LLaMA-2 tables.", ""]
+             "published: HiFT paper (Liu et al. 2024), LLaMA-2 tables. hift's state in fit's default "
+             "format: for bf16 weights the remainder master and fp32 moments (10 B/param at rest; an fp32 "
+             "master was 12), for fp32 weights fp32 moments (8 B/param).", ""]
     for name in LLAMA2:
         lines += [f"### {name}", "", HEADER]
         for precision in ("bf16", "fp32"):
             model = meta_model(name, precision)
             trace, _ = trace_units(model, batch, seq)
+            boundary = block_input_bytes(model, batch, seq, precision)
             plans = {"hift": plan_hift(trace, precision, group_size, prefetch),
                      "lomo": plan_lomo(trace, precision), "adamw": plan_adamw(trace, precision)}
             plans["hift-chunked"] = plan_hift(trace, precision, group_size, prefetch, state_chunk_mib=256)
-            plans["hift-chunked-recompute"] = plan_hift(
-                trace, precision, group_size, prefetch, state_chunk_mib=256,
-                recompute_boundary=block_input_bytes(model, batch, seq, precision))
+            plans["hift-chunked-recompute"] = plan_hift(trace, precision, group_size, prefetch,
+                                                        state_chunk_mib=256, recompute_boundary=boundary)
             for method, b in plans.items():
                 label = f"{method} {'mixed (bf16)' if precision == 'bf16' else 'fp32'}"
                 lines.append(_row(label, b, PUBLISHED.get((name, method, precision))))
+            if precision == "bf16":
+                h, lean, bf16_trace = plans["hift"], plans["hift-chunked-recompute"], trace
             del model
         lines.append("")
-        h = plan(name, batch, seq, "bf16", group_size, prefetch)["hift"]
         lines.append("hift bf16: " + "; ".join(h.notes))
         lines.append("hift-chunked: fit(..., state_chunk_mib=256); hift-chunked-recompute: also "
                      "recompute_activations=True (the frozen blocks above the active group keep only "
                      "their inputs and run again in backward).")
         if name == "llama-2-7b":
-            lean = plan(name, batch, seq, "bf16", group_size, prefetch, state_chunk_mib=256, recompute=True)["hift"]
             verdict = lambda b: "under" if b.total < GOAL_7B_BYTES else "over"
             lines.append(f"Goal, 7B bf16 with prefetch under 15 GB: {h.total / GB:.2f} GB predicted with the "
                          f"defaults ({verdict(h)}), {lean.total / GB:.2f} GB with state_chunk_mib=256 and "
                          f"recompute_activations=True ({verdict(lean)}). " + _what_it_takes(h))
-        lines.append("")
+        lines += ["", f"#### {name} bf16: hift by state format and store", "",
+                  formats_table(bf16_trace, "bf16", group_size, prefetch, name=name), ""]
+    lines.append(_formats_notes())
     return "\n".join(lines)
 
 
@@ -548,7 +717,7 @@ def _what_it_takes(h: Breakdown) -> str:
     fixed = h.weights + h.gradients + h.activations
     return (f"The bf16 weights alone are {h.weights / GB:.2f} GB; weights + gradients + activations at "
             f"the peak are {fixed / GB:.2f} GB before any optimizer state, and one slot of the largest "
-            f"group's fp32 master+exp_avg+exp_avg_sq is {h.optimizer_resident / GB:.2f} GB. "
+            f"group's state ({h.state_format}) is {h.optimizer_resident / GB:.2f} GB. "
             "state_chunk_mib=256 streams that state through two 256 MiB slots instead, and "
             "recompute_activations=True keeps only the inputs of the frozen blocks above the active "
             f"group instead of their {h.activations / GB:.2f} GB: see the hift-chunked-recompute row.")
@@ -556,7 +725,8 @@ def _what_it_takes(h: Breakdown) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hift plan", description="Predict the peak device memory of a hift "
-                                "run (and of full AdamW and LOMO) from a model config, without weights.")
+                                "run (and of full AdamW and LOMO) from a model config, without weights; and "
+                                "hift's host RAM, disk and PCIe traffic per state format and store.")
     p.add_argument("--model", default=None, help=f"one of {sorted(LLAMA2)}; default: the published table")
     p.add_argument("--config", default=None, help="a LLaMA config.json (or any AutoModelForCausalLM config)")
     p.add_argument("--batch", type=int, default=1)
@@ -568,29 +738,48 @@ def main(argv=None) -> int:
                    help="predict fit(..., recompute_activations=True)")
     p.add_argument("--state-chunk-mib", type=float, default=None,
                    help="predict fit(..., state_chunk_mib=N): the state streamed in chunks of N MiB")
+    p.add_argument("--moment-dtype", default="fp32", choices=formats.MOMENT_DTYPES,
+                   help="predict fit(..., moment_dtype=...)")
+    p.add_argument("--master-format", default="auto", choices=("auto", "remainder", "fp32"),
+                   help="predict fit(..., master_format=...) (auto: the remainder for bf16 weights)")
+    p.add_argument("--state-store", default="host", choices=STATE_STORES,
+                   help="predict fit(..., state_store=...): host RAM, or files under state_dir")
     p.add_argument("--cpu", action="store_true", help="predict a CPU run (offload off: every group's "
-                   "state resident; the total above the model is the process's growth)")
+                   "state resident, unless it rests on disk; the total above the model is the process's growth)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.model is None and args.config is None:
         print(published_table(args.batch, args.seq, args.group_size, args.prefetch))
         return 0
     config = args.config or args.model
-    plans = plan(config, args.batch, args.seq, args.precision, args.group_size, args.prefetch,
-                 offload=not args.cpu, state_chunk_mib=args.state_chunk_mib, recompute=args.recompute)
+    device = "cpu" if args.cpu else "cuda"
+    model = meta_model(config, args.precision)
+    trace, _ = trace_units(model, args.batch, args.seq)
+    boundary = block_input_bytes(model, args.batch, args.seq, args.precision) if args.recompute else None
+    plans = _plans(trace, boundary, args.precision, args.group_size, args.prefetch, not args.cpu,
+                   args.state_chunk_mib, moment_dtype=args.moment_dtype, master_format=args.master_format,
+                   state_store=args.state_store, device=device)
     if args.json:
         print(json.dumps({k: v.as_dict() for k, v in plans.items()}, indent=1))
         return 0
     print(f"{config}: batch {args.batch}, seq {args.seq}, {args.precision}, group size {args.group_size}, "
-          f"prefetch {'on' if args.prefetch else 'off'}, {'CPU (offload off)' if args.cpu else 'offload on'} "
-          "(GB = 1e9 bytes)\n")
+          f"prefetch {'on' if args.prefetch else 'off'}, {'CPU (offload off)' if args.cpu else 'offload on'}, "
+          f"{args.state_store} store (GB = 1e9 bytes)\n")
     print(HEADER)
     for name, b in plans.items():
-        print(_row(name, b, PUBLISHED.get((args.model, name, args.precision))))
+        print(_row(name, b, None if args.cpu else PUBLISHED.get((args.model, name, args.precision))))
     print()
     for name, b in plans.items():
         for note in b.notes:
             print(f"{name}: {note}")
+    h = plans["hift"]
+    print(f"hift: host RAM {h.host_ram / GB:.2f} GB, disk {h.disk / GB:.2f} GB, per step (largest group) "
+          f"PCIe {h.pcie_per_step / GB:.2f} GB ({h.pcie_per_param:.1f} B/param), disk I/O "
+          f"{h.disk_io_per_step / GB:.2f} GB")
+    print(f"\nhift by state format and store ({args.precision}):\n")
+    print(formats_table(trace, args.precision, args.group_size, args.prefetch, args.state_chunk_mib, boundary,
+                        device, name=args.model))
+    print("\n" + _formats_notes())
     return 0
 
 

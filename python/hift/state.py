@@ -138,7 +138,8 @@ class OptimizerState:
         # next step's, read ahead.
         chunked = any(len(chunks) > 1 for chunks in self.chunks_of)
         if state_dir is not None:
-            self.store = DiskStore(self.numels, self.device, state_dir, slots=3 if chunked else 2, pin=pin_memory)
+            self.store = DiskStore(self.numels, self.device, state_dir, slots=3 if chunked else 2, pin=pin_memory,
+                                   device_slots=2 if chunked else 1)
         elif offload:
             self.store = HostStore(self.numels, self.device, slots=2 if chunked else 1, pin=pin_memory)
         else:

@@ -116,7 +116,7 @@ class DiskStore:
     """
 
     def __init__(self, numels: list[int], device: torch.device, directory, slots: int, pin: bool,
-                 workers: int = 3):
+                 device_slots: int = 1, workers: int = 3):
         self.numels = numels
         self.device = device
         self.directory = Path(directory)
@@ -126,8 +126,8 @@ class DiskStore:
         # The swapper's "groups" are the staging slots: it owns their (pinned) host buffers and,
         # on CUDA, the device slots they are copied through. On the CPU the update works on the
         # staging buffer itself.
-        self.swapper = make_swapper([largest] * slots, device, slots=1 if device.type == "cpu" else 2,
-                                    pin=pin and device.type == "cuda", force_slots=device.type != "cpu")
+        self.swapper = make_swapper([largest] * slots, device, slots=device_slots,
+                                    pin=pin and device.type == "cuda", force_slots=False)
         # a chained read waits inside a worker for a write in another: three never starve
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hift-state-io")
         self._slot_of: dict[int, int] = {}  # chunk -> staging slot holding it
