@@ -104,7 +104,8 @@ def test_fp16_nan_loss_on_every_batch_stops_at_once():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(NonFiniteError, match=r"loss became inf or nan at step 0") as info:
         fit(model, tm.lm_batches(4), precision="fp16", max_steps=200, **QUIET)
-    assert info.value.result.steps == 1 and info.value.result.skipped_steps == 1
+    result = info.value.result
+    assert result.steps == 1 and result.skipped_steps == 1 and math.isnan(result.losses[0])
     # fit cast the model to fp16 and then wrote nothing into it
     assert all(torch.equal(before[n].half(), t) for n, t in model.state_dict().items())
 

@@ -353,6 +353,7 @@ class _Trainer:
     def stop(self, step: int, g: int, what: str, count: int = 1) -> None:
         """End the run on a non-finite value: save (every skipped update left the weights and
         the state finite, so the checkpoint is good to resume from), then raise in words."""
+        self.flush_losses()  # fp16 stops between flushes; the history goes with the error
         saved = self.save() if self.cfg.save_dir is not None else None
         where = f"step {step} while training {self.groups[g].describe()}"
         if what == "overflows":
