@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
@@ -129,6 +130,7 @@ class DiskStore:
         self.swapper = make_swapper([largest] * slots, device, slots=device_slots,
                                     pin=pin and device.type == "cuda", force_slots=False)
         # a chained read waits inside a worker for a write in another: three never starve
+        self._swapper_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hift-state-io")
         self._slot_of: dict[int, int] = {}  # chunk -> staging slot holding it
         self._owner = [-1] * slots  # staging slot -> chunk
@@ -173,8 +175,17 @@ class DiskStore:
                                           "changed while hift ran?")
                 done += got
 
+    def _host_buffer(self, slot: int) -> Tensor:
+        """Staging slot's host buffer, once the copies touching it are done. Worker threads and
+        the main thread both ask, and a swapper is not thread-safe: one at a time."""
+        with self._swapper_lock:
+            return self.swapper.host(slot)
+
+    def _read_slot(self, c: int, slot: int) -> None:
+        self._read_file(c, self._host_buffer(slot))
+
     def _write_file(self, c: int, slot: int) -> None:
-        data = self.swapper.host(slot)[: self.numels[c]]  # waits for the copy back from the device
+        data = self._host_buffer(slot)[: self.numels[c]]  # waits for the copy back from the device
         with open(self.paths[c], "r+b", buffering=0) as f:
             view, done = _bytes_of(data), 0
             while done < len(view):
@@ -213,8 +224,7 @@ class DiskStore:
             # One worker writes the slot's previous chunk back, then reads this one into it: both
             # overlap the step that computes meanwhile, and two slots are enough.
             previous_write, self._writing[slot] = self._writing[slot], None
-            self._reading[c] = self._pool.submit(self._after(previous_write, self._read_file), c,
-                                                 self.swapper.host(slot))
+            self._reading[c] = self._pool.submit(self._after(previous_write, self._read_slot), c, slot)
         self._used_at[slot] = self._clock
         return slot
 
@@ -252,7 +262,8 @@ class DiskStore:
         slot = self._stage(c)
         if self.device.type != "cpu":
             self._staged(c)
-            self.swapper.prefetch(slot)
+            with self._swapper_lock:
+                self.swapper.prefetch(slot)
 
     def acquire(self, c: int) -> Tensor:
         self._held.add(c)
@@ -260,11 +271,13 @@ class DiskStore:
         # The update overwrites the staged bytes (on the CPU) or the copy back will (on CUDA):
         # the last write of this chunk must have read them first (K=1 trains it every step).
         self._wait_write(slot)
-        return self.swapper.acquire(slot)[: self.numels[c]]
+        with self._swapper_lock:
+            return self.swapper.acquire(slot)[: self.numels[c]]
 
     def release(self, c: int) -> None:
         slot = self._slot_of[c]
-        self.swapper.writeback(slot)
+        with self._swapper_lock:
+            self.swapper.writeback(slot)
         self._writing[slot] = self._pool.submit(self._write_file, c, slot)
         self._held.discard(c)
 
