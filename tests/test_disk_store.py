@@ -2,6 +2,7 @@
 a few host buffers. It changes where the bytes rest, never what training computes."""
 import copy
 import shutil
+import time
 from collections import namedtuple
 
 import pytest
@@ -91,6 +92,25 @@ def test_disk_store_round_trips_every_chunk_through_a_few_slots(tmp_path):
         saved = []
         store.save_chunk(c, saved.append)
         assert torch.equal(saved[0], torch.arange(n, dtype=torch.float32) + 1000 * c)
+    store.close()
+
+
+def test_a_chunk_read_again_waits_for_its_own_write_from_another_slot(tmp_path):
+    """Chunk 0 is written back slowly from one slot, evicted there by a read ahead, and staged
+    again in the other slot: its read must wait for its own write, not only for that slot's."""
+    store = DiskStore([1000, 1000, 1000], torch.device("cpu"), tmp_path, slots=2, pin=False)
+    write = store._write_file
+    store._write_file = lambda c, slot: (time.sleep(0.5 if c == 0 else 0.0), write(c, slot))
+    store.prefetch(0)
+    store.acquire(0).fill_(1.0)
+    store.release(0)  # the slow write
+    store.prefetch(1)
+    store.read_ahead(2)  # evicts chunk 0 from its slot, behind its write
+    store.acquire(1).fill_(2.0)
+    store.release(1)
+    store.prefetch(0)  # back into chunk 1's slot, while chunk 0's own write may still run
+    assert torch.equal(store.acquire(0), torch.ones(1000))
+    store.release(0)
     store.close()
 
 

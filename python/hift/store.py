@@ -137,6 +137,7 @@ class DiskStore:
         self._reading: dict[int, Future] = {}  # chunk -> its read in flight
         self._writing: list[Optional[Future]] = [None] * slots  # slot -> its write in flight
         self._held: set[int] = set()  # chunks between prefetch and release
+        self._last_write: dict[int, Future] = {}  # chunk -> its last write to its file
         self._used_at = [0] * slots
         self._clock = 0
 
@@ -222,17 +223,20 @@ class DiskStore:
             slot = self._take_slot(c)
             self._owner[slot], self._slot_of[c] = c, slot
             # One worker writes the slot's previous chunk back, then reads this one into it: both
-            # overlap the step that computes meanwhile, and two slots are enough.
+            # overlap the step that computes meanwhile, and two slots are enough. The read also
+            # waits for this chunk's own last write, which may still be going on from another slot.
             previous_write, self._writing[slot] = self._writing[slot], None
-            self._reading[c] = self._pool.submit(self._after(previous_write, self._read_slot), c, slot)
+            before = [previous_write, self._last_write.get(c)]
+            self._reading[c] = self._pool.submit(self._after(before, self._read_slot), c, slot)
         self._used_at[slot] = self._clock
         return slot
 
     @staticmethod
-    def _after(pending: Optional[Future], work):
+    def _after(pending: list[Optional[Future]], work):
         def run(*args):
-            if pending is not None:
-                pending.result()
+            for future in pending:
+                if future is not None:
+                    future.result()
             work(*args)
         return run
 
@@ -278,7 +282,7 @@ class DiskStore:
         slot = self._slot_of[c]
         with self._swapper_lock:
             self.swapper.writeback(slot)
-        self._writing[slot] = self._pool.submit(self._write_file, c, slot)
+        self._writing[slot] = self._last_write[c] = self._pool.submit(self._write_file, c, slot)
         self._held.discard(c)
 
     def synchronize(self) -> None:
