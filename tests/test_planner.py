@@ -351,3 +351,25 @@ def test_predicted_vs_measured_cpu_peak_within_10_percent():
                             f"{', '.join(f'{m / 2**20:.1f}' for m in measured)} MiB "
                             f"(ratio {predicted / median:.3f} to the median)")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_plan_reads_any_local_model_directory(tmp_path, capsys, family):
+    """hift plan --model DIR takes a save_pretrained directory of any causal LM family: its
+    config.json decides the architecture (no weights are read)."""
+    import tiny_models as tm
+
+    model = getattr(tm, family)(layers=3)
+    model.config.save_pretrained(tmp_path)
+    assert planner.main(["--model", str(tmp_path), "--seq", "16", "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    weights = sum(p.numel() for p in model.parameters()) * 2  # bf16
+    assert plans["hift"]["weights"] == weights
+    traced = planner.meta_model(str(tmp_path), "bf16")
+    assert type(traced).__name__ == type(model).__name__
+
+
+def test_plan_refuses_a_path_that_is_no_model_in_words(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        planner.main(["--model", str(tmp_path / "nothing-here")])
+    assert "model directory with a config.json" in capsys.readouterr().err

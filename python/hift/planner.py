@@ -4,6 +4,7 @@ from a model config before any weight exists.
     hift plan                                  # LLaMA-2-7B and -13B, batch 1, seq 512, beside the papers
     hift plan --model llama-2-7b --precision bf16 --group-size 1 --no-prefetch
     hift plan --config my_llama.json --batch 4 --seq 1024
+    hift plan --model ./my-model-dir                 # any causal LM family: its config.json
 
 How the prediction is made
 --------------------------
@@ -71,6 +72,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -170,13 +172,20 @@ class Breakdown:
 
 
 def llama_config(name_or_dict):
-    from transformers import LlamaConfig
+    """A model config: a LLaMA-2 name of the planner's, a local model directory or config.json
+    (any transformers family, read by AutoConfig: its model_type decides), or a dict of LLaMA
+    fields."""
+    from transformers import AutoConfig, LlamaConfig
 
     if isinstance(name_or_dict, str):
         if name_or_dict in LLAMA2:
             return LlamaConfig(**LLAMA2[name_or_dict])
-        with open(name_or_dict) as f:
-            return LlamaConfig(**json.load(f))
+        path = Path(name_or_dict)
+        directory = path if path.is_dir() else path.parent
+        if not (directory / "config.json").is_file() or (path.is_file() and path.name != "config.json"):
+            raise ValueError(f"{name_or_dict} is neither one of the planner's models ({', '.join(LLAMA2)}) nor a "
+                             "model directory with a config.json (a save_pretrained directory) nor its config.json")
+        return AutoConfig.from_pretrained(str(directory))
     return LlamaConfig(**name_or_dict)
 
 
@@ -727,8 +736,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hift plan", description="Predict the peak device memory of a hift "
                                 "run (and of full AdamW and LOMO) from a model config, without weights; and "
                                 "hift's host RAM, disk and PCIe traffic per state format and store.")
-    p.add_argument("--model", default=None, help=f"one of {sorted(LLAMA2)}; default: the published table")
-    p.add_argument("--config", default=None, help="a LLaMA config.json (or any AutoModelForCausalLM config)")
+    p.add_argument("--model", default=None, help=f"one of {sorted(LLAMA2)}, or a local model directory "
+                   "(any causal LM family: its config.json is read, no weights); default: the published table")
+    p.add_argument("--config", default=None, help="a model's config.json (any causal LM family)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--precision", default="bf16", choices=tuple(DTYPES))
@@ -753,7 +763,10 @@ def main(argv=None) -> int:
         return 0
     config = args.config or args.model
     device = "cpu" if args.cpu else "cuda"
-    model = meta_model(config, args.precision)
+    try:
+        model = meta_model(config, args.precision)
+    except ValueError as err:
+        p.error(str(err))
     trace, _ = trace_units(model, args.batch, args.seq)
     boundary = block_input_bytes(model, args.batch, args.seq, args.precision) if args.recompute else None
     plans = _plans(trace, boundary, args.precision, args.group_size, args.prefetch, not args.cpu,
