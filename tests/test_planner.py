@@ -284,15 +284,20 @@ MEASURE = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(sys.argv[2]))
     from hift import planner
+    import tempfile
     config, batch, seq, method, group_size = json.loads(sys.argv[1])
+    state = dict(moment_dtype="bf16" if method == "hift+bf16m" else "fp32",
+                 state_store="disk" if method == "hift+disk" else "host")
     options = dict(method=method.split("+")[0], group_size=group_size,
-                   recompute=method == "hift+recompute")
-    planner.measure(json.loads(sys.argv[3]), 1, 16, steps=2, **options)  # warm-up
-    measured = planner.measure(config, batch, seq, steps=3, **options)["peak_above_model"]
+                   recompute=method == "hift+recompute", **state)
+    with tempfile.TemporaryDirectory() as state_dir:
+        planner.measure(json.loads(sys.argv[3]), 1, 16, steps=2, state_dir=state_dir, **options)  # warm-up
+        measured = planner.measure(config, batch, seq, steps=3, state_dir=state_dir, **options)["peak_above_model"]
     model = planner.meta_model(config, "fp32")
     trace, _ = planner.trace_units(model, batch, seq)
     boundary = planner.block_input_bytes(model, batch, seq, "fp32") if options["recompute"] else None
-    p = (planner.plan_hift(trace, "fp32", group_size, offload=False, recompute_boundary=boundary)
+    p = (planner.plan_hift(trace, "fp32", group_size, offload=False, recompute_boundary=boundary,
+                           device="cpu", **state)
          if method.startswith("hift") else planner.plan_adamw(trace, "fp32"))
     print(json.dumps([p.above_model, measured]))
 """)
@@ -312,6 +317,12 @@ CASES = [
           intermediate_size=344, max_position_embeddings=1024), 4, 256, "hift", 1],
     [dict(vocab_size=2000, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
           intermediate_size=344, max_position_embeddings=1024), 4, 256, "hift+recompute", 1],
+    # the state formats and stores: bf16 moments (4 B/param with fp32 weights), and the disk store
+    # (two staging buffers of the largest group in RAM instead of every group's state)
+    [dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+          intermediate_size=688, max_position_embeddings=256), 2, 128, "hift+bf16m", 1],
+    [dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+          intermediate_size=688, max_position_embeddings=256), 2, 128, "hift+disk", 1],
 ]
 
 
