@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hift import checkpoint, formats, ops
+from hift import checkpoint, formats
 from hift.batches import BatchStream, compute_loss, probe, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
