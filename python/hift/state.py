@@ -199,10 +199,6 @@ class OptimizerState:
     def storage(self, c: int) -> Tensor:
         """Chunk c's buffer where it rests in memory: on the host with offload, else on the
         device (call synchronize() first; the disk store reads a copy from its file)."""
-        if isinstance(self.store, DiskStore):
-            buffer = torch.empty(self.numels[c], dtype=torch.float32)
-            self.store.save_chunk(c, buffer.copy_)
-            return buffer
         return self.store.resting(c)
 
     def _views(self, c: int, flat: Tensor) -> StateViews:
@@ -274,7 +270,7 @@ class OptimizerState:
         """Hand each chunk's resting bytes to write(c, bytes), one chunk in memory at a time."""
         self.synchronize()
         for c in range(len(self.chunks)):
-            self.store.save_chunk(c, lambda flat, c=c: write(c, flat.view(torch.uint8)))
+            write(c, self.store.resting(c).cpu().view(torch.uint8))
 
     def load_chunks(self, read: Callable[[int], Tensor]) -> None:
         """Overwrite each chunk's resting bytes with read(c)."""

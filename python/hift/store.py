@@ -12,7 +12,8 @@ update. A chunk is a flat buffer of fp32 words holding its bytes in their format
 All three answer the same calls, in the order the engine makes them for each chunk:
 read_ahead (during an earlier step), prefetch (the step begins), acquire (the update begins),
 release (the update is enqueued). synchronize() waits for every copy and write; checkpoints then
-read and write chunks with save_chunk / load_chunk.
+read chunks with resting(c) (the disk store reads a copy from its file) and write them with
+load_chunk.
 """
 from __future__ import annotations
 
@@ -69,9 +70,6 @@ class ResidentStore:
     def resting(self, c: int) -> Tensor:
         """Chunk c's buffer where it rests (call synchronize() first)."""
         return self.buffers[c]
-
-    def save_chunk(self, c: int, write: Callable[[Tensor], None]) -> None:
-        write(self.resting(c).cpu())
 
     def load_chunk(self, c: int, data: Tensor) -> None:
         self.resting(c).view(torch.uint8).copy_(data)
@@ -186,7 +184,10 @@ class DiskStore:
         self._read_file(c, self._host_buffer(slot))
 
     def _write_file(self, c: int, slot: int) -> None:
-        data = self._host_buffer(slot)[: self.numels[c]]  # waits for the copy back from the device
+        self._write_bytes(c, self._host_buffer(slot)[: self.numels[c]])  # waits for the copy back
+
+    def _write_bytes(self, c: int, data: Tensor) -> None:
+        """Chunk c's whole file from `data` (a write may take less than it is given)."""
         with open(self.paths[c], "r+b", buffering=0) as f:
             view, done = _bytes_of(data), 0
             while done < len(view):
@@ -255,8 +256,7 @@ class DiskStore:
             return
         buffer = torch.empty(self.numels[c], dtype=torch.float32)
         fill(buffer)
-        with open(self.paths[c], "r+b", buffering=0) as f:
-            f.write(_bytes_of(buffer))
+        self._write_bytes(c, buffer)
 
     def read_ahead(self, c: int) -> None:
         self._stage(c)
@@ -299,18 +299,18 @@ class DiskStore:
             self._pool.shutdown(wait=True)
             self.swapper.close()
 
-    def save_chunk(self, c: int, write: Callable[[Tensor], None]) -> None:
+    def resting(self, c: int) -> Tensor:
+        """A copy of chunk c read from its file (call synchronize() first)."""
         buffer = torch.empty(self.numels[c], dtype=torch.float32)
         self._read_file(c, buffer)
-        write(buffer)
+        return buffer
 
     def load_chunk(self, c: int, data: Tensor) -> None:
         self.synchronize()
         slot = self._slot_of.pop(c, None)
         if slot is not None:  # a staged copy would be stale now
             self._owner[slot] = -1
-        with open(self.paths[c], "r+b", buffering=0) as f:
-            f.write(memoryview(data.contiguous().numpy()))
+        self._write_bytes(c, data.contiguous())
 
     def disk_bytes(self) -> int:
         """Bytes the chunk files occupy on disk now (sparse parts not counted)."""
