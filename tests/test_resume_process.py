@@ -32,6 +32,10 @@ RUN = textwrap.dedent("""
 
     case, mode, save_every, kill_at, save_dir, out = sys.argv[1:]
     save_every, kill_at = int(save_every), int(kill_at)
+    # "+disk": bf16 moments resting in files under a state_dir that the resumed run reuses
+    case, _, store = case.partition("+")
+    state = (dict(state_store="disk", state_dir=save_dir + "-state", moment_dtype="bf16")
+             if store == "disk" else {})
     torch.manual_seed(1234)
     samples = [{k: v[0] for k, v in b.items()} for b in tm.lm_batches(18, batch=1, seed=3)]
     seeded = lambda: torch.Generator().manual_seed(5)
@@ -53,7 +57,7 @@ RUN = textwrap.dedent("""
             layer.self_attn.attention_dropout = 0.2
     result = fit(model, loader, epochs=3, lr=3e-3, max_grad_norm=1.0, progress=False, log_every=2,
                  save_dir=save_dir, save_every=save_every, keep_last=10, on_step=kill_after_checkpoint,
-                 resume_from=save_dir if mode == "resume" else None)
+                 resume_from=save_dir if mode == "resume" else None, **state)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out + ".safetensors")
     with open(out + ".json", "w") as f:
         json.dump(result.losses, f)
@@ -79,6 +83,7 @@ def finished(child) -> None:
     ("loader_generator", 4, 8),
     ("sampler_generator", 3, 3),  # resumes in the first pass, the one the probe peeked into
     ("loader_generator", 5, 10),  # the checkpoint sits at the end of pass 1
+    ("loader_generator+disk", 4, 8),  # the state on disk, killed while its files were written
 ])
 def test_killed_run_resumed_in_a_fresh_process_is_bitwise_exact(tmp_path, case, save_every, kill_at):
     straight, straight_out = run_child(tmp_path, case, "straight", save_every, kill_at, "straight")
