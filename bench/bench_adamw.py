@@ -114,7 +114,7 @@ class Variants:
         self.step.add_(1.0)
         torch.ops.hift.fused_adamw_(self.weights, self.masters, self.exp_avgs, self.exp_avg_sqs,
                                     self.grads_bf16, self.wds, self.lr, self.step, BETAS[0],
-                                    BETAS[1], EPS, None, None)
+                                    BETAS[1], EPS, None, None, [], [])
 
     def torch_copy(self):
         torch._foreach_copy_(self.t_grads, self.grads_bf16)
@@ -163,7 +163,7 @@ class FormatState:
         v = self.v
         torch.ops.hift.fused_adamw_(self.params, self.masters, self.exp_avgs, self.exp_avg_sqs,
                                     v.grads_bf16, v.wds, v.lr, v.step, BETAS[0], BETAS[1], EPS,
-                                    None, None, self.seed, self.offsets)
+                                    None, None, [], [], self.seed, self.offsets)
 
 
 def timer(device: torch.device, inner: int):

@@ -123,6 +123,78 @@ HIFT_HOST_DEVICE int16_t remainder_bits(uint32_t master_bits) {
   return static_cast<int16_t>(static_cast<uint16_t>(master_bits - (high << 16)));
 }
 
+// ------------------------------------------------------------------------- int8 moments
+// formats.encode_exp_avg / encode_exp_avg_sq and their decoders, per element, given the block's
+// scales. Blocks of kInt8Block elements of one tensor; the kernels gather a block's new fp32
+// moments, reduce its scales, then encode. Only integer and single IEEE fp32 operations (no
+// contraction: the build passes -ffp-contract=off / --fmad=false), so every device agrees with
+// the reference bit for bit.
+constexpr int64_t kInt8Block = 256;
+
+HIFT_HOST_DEVICE float int8_round_even(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);  // the default rounding mode: to nearest even, as torch.round
+#endif
+}
+
+// exp_avg: the block's scale is absmax / 127; code m/s to nearest even (0 in an all-zero block).
+HIFT_HOST_DEVICE float exp_avg_scale(float absmax) { return absmax / 127.0f; }
+
+HIFT_HOST_DEVICE int8_t encode_exp_avg(float m, float scale) {
+  if (!(scale > 0.0f)) return 0;
+  float q = int8_round_even(m / scale);
+  q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+  return static_cast<int8_t>(q);
+}
+
+HIFT_HOST_DEVICE float decode_exp_avg(int8_t q, float scale) {
+  return static_cast<float>(q) * scale;
+}
+
+// exp_avg_sq: codes 1..255 evenly spaced on the fp32 bits between the block's smallest positive
+// value lo and its largest hi; code 0 is zero.
+struct LogBitsCode {
+  int64_t lo;    // bits of lo
+  int64_t span;  // bits of hi - bits of lo
+  float step;    // bits per code, span / 254 in fp32
+
+  HIFT_HOST_DEVICE LogBitsCode(float lo_value, float hi_value)
+      : lo(float_bits(lo_value)), span(static_cast<int64_t>(float_bits(hi_value)) - lo),
+        step(static_cast<float>(span) / 254.0f) {}
+
+  // The bits of code j + 1, j in 0..254 (formats._code_bits).
+  HIFT_HOST_DEVICE int64_t bits_of(int64_t j) const {
+    const int64_t offset = static_cast<int32_t>(static_cast<float>(j) * step);  // truncates
+    return lo + (offset < span ? offset : span);
+  }
+
+  HIFT_HOST_DEVICE float decode(uint8_t code) const {
+    return code == 0 ? 0.0f : bits_float(static_cast<uint32_t>(bits_of(code - 1)));
+  }
+
+  // random: 32 hash bits for this element; up with probability (v - below) / (above - below).
+  HIFT_HOST_DEVICE uint8_t encode(float v, uint32_t random) const {
+    if (!(v > 0.0f)) return 0;
+    const int64_t u = float_bits(v);
+    int64_t j = 0;
+    if (step > 0.0f) {
+      const float t = static_cast<float>(u - lo) / step;
+      j = static_cast<int64_t>(t);
+      j = j < 0 ? 0 : (j > 254 ? 254 : j);
+    }
+    if (j < 254 && bits_of(j + 1) <= u) ++j;  // the quotient is within one code: one look each way
+    if (j > 0 && bits_of(j) > u) --j;
+    const float below = bits_float(static_cast<uint32_t>(bits_of(j)));
+    const float above = bits_float(static_cast<uint32_t>(bits_of(j < 254 ? j + 1 : 254)));
+    const float gap = above - below;
+    const float p = gap > 0.0f ? (v - below) / gap : 0.0f;
+    const float r = static_cast<float>(random >> 8) * 5.9604644775390625e-08f;  // 2^-24
+    return static_cast<uint8_t>(j + 1 + (r < p ? 1 : 0));
+  }
+};
+
 // ------------------------------------------------------------------------------- the update
 
 // `step` is this update's 1-based count (bias correction and rounding keys), `seed` the group's
@@ -190,8 +262,10 @@ HIFT_HOST_DEVICE void adamw_math(V& master, V& m, V& v, V g, const AdamWCoeffs<V
 struct AdamWTensorRoles {
   void* param;
   void* master;      // fp32 master or int16 remainder; == param when the fp32 param is its own
-  void* exp_avg;     // fp32 or bf16
-  void* exp_avg_sq;  // fp32 or bf16
+  void* exp_avg;     // fp32, bf16 or int8 codes
+  void* exp_avg_sq;  // fp32, bf16 or uint8 codes
+  float* exp_avg_scale;     // int8 moments: one fp32 scale per block (else null)
+  float* exp_avg_sq_scale;  // int8 moments: (lo, hi) per block (else null)
   const void* grad;
   float decay;
   uint32_t offset;   // mod 2^32, as the hash takes it
@@ -223,7 +297,8 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::T
                             at::TensorList exp_avg_sqs, at::TensorList grads,
                             at::ArrayRef<double> weight_decays, const at::Tensor& lr,
                             const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf, at::IntArrayRef offsets);
+                            const std::optional<at::Tensor>& found_inf, at::IntArrayRef offsets,
+                            at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales);
 
 // The master format of a checked call: none (no masters), fp32 (float32) or remainder (int16).
 MasterFormat master_format_of(at::TensorList masters);

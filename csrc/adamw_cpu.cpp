@@ -1,6 +1,6 @@
 // Fused AdamW on the CPU: one pass over grad, master, exp_avg, exp_avg_sq (and the low-precision
 // weight), in whichever state format each role is kept (formats.py: fp32 or remainder masters,
-// fp32 or stochastically rounded bf16 moments), vectorized with at::vec and spread over threads
+// fp32, stochastically rounded bf16 or blockwise int8 moments), vectorized with at::vec and spread over threads
 // with one at::parallel_for.
 //
 // The work list is flattened over (tensor, chunk) so that a group of many small tensors keeps
@@ -28,7 +28,8 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::T
                             at::TensorList exp_avg_sqs, at::TensorList grads,
                             at::ArrayRef<double> weight_decays, const at::Tensor& lr,
                             const at::Tensor& step, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf, at::IntArrayRef offsets) {
+                            const std::optional<at::Tensor>& found_inf, at::IntArrayRef offsets,
+                            at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales) {
   const size_t n = params.size();
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n &&
                   weight_decays.size() == n,
@@ -58,23 +59,32 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::T
     }
   };
   check_one_dtype(masters, "masters", "float32 masters or int16 remainders of bf16 params");
-  check_one_dtype(exp_avgs, "exp_avgs", "float32 or bfloat16");
-  check_one_dtype(exp_avg_sqs, "exp_avg_sqs", "float32 or bfloat16");
+  check_one_dtype(exp_avgs, "exp_avgs", "float32, bfloat16 or int8");
+  check_one_dtype(exp_avg_sqs, "exp_avg_sqs", "float32, bfloat16 or uint8");
   const bool remainders = !masters.empty() && masters[0].scalar_type() == at::kShort;
   TORCH_CHECK(masters.empty() || remainders || masters[0].scalar_type() == at::kFloat,
               "fused_adamw_: masters must be float32 (an fp32 master per param) or int16 (the "
               "remainder of a bf16 param's fp32 master); got ", masters[0].scalar_type());
-  auto check_moment = [&](at::TensorList role, const char* name) {
+  auto check_moment = [&](at::TensorList role, const char* name, at::ScalarType code) {
     const at::ScalarType type = role[0].scalar_type();
-    TORCH_CHECK(type == at::kFloat || type == at::kBFloat16, "fused_adamw_: ", name,
-                " must be float32 or bfloat16; got ", type);
-    TORCH_CHECK(type != at::kBFloat16 || !offsets.empty(), "fused_adamw_: ", name,
-                " are bfloat16, which are written with stochastic rounding drawn per group "
-                "element, so offsets (where each tensor starts in its group) are required; none "
-                "were given");
+    TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == code, "fused_adamw_: ",
+                name, " must be float32, bfloat16 or ", code, " (int8 moments); got ", type);
+    TORCH_CHECK(type == at::kFloat || !offsets.empty(), "fused_adamw_: ", name, " are ", type,
+                ", which are written with stochastic rounding drawn per group element, so "
+                "offsets (where each tensor starts in its group) are required; none were given");
   };
-  check_moment(exp_avgs, "exp_avgs");
-  check_moment(exp_avg_sqs, "exp_avg_sqs");
+  check_moment(exp_avgs, "exp_avgs", at::kChar);
+  check_moment(exp_avg_sqs, "exp_avg_sqs", at::kByte);
+  const bool int8 = exp_avgs[0].scalar_type() == at::kChar;
+  TORCH_CHECK(int8 == (exp_avg_sqs[0].scalar_type() == at::kByte), "fused_adamw_: int8 moments "
+              "come in pairs (int8 exp_avgs, uint8 exp_avg_sqs); got ", exp_avgs[0].scalar_type(),
+              " and ", exp_avg_sqs[0].scalar_type());
+  const size_t scale_count = int8 ? n : 0;
+  TORCH_CHECK(exp_avg_scales.size() == scale_count && exp_avg_sq_scales.size() == scale_count,
+              "fused_adamw_: int8 moments need one exp_avg_scales and one exp_avg_sq_scales "
+              "tensor per param, other formats none; got ", exp_avg_scales.size(), " and ",
+              exp_avg_sq_scales.size(), " for ", n, " params with ", exp_avgs[0].scalar_type(),
+              " exp_avgs");
   const auto device = params[0].device();
   auto is_low_or_fp32 = [](at::ScalarType t) {
     return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -104,6 +114,18 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList masters, at::T
       TORCH_CHECK(t->is_contiguous(), "fused_adamw_: tensor ", i,
                   " has a non-contiguous role; the fused update walks flat memory");
     }
+    if (int8) {
+      const int64_t blocks = (numel + kInt8Block - 1) / kInt8Block;
+      for (auto [scales, per_block, name] : {std::make_tuple(&exp_avg_scales[i], 1, "exp_avg_scales"),
+                                             std::make_tuple(&exp_avg_sq_scales[i], 2, "exp_avg_sq_scales")}) {
+        TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
+                        scales->device() == device && scales->numel() == per_block * blocks,
+                    "fused_adamw_: ", name, "[", i, "] must be a contiguous float32 tensor on ",
+                    device, " of ", per_block * blocks, " elements (", per_block, " per block of ",
+                    kInt8Block, "); got ", scales->scalar_type(), " of ", scales->numel(), " on ",
+                    scales->device());
+      }
+    }
   }
 }
 
@@ -125,8 +147,10 @@ AdamWRangeFn adamw_range_fn(c10::ScalarType, c10::ScalarType, MasterFormat, c10:
 
 namespace {
 
-// Elements per work item: big enough to amortize the dispatch, small enough to balance threads.
+// Elements per work item: big enough to amortize the dispatch, small enough to balance threads; a
+// multiple of the int8 block, so that every item starts on a block.
 constexpr int64_t kChunk = 1 << 15;
+static_assert(kChunk % kInt8Block == 0, "work items must be whole int8 blocks");
 
 enum class CpuIsa { kPortable, kAvx2, kAvx512 };
 
@@ -157,7 +181,7 @@ AdamWRangeFn pick_range_fn(at::ScalarType param_type, at::ScalarType grad_type,
     default: fn = std::apply(portable::adamw_range_fn, args); break;
   }
   TORCH_CHECK(fn != nullptr, "fused_adamw_: no CPU kernel for params of ", param_type,
-              " and grads of ", grad_type);
+              ", grads of ", grad_type, " and moments of ", exp_avg_type, " / ", exp_avg_sq_type);
   return fn;
 }
 
@@ -168,10 +192,10 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList masters, at::TensorLi
                      at::ArrayRef<double> weight_decays, const at::Tensor& lr,
                      const at::Tensor& step, double beta1, double beta2, double eps,
                      const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf, int64_t seed,
-                     at::IntArrayRef offsets) {
+                     const std::optional<at::Tensor>& found_inf, at::TensorList exp_avg_scales,
+                     at::TensorList exp_avg_sq_scales, int64_t seed, at::IntArrayRef offsets) {
   check_fused_adamw_args(params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays, lr, step,
-                         grad_scale, found_inf, offsets);
+                         grad_scale, found_inf, offsets, exp_avg_scales, exp_avg_sq_scales);
   if (params.empty()) return;
   if (found_inf.has_value() && scalar_value(*found_inf) != 0.0f) return;
   const AdamWScalars s = make_adamw_scalars(
@@ -194,8 +218,11 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList masters, at::TensorLi
     const int32_t index = static_cast<int32_t>(roles.size());
     void* master = (master_format == MasterFormat::kNone ? params[i] : masters[i]).data_ptr();
     const uint32_t offset = offsets.empty() ? 0u : static_cast<uint32_t>(offsets[i]);
+    const bool int8 = !exp_avg_scales.empty();
     roles.push_back({params[i].data_ptr(), master, exp_avgs[i].data_ptr(),
-                     exp_avg_sqs[i].data_ptr(), grads[i].data_ptr(),
+                     exp_avg_sqs[i].data_ptr(),
+                     int8 ? exp_avg_scales[i].data_ptr<float>() : nullptr,
+                     int8 ? exp_avg_sq_scales[i].data_ptr<float>() : nullptr, grads[i].data_ptr(),
                      decay_factor(s.lr, weight_decays[i]), offset});
     fns.push_back(pick_range_fn(params[i].scalar_type(), grads[i].scalar_type(), master_format,
                                 exp_avg_type, exp_avg_sq_type));

@@ -203,8 +203,62 @@ void adamw_range(const AdamWTensorRoles& t, int64_t begin, int64_t end, const Ad
   }
 }
 
+// int8 moments (formats.encode_exp_avg, encode_exp_avg_sq), a block at a time: the block's codes
+// are decoded into fp32 arrays on the stack, the one update runs over them as fp32 moments, and
+// the new values are encoded with the block's new scales. `begin` is a block boundary (work items
+// are block multiples).
+template <typename P, typename G, MasterFormat kMaster>
+void adamw_range_int8(const AdamWTensorRoles& t, int64_t begin, int64_t end, const AdamWScalars& s) {
+  auto* param = static_cast<P*>(t.param);
+  auto* master = static_cast<master_t<kMaster>*>(t.master);
+  auto* m_codes = static_cast<int8_t*>(t.exp_avg);
+  auto* v_codes = static_cast<uint8_t*>(t.exp_avg_sq);
+  auto* grad = static_cast<const G*>(t.grad);
+  const AdamWCoeffs<Vec> c(s, t.decay);
+  alignas(64) float m[kInt8Block];
+  alignas(64) float v[kInt8Block];
+  for (int64_t b0 = begin; b0 < end; b0 += kInt8Block) {
+    const int64_t n = end - b0 < kInt8Block ? end - b0 : kInt8Block;
+    const int64_t block = b0 / kInt8Block;
+    const uint32_t index = t.offset + static_cast<uint32_t>(b0);  // mod 2^32
+    {
+      const float m_scale = t.exp_avg_scale[block];
+      const LogBitsCode v_code(t.exp_avg_sq_scale[2 * block], t.exp_avg_sq_scale[2 * block + 1]);
+      for (int64_t k = 0; k < n; ++k) {
+        m[k] = decode_exp_avg(m_codes[b0 + k], m_scale);
+        v[k] = v_code.decode(v_codes[b0 + k]);
+      }
+    }
+    for (int64_t i = 0; i < n; i += kWidth) {
+      const int64_t count = n - i < kWidth ? n - i : kWidth;
+      adamw_step<P, G, kMaster, float, float>(param + b0 + i, master + b0 + i, m + i, v + i,
+                                              grad + b0 + i, count, index + static_cast<uint32_t>(i), c, s);
+    }
+    float absmax = 0.0f, lo = 0.0f, hi = 0.0f;
+    for (int64_t k = 0; k < n; ++k) {
+      const float a = m[k] < 0.0f ? -m[k] : m[k];
+      absmax = a > absmax ? a : absmax;
+      if (v[k] > 0.0f && (lo == 0.0f || v[k] < lo)) lo = v[k];
+      hi = v[k] > hi ? v[k] : hi;
+    }
+    const float m_scale = exp_avg_scale(absmax);
+    const LogBitsCode v_code(lo, hi);
+    for (int64_t k = 0; k < n; ++k) {
+      m_codes[b0 + k] = encode_exp_avg(m[k], m_scale);
+      v_codes[b0 + k] = v_code.encode(v[k], lowbias32(s.exp_avg_sq_key ^ (index + static_cast<uint32_t>(k))));
+    }
+    t.exp_avg_scale[block] = m_scale;
+    t.exp_avg_sq_scale[2 * block] = lo;
+    t.exp_avg_sq_scale[2 * block + 1] = hi;
+  }
+}
+
 template <typename P, typename G, MasterFormat kMaster>
 AdamWRangeFn pick_for_moments(c10::ScalarType exp_avg_type, c10::ScalarType exp_avg_sq_type) {
+  if (exp_avg_type == c10::ScalarType::Char || exp_avg_sq_type == c10::ScalarType::Byte) {
+    const bool both = exp_avg_type == c10::ScalarType::Char && exp_avg_sq_type == c10::ScalarType::Byte;
+    return both ? &adamw_range_int8<P, G, kMaster> : nullptr;
+  }
   auto pick_v = [&](auto m_tag) -> AdamWRangeFn {
     using M = decltype(m_tag);
     switch (exp_avg_sq_type) {

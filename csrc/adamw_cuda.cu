@@ -10,6 +10,8 @@
 // (weight) P, grad G, the master's format (none, fp32, or the int16 remainder of a bf16 param)
 // and the exp_avg / exp_avg_sq types M, V (fp32, or bf16 rounded stochastically); every format
 // is an instance of the one kernel, decoding to fp32 before adamw_math and encoding after it.
+// int8 moments, whose codes depend on a whole block's values, have a block-at-a-time twin
+// (fused_adamw_int8_kernel) around the same per-element math and codecs.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -43,6 +45,8 @@ struct TensorTable {
   int64_t first_chunk[kMaxTensors + 1];  // prefix sum of chunks; first_chunk[count] = total
   uint32_t offset[kMaxTensors];  // first element in the group's numbering, mod 2^32 (rounding)
   bool aligned[kMaxTensors];
+  float* exp_avg_scale[kMaxTensors];     // int8 moments: one scale per block (else unused)
+  float* exp_avg_sq_scale[kMaxTensors];  // int8 moments: (lo, hi) per block
   int count;
 };
 
@@ -194,7 +198,141 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// int8 moments (formats.encode_exp_avg, encode_exp_avg_sq): a block of threads takes one moment
+// block of kInt8Block elements at a time, a thread per element. Each thread decodes its moments
+// with the block's old scales and runs the one update; the block's new scales are reduced over
+// its threads (max and min are exact in any order, so they equal the CPU's); then every thread
+// encodes its element. The table's first_chunk counts moment blocks here.
+static_assert(kThreads == kInt8Block, "one thread per element of an int8 block");
+
+struct BlockScales {
+  float absmax, lo, hi;  // |exp_avg| max; smallest positive and largest exp_avg_sq (lo inf: none)
+};
+
+__device__ __forceinline__ BlockScales reduce_block_scales(BlockScales x, BlockScales (&warps)[kThreads / 32]) {
+#pragma unroll
+  for (int width = 16; width > 0; width /= 2) {
+    x.absmax = fmaxf(x.absmax, __shfl_xor_sync(0xffffffffu, x.absmax, width));
+    x.lo = fminf(x.lo, __shfl_xor_sync(0xffffffffu, x.lo, width));
+    x.hi = fmaxf(x.hi, __shfl_xor_sync(0xffffffffu, x.hi, width));
+  }
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = x;
+  __syncthreads();
+  BlockScales all = warps[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) {
+    all.absmax = fmaxf(all.absmax, warps[w].absmax);
+    all.lo = fminf(all.lo, warps[w].lo);
+    all.hi = fmaxf(all.hi, warps[w].hi);
+  }
+  return all;
+}
+
+template <typename P, typename G, MasterFormat kMaster>
+__global__ void __launch_bounds__(kThreads)
+    fused_adamw_int8_kernel(const __grid_constant__ TensorTable table, const float* lr,
+                            const float* step, const float* grad_scale, const float* found_inf,
+                            Hyper hyper) {
+  using W = master_t<kMaster>;
+  constexpr bool kReadsParam = kMaster == MasterFormat::kRemainder;
+  constexpr bool kWritesParam = kMaster != MasterFormat::kNone;
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  __shared__ AdamWScalars shared_scalars;
+  __shared__ BlockScales warps[kThreads / 32];
+  if (threadIdx.x == 0) {
+    shared_scalars = make_adamw_scalars(*lr, *step, hyper.beta1, hyper.beta2, hyper.eps,
+                                        grad_scale != nullptr ? *grad_scale : 1.0f, hyper.seed);
+  }
+  __syncthreads();
+  const AdamWScalars s = shared_scalars;
+
+  const int64_t total = table.first_chunk[table.count];
+  int t = 0;
+  for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
+    while (table.first_chunk[t + 1] <= b) ++t;  // blocks only grow, so t only advances
+    const int64_t block = b - table.first_chunk[t];
+    const int64_t i = block * kInt8Block + threadIdx.x;
+    const bool live = i < table.numel[t];
+    float* m_scale = table.exp_avg_scale[t] + block;
+    float* v_scale = table.exp_avg_sq_scale[t] + 2 * block;
+    auto* m_codes = static_cast<int8_t*>(table.exp_avg[t]);
+    auto* v_codes = static_cast<uint8_t*>(table.exp_avg_sq[t]);
+    float m = 0.0f, v = 0.0f;
+    if (live) {
+      const LogBitsCode old_code(v_scale[0], v_scale[1]);
+      m = decode_exp_avg(m_codes[i], *m_scale);
+      v = old_code.decode(v_codes[i]);
+      const AdamWCoeffs<float> c(s, decay_factor(s.lr, table.weight_decay[t]));
+      P* param = static_cast<P*>(table.param[t]) + i;
+      W* master = static_cast<W*>(kMaster == MasterFormat::kNone ? table.param[t] : table.master[t]) + i;
+      P p{};
+      if constexpr (kReadsParam) p = *param;
+      W w = *master;
+      float value = decode_master<kMaster>(p, w);
+      adamw_math(value, m, v, static_cast<float>(static_cast<const G*>(table.grad[t])[i]), c);
+      encode_master<kMaster>(value, p, w);
+      if constexpr (kWritesParam) *param = p;
+      *master = w;
+    }
+    // every thread has read the old scales before the reduction's barrier; thread 0 writes after it
+    const BlockScales scales = reduce_block_scales(
+        {fabsf(m), v > 0.0f ? v : INFINITY, v}, warps);
+    const float lo = isinf(scales.lo) ? 0.0f : scales.lo;
+    const float new_m_scale = exp_avg_scale(scales.absmax);
+    if (live) {
+      const LogBitsCode code(lo, scales.hi);
+      const uint32_t index = table.offset[t] + static_cast<uint32_t>(i);  // mod 2^32
+      m_codes[i] = encode_exp_avg(m, new_m_scale);
+      v_codes[i] = code.encode(v, lowbias32(s.exp_avg_sq_key ^ index));
+    }
+    if (threadIdx.x == 0) {
+      *m_scale = new_m_scale;
+      v_scale[0] = lo;
+      v_scale[1] = scales.hi;
+    }
+    __syncthreads();  // warps[] is reused by the next block
+  }
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename P, typename G, MasterFormat kMaster>
+void launch_int8(const std::vector<int64_t>& tensors, at::TensorList params, at::TensorList masters,
+                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList grads,
+                 at::ArrayRef<double> weight_decays, at::IntArrayRef offsets,
+                 at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales, const float* lr,
+                 const float* step, const float* grad_scale, const float* found_inf, Hyper hyper) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int max_blocks =
+      at::cuda::getCurrentDeviceProperties()->multiProcessorCount * (2048 / kThreads);
+  for (size_t first = 0; first < tensors.size(); first += kMaxTensors) {
+    TensorTable table;
+    table.count = 0;
+    table.first_chunk[0] = 0;
+    for (size_t k = first; k < tensors.size() && table.count < kMaxTensors; ++k) {
+      const int64_t i = tensors[k];
+      const int j = table.count++;
+      table.param[j] = params[i].data_ptr();
+      table.master[j] = kMaster != MasterFormat::kNone ? masters[i].data_ptr() : nullptr;
+      table.exp_avg[j] = exp_avgs[i].data_ptr();
+      table.exp_avg_sq[j] = exp_avg_sqs[i].data_ptr();
+      table.grad[j] = grads[i].data_ptr();
+      table.numel[j] = params[i].numel();
+      table.weight_decay[j] = weight_decays[i];
+      table.offset[j] = offsets.empty() ? 0u : static_cast<uint32_t>(offsets[i]);
+      table.exp_avg_scale[j] = exp_avg_scales[i].data_ptr<float>();
+      table.exp_avg_sq_scale[j] = exp_avg_sq_scales[i].data_ptr<float>();
+      table.first_chunk[j + 1] = table.first_chunk[j] + (table.numel[j] + kInt8Block - 1) / kInt8Block;
+      table.aligned[j] = false;
+    }
+    const int64_t blocks = table.first_chunk[table.count];
+    if (blocks == 0) continue;
+    fused_adamw_int8_kernel<P, G, kMaster>
+        <<<static_cast<int>(std::min<int64_t>(blocks, max_blocks)), kThreads, 0, stream>>>(
+            table, lr, step, grad_scale, found_inf, hyper);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
 
 template <typename P, typename G, MasterFormat kMaster, typename M, typename V>
 void launch(const std::vector<int64_t>& tensors, at::TensorList params, at::TensorList masters,
@@ -260,10 +398,10 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList masters, at::TensorL
                       at::ArrayRef<double> weight_decays, const at::Tensor& lr,
                       const at::Tensor& step, double beta1, double beta2, double eps,
                       const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, int64_t seed,
-                      at::IntArrayRef offsets) {
+                      const std::optional<at::Tensor>& found_inf, at::TensorList exp_avg_scales,
+                      at::TensorList exp_avg_sq_scales, int64_t seed, at::IntArrayRef offsets) {
   check_fused_adamw_args(params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays, lr, step,
-                         grad_scale, found_inf, offsets);
+                         grad_scale, found_inf, offsets, exp_avg_scales, exp_avg_sq_scales);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), "fused_adamw_: the CUDA kernel got tensors on ", device);
@@ -295,6 +433,13 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList masters, at::TensorL
       using P = decltype(param_tag);
       constexpr MasterFormat kMaster = decltype(master_tag)::value;
       with_type(grad_type, true, "grad", [&](auto grad_tag) {
+        if (exp_avg_type == at::kChar) {  // int8 moments (checked: uint8 exp_avg_sqs, scales)
+          launch_int8<P, decltype(grad_tag), kMaster>(
+              tensors, params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays, offsets,
+              exp_avg_scales, exp_avg_sq_scales, lr_d.data_ptr<float>(), step_d.data_ptr<float>(),
+              scale_ptr, inf_ptr, hyper);
+          return;
+        }
         with_type(exp_avg_type, false, "exp_avg", [&](auto m_tag) {
           with_type(exp_avg_sq_type, false, "exp_avg_sq", [&](auto v_tag) {
             launch<P, decltype(grad_tag), kMaster, decltype(m_tag), decltype(v_tag)>(

@@ -25,18 +25,22 @@ namespace {
 void fused_adamw_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                       at::TensorList, at::ArrayRef<double>, const at::Tensor&, const at::Tensor&,
                       double, double, double, const std::optional<at::Tensor>&,
-                      const std::optional<at::Tensor>&, int64_t, at::IntArrayRef) {}
+                      const std::optional<at::Tensor>&, at::TensorList, at::TensorList, int64_t,
+                      at::IntArrayRef) {}
 
 }  // namespace
 
 TORCH_LIBRARY(hift, m) {
-  // masters: empty, float32 or int16 (bf16 remainders); moments float32 or bfloat16, the latter
-  // rounded stochastically from (seed, step, offsets[i] + element) (python/hift/formats.py).
+  // masters: empty, float32 or int16 (bf16 remainders); moments float32, bfloat16 (rounded
+  // stochastically from (seed, step, offsets[i] + element)) or int8/uint8 codes with their
+  // blocks' fp32 scales, one tensor each per param (empty lists for the other formats; a
+  // schema cannot default a tensor list) (python/hift/formats.py).
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor(b!)[] masters, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor[] grads, float[] weight_decays, Tensor lr, Tensor step, "
-      "float beta1, float beta2, float eps, Tensor? grad_scale, Tensor? found_inf, int seed=0, "
-      "int[] offsets=[]) -> ()");
+      "float beta1, float beta2, float eps, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(e!)[] exp_avg_scales, Tensor(f!)[] exp_avg_sq_scales, int seed=0, int[] offsets=[]) "
+      "-> ()");
   m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa);  // no tensors: one kernel for every backend
   register_state_swapper(m);
 }

@@ -26,13 +26,28 @@ class CheckedFusedAdamW:
 
     def __call__(self, params, masters, exp_avgs, exp_avg_sqs, grads, **kwargs):
         twin = [[t.clone() for t in role] for role in (params, masters, exp_avgs, exp_avg_sqs)]
-        ops.reference_adamw_(*twin, grads, **kwargs)
+        scales = [kwargs.get(name, []) for name in SCALES]
+        twin_scales = [[t.clone() for t in role] for role in scales]
+        ops.reference_adamw_(*twin, grads, **{**kwargs, **dict(zip(SCALES, twin_scales))})
         self.fused(params, masters, exp_avgs, exp_avg_sqs, grads, **kwargs)
         self.calls += 1
         where = f"fused update call {self.calls}"
-        ours = decoded(params, masters, exp_avgs, exp_avg_sqs)
-        for name, mine, theirs, stored in zip(("master", "exp_avg", "exp_avg_sq"), ours, decoded(*twin),
+        if scales[0]:
+            # int8 codes of fp32 values a few roundings apart: scales at fp32 tolerance, codes at
+            # most a step apart (two for exp_avg_sq, whose boundary elements round stochastically;
+            # test_adamw_kernel.py holds the codes exact where the fp32 values agree)
+            for name, mine, theirs, allowed in (("exp_avg", exp_avgs, twin[2], 1), ("exp_avg_sq", exp_avg_sqs, twin[3], 2)):
+                for i, (a, b) in enumerate(zip(mine, theirs)):
+                    apart = int((a.to(torch.int32) - b.to(torch.int32)).abs().max()) if a.numel() else 0
+                    assert apart <= allowed, f"{where}, {name} {i}: codes {apart} apart"
+            for name, mine, theirs in zip(SCALES, scales, twin_scales):
+                for i, (a, b) in enumerate(zip(mine, theirs)):
+                    torch.testing.assert_close(a, b, **FP32, msg=lambda m: f"{where}, {name} {i}: {m}")
+        ours = decoded(params, masters, exp_avgs, exp_avg_sqs, *scales)
+        for name, mine, theirs, stored in zip(("master", "exp_avg", "exp_avg_sq"), ours, decoded(*twin, *twin_scales),
                                               (masters or params, exp_avgs, exp_avg_sqs)):
+            if name != "master" and scales[0]:
+                continue  # compared as codes above
             for i, (a, b) in enumerate(zip(mine, theirs)):
                 if stored[i].dtype == torch.bfloat16:
                     # stochastic rounding of fp32 values an ulp apart can land a bf16 ulp apart
@@ -46,8 +61,14 @@ class CheckedFusedAdamW:
             assert torch.equal(p, rounded), f"{where}: weight {i} is not its master rounded"
 
 
-def decoded(params, masters, exp_avgs, exp_avg_sqs):
+SCALES = ("exp_avg_scales", "exp_avg_sq_scales")  # int8 moments' block scales (keyword arguments)
+
+
+def decoded(params, masters, exp_avgs, exp_avg_sqs, exp_avg_scales=(), exp_avg_sq_scales=()):
     """fp32 masters (the params where they are their own), exp_avgs and exp_avg_sqs."""
     if masters and masters[0].dtype == torch.int16:
         masters = [formats.join_master(p, r) for p, r in zip(params, masters)]
+    if exp_avg_scales:
+        return (masters or params, [formats.decode_exp_avg(q, s) for q, s in zip(exp_avgs, exp_avg_scales)],
+                [formats.decode_exp_avg_sq(c, s) for c, s in zip(exp_avg_sqs, exp_avg_sq_scales)])
     return masters or params, [m.float() for m in exp_avgs], [v.float() for v in exp_avg_sqs]

@@ -70,7 +70,7 @@ REPORT_ISA = textwrap.dedent("""
             grads = [torch.randn(n, generator=gen).to(weight_dtype) for n in sizes]
             lr, step_t = torch.tensor(2e-3), torch.tensor(float(step))
             torch.ops.hift.fused_adamw_(*states[0], grads, [0.1] * len(sizes), lr, step_t,
-                                        0.9, 0.999, 1e-8, None, None)
+                                        0.9, 0.999, 1e-8, None, None, [], [])
             ops.reference_adamw_(*states[1], grads, lr=lr, step=step_t, beta1=0.9, beta2=0.999,
                                  eps=1e-8, weight_decays=[0.1] * len(sizes))
         fp32_roles = lambda s: (s[1] or s[0], s[2], s[3])  # fp32 params are their own masters
@@ -149,7 +149,7 @@ def fused_step(group, grads, weight_decays, step, lr=LR, grad_scale=None, found_
     torch.ops.hift.fused_adamw_(
         group.params, group.masters, group.exp_avgs, group.exp_avg_sqs, grads,
         [float(w) for w in weight_decays], torch.tensor(lr, device=device),
-        torch.tensor(float(step), device=device), BETAS[0], BETAS[1], EPS, grad_scale, found_inf)
+        torch.tensor(float(step), device=device), BETAS[0], BETAS[1], EPS, grad_scale, found_inf, [], [])
 
 
 def random_grads(sizes, dtype, device, gen):
@@ -206,7 +206,7 @@ def test_matches_reference_op(weight_dtype, grad_dtype, device):
         grads = random_grads(sizes, grad_dtype, device, gen)
         step_t = torch.tensor(float(step), device=device)
         torch.ops.hift.fused_adamw_(fused.params, fused.masters, fused.exp_avgs, fused.exp_avg_sqs,
-                                    grads, decays, lr, step_t, 0.8, 0.95, 1e-6, scale, None)
+                                    grads, decays, lr, step_t, 0.8, 0.95, 1e-6, scale, None, [], [])
         ops.reference_adamw_(reference.params, reference.masters, reference.exp_avgs,
                              reference.exp_avg_sqs, grads, lr=lr, step=step_t, beta1=0.8,
                              beta2=0.95, eps=1e-6, weight_decays=decays, grad_scale=scale)
@@ -272,7 +272,7 @@ def test_opcheck(weight_dtype, device):
     grads = random_grads(sizes, weight_dtype, device, gen)
     args = (group.params, group.masters, group.exp_avgs, group.exp_avg_sqs, grads, [0.1, 0.0, 0.2],
             torch.tensor(1e-3, device=device), torch.tensor(4.0, device=device), 0.9, 0.999, 1e-8,
-            torch.tensor(0.5, device=device), torch.zeros((), device=device))
+            torch.tensor(0.5, device=device), torch.zeros((), device=device), [], [])
     torch.library.opcheck(torch.ops.hift.fused_adamw_.default, args)
 
 
@@ -298,14 +298,14 @@ def test_bad_arguments_fail_in_words():
     m, v, g = torch.zeros(4), torch.zeros(4), torch.zeros(4)
     lr, step = torch.tensor(1e-3), torch.tensor(1.0)
     with pytest.raises(RuntimeError, match="no fp32 master"):
-        torch.ops.hift.fused_adamw_([p], [], [m], [v], [g], [0.0], lr, step, 0.9, 0.999, 1e-8, None, None)
+        torch.ops.hift.fused_adamw_([p], [], [m], [v], [g], [0.0], lr, step, 0.9, 0.999, 1e-8, None, None, [], [])
     with pytest.raises(RuntimeError, match="same length"):
-        torch.ops.hift.fused_adamw_([p], [m], [m], [v], [g, g], [0.0], lr, step, 0.9, 0.999, 1e-8, None, None)
+        torch.ops.hift.fused_adamw_([p], [m], [m], [v], [g, g], [0.0], lr, step, 0.9, 0.999, 1e-8, None, None, [], [])
     with pytest.raises(RuntimeError, match="different sizes"):
-        torch.ops.hift.fused_adamw_([p], [torch.zeros(5)], [m], [v], [g], [0.0], lr, step, 0.9, 0.999, 1e-8, None, None)
+        torch.ops.hift.fused_adamw_([p], [torch.zeros(5)], [m], [v], [g], [0.0], lr, step, 0.9, 0.999, 1e-8, None, None, [], [])
     with pytest.raises(RuntimeError, match="non-contiguous"):
         w = torch.zeros(4, 2)[:, 0]
-        torch.ops.hift.fused_adamw_([w], [], [m], [v], [g], [0.0], lr, step, 0.9, 0.999, 1e-8, None, None)
+        torch.ops.hift.fused_adamw_([w], [], [m], [v], [g], [0.0], lr, step, 0.9, 0.999, 1e-8, None, None, [], [])
 
 
 @needs_op
@@ -323,7 +323,7 @@ def test_cuda_graph_capture_reads_lr_and_step_from_device():
     grads = random_grads(sizes, torch.bfloat16, "cuda", gen)
     lr, step = torch.tensor(1e-3, device="cuda"), torch.tensor(1.0, device="cuda")
     args = lambda g: (g.params, g.masters, g.exp_avgs, g.exp_avg_sqs, grads, decays, lr, step,
-                      0.9, 0.999, 1e-8, None, None)
+                      0.9, 0.999, 1e-8, None, None, [], [])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     warm = graphed.clone()
@@ -369,8 +369,9 @@ def test_cuda_graph_capture_reads_lr_and_step_from_device():
 # (weight dtype, master format) pairs the formats have.
 WEIGHT_MASTERS = [(torch.float32, "none"), (torch.float32, "fp32"), (torch.bfloat16, "fp32"),
                   (torch.bfloat16, "remainder"), (torch.float16, "fp32")]
+INT8 = (torch.int8, torch.uint8)  # int8 moments: codes, with fp32 scales per block of 256
 MOMENTS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-           (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+           (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), INT8]
 # The steps of a run: the key hashes the integer step, 2*step + stream taken mod 2**32 (the last
 # is exact in fp32 and wraps).
 FORMAT_STEPS = [1, 2, 3, 3 * 2**30 + 256]
@@ -384,11 +385,13 @@ def format_id(value):
 
 class State:
     """One group's state in given formats, as the op takes it: params, masters ([] for "none";
-    fp32; or int16 remainders), exp_avgs and exp_avg_sqs (fp32 or bf16)."""
+    fp32; or int16 remainders), exp_avgs and exp_avg_sqs (fp32, bf16, or int8 codes with their
+    scales)."""
 
-    def __init__(self, roles, offsets):
+    def __init__(self, roles, offsets, scales=([], [])):
         self.params, self.masters, self.exp_avgs, self.exp_avg_sqs = roles
         self.offsets = offsets
+        self.exp_avg_scales, self.exp_avg_sq_scales = scales
 
     @classmethod
     def random(cls, sizes, weight_dtype, master, moments, device, gen):
@@ -399,25 +402,42 @@ class State:
             params, masters = [v.to(weight_dtype) for v in values], values
         else:
             params, masters = map(list, zip(*(formats.split_master(v) for v in values)))
-        exp_avgs = [(1e-2 * torch.randn(n, generator=gen)).to(device, moments[0]) for n in sizes]
-        exp_avg_sqs = [(1e-4 * torch.rand(n, generator=gen)).to(device, moments[1]) for n in sizes]
+        exp_avgs = [(1e-2 * torch.randn(n, generator=gen)) for n in sizes]
+        # spanning many octaves, with zeros, as real second moments do
+        exp_avg_sqs = [1e-4 * torch.rand(n, generator=gen) ** 6 * (torch.rand(n, generator=gen) > 0.05)
+                       for n in sizes]
         offsets = [GROUP_BASE + sum(sizes[:i]) for i in range(len(sizes))]
+        if moments == INT8:
+            m_codes, m_scales = zip(*(formats.encode_exp_avg(m) for m in exp_avgs))
+            v_codes, v_scales = zip(*(formats.encode_exp_avg_sq(v, 11, o) for v, o in zip(exp_avg_sqs, offsets)))
+            move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+            return cls((params, masters, move(m_codes), move(v_codes)), offsets, (move(m_scales), move(v_scales)))
+        exp_avgs = [m.to(device, moments[0]) for m in exp_avgs]
+        exp_avg_sqs = [v.to(device, moments[1]) for v in exp_avg_sqs]
         return cls((params, masters, exp_avgs, exp_avg_sqs), offsets)
 
     def roles(self):
         return self.params, self.masters, self.exp_avgs, self.exp_avg_sqs
 
     def buffers(self):
-        return [t for role in self.roles() for t in role]
+        return [t for role in (*self.roles(), self.exp_avg_scales, self.exp_avg_sq_scales) for t in role]
 
     def clone(self):
-        return State([[t.clone() for t in role] for role in self.roles()], self.offsets)
+        return State([[t.clone() for t in role] for role in self.roles()], self.offsets,
+                     ([t.clone() for t in self.exp_avg_scales], [t.clone() for t in self.exp_avg_sq_scales]))
+
+    def decoded_moments(self):
+        """fp32 exp_avgs and exp_avg_sqs (bf16 -> fp32 is exact; int8 codes decoded exactly)."""
+        if self.exp_avg_scales:
+            return ([formats.decode_exp_avg(q, s) for q, s in zip(self.exp_avgs, self.exp_avg_scales)],
+                    [formats.decode_exp_avg_sq(c, s) for c, s in zip(self.exp_avg_sqs, self.exp_avg_sq_scales)])
+        return [m.float() for m in self.exp_avgs], [v.float() for v in self.exp_avg_sqs]
 
     def with_fp32_moments(self):
-        """A clone whose moments are decoded to fp32 (bf16 -> fp32 is exact)."""
-        params, masters, exp_avgs, exp_avg_sqs = self.clone().roles()
-        return State((params, masters, [m.float() for m in exp_avgs],
-                      [v.float() for v in exp_avg_sqs]), self.offsets)
+        """A clone whose moments are decoded to fp32."""
+        params, masters, _, _ = self.clone().roles()
+        exp_avgs, exp_avg_sqs = ([t.clone() for t in ts] for ts in self.decoded_moments())  # .float() may alias
+        return State((params, masters, exp_avgs, exp_avg_sqs), self.offsets)
 
     def decoded_masters(self):
         if not self.masters:
@@ -437,16 +457,17 @@ def fused_update(state, grads, decays, seed, step, **overrides):
     a = {**update_args(seed, step, grads[0].device), **overrides}
     torch.ops.hift.fused_adamw_(*state.roles(), grads, decays, a["lr"], a["step"], a["beta1"],
                                 a["beta2"], a["eps"], a["grad_scale"], a.get("found_inf"),
-                                a["seed"], state.offsets)
+                                state.exp_avg_scales, state.exp_avg_sq_scales, a["seed"], state.offsets)
 
 
 def reference_update(state, grads, decays, seed, step):
     ops.reference_adamw_(*state.roles(), grads, weight_decays=decays, offsets=state.offsets,
+                         exp_avg_scales=state.exp_avg_scales, exp_avg_sq_scales=state.exp_avg_sq_scales,
                          **update_args(seed, step, grads[0].device))
 
 
 def bits(t):
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def within_one_bf16_ulp(a, b):
@@ -500,6 +521,9 @@ def test_compact_formats_match_reference_op(weight_dtype, master, grad_dtype, mo
             for i, (p, m) in enumerate(zip(fused.params, fused.masters)):
                 assert torch.equal(p, m.to(weight_dtype)), f"{note}: weight {i} is not its master rounded"
 
+        if moments == INT8:
+            check_int8_moments(fused, reference, kernel_fp32, reference_fp32, seed, step, note)
+            continue
         for name, stream in formats.MOMENT_STREAMS.items():
             key = formats.rounding_key(seed, step, stream)
             for i in range(len(sizes)):
@@ -519,6 +543,38 @@ def test_compact_formats_match_reference_op(weight_dtype, master, grad_dtype, mo
                 same = bits(ours_fp32) == bits(theirs_fp32)
                 assert torch.equal(bits(ours)[same], bits(theirs)[same]), f"{where}: rounded differently"
                 assert bool(within_one_bf16_ulp(ours, theirs).all()), f"{where}: more than a bf16 ulp apart"
+
+
+def check_int8_moments(fused, reference, kernel_fp32, reference_fp32, seed, step, note):
+    """int8 moments after one update: (b) exactly the reference codecs applied to the kernel's own
+    fp32 moments, codes and scales; (a) against the reference run, whose fp32 moments may be an
+    ulp off the kernel's: scales at fp32 tolerance, codes equal where a block's fp32 values all
+    agree, else at most a code apart (one code for a value an ulp off; an element on a code
+    boundary can round stochastically from either side, so exp_avg_sq allows two)."""
+    key = formats.rounding_key(seed, step, formats.MOMENT_STREAMS["exp_avg_sq"])
+    for i, offset in enumerate(fused.offsets):
+        where = f"{note} int8 moments {i}"
+        m32, v32 = kernel_fp32.exp_avgs[i].cpu(), kernel_fp32.exp_avg_sqs[i].cpu()
+        expected = (*formats.encode_exp_avg(m32), *formats.encode_exp_avg_sq(v32, key, offset))
+        ours = [t.cpu() for t in (fused.exp_avgs[i], fused.exp_avg_scales[i], fused.exp_avg_sqs[i],
+                                  fused.exp_avg_sq_scales[i])]
+        theirs = [t.cpu() for t in (reference.exp_avgs[i], reference.exp_avg_scales[i],
+                                    reference.exp_avg_sqs[i], reference.exp_avg_sq_scales[i])]
+        for name, a, b in zip(("exp_avg", "exp_avg scales", "exp_avg_sq", "exp_avg_sq scales"), ours, expected):
+            assert torch.equal(a, b), f"{where}: {name} are not the reference codec of the kernel's fp32 values"
+        torch.testing.assert_close(m32, reference_fp32.exp_avgs[i].cpu(), **FP32)
+        torch.testing.assert_close(v32, reference_fp32.exp_avg_sqs[i].cpu(), **FP32)
+        torch.testing.assert_close(ours[1], theirs[1], **FP32)
+        torch.testing.assert_close(ours[3], theirs[3], **FP32)
+        for codes, fp32s, allowed in ((0, (m32, reference_fp32.exp_avgs[i]), 1),
+                                      (2, (v32, reference_fp32.exp_avg_sqs[i]), 2)):
+            a, b = ours[codes].to(torch.int32), theirs[codes].to(torch.int32)
+            assert int((a - b).abs().max()) <= allowed, f"{where}: codes more than {allowed} apart"
+            same = (bits(fp32s[0]) == bits(fp32s[1].cpu()))
+            n = same.numel()
+            whole = formats._blocks(same.float(), fill=1.0).bool().all(dim=1)  # blocks that agree
+            agree = whole.repeat_interleave(formats.INT8_BLOCK)[:n]
+            assert torch.equal(a[agree], b[agree]), f"{where}: coded differently from the same values"
 
 
 @needs_op
@@ -576,21 +632,26 @@ def test_remainder_weight_rounds_ties_away_from_zero(device):
 
 @needs_op
 @pytest.mark.parametrize("device", DEVICES)
-def test_stochastic_rounding_does_not_depend_on_how_a_group_is_cut(device):
+@pytest.mark.parametrize("moments", [MOMENTS[1], INT8], ids=["bf16", "int8"])
+def test_stochastic_rounding_does_not_depend_on_how_a_group_is_cut(moments, device):
     """The bits are drawn per group element (offset + index): one tensor, or the same elements as
-    three tensors with their offsets, store the same moments."""
+    three tensors with their offsets, store the same moments (int8 tensors are cut at block
+    multiples, as state chunks cut them)."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    n, cuts = 40961, [0, 1000, 33001, 40961]
-    whole = State.random([n], torch.float32, "none", MOMENTS[1], device, gen)
+    n, cuts = 40961, ([0, 1000, 33001, 40961] if moments != INT8 else [0, 1024, 33024, 40961])
+    whole = State.random([n], torch.float32, "none", moments, device, gen)
     cut = lambda role: [role[0][a:b].clone() for a, b in zip(cuts, cuts[1:])]  # noqa: E731
+    per_block = lambda role, k: [role[0][a // 256 * k:-(-b // 256) * k].clone() for a, b in zip(cuts, cuts[1:])]  # noqa: E731
+    scales = ((per_block(whole.exp_avg_scales, 1), per_block(whole.exp_avg_sq_scales, 2))
+              if moments == INT8 else ([], []))
     pieces = State((cut(whole.params), [], cut(whole.exp_avgs), cut(whole.exp_avg_sqs)),
-                   [whole.offsets[0] + a for a in cuts[:-1]])
+                   [whole.offsets[0] + a for a in cuts[:-1]], scales)
     for step in (1, 2):
         grad = torch.randn(n, generator=gen).to(device)
         fused_update(whole, [grad], [0.1], 7, step)
         fused_update(pieces, [grad[a:b] for a, b in zip(cuts, cuts[1:])], [0.1] * 3, 7, step)
-    for name in ("params", "exp_avgs", "exp_avg_sqs"):
+    for name in ("params", "exp_avgs", "exp_avg_sqs") + (("exp_avg_scales", "exp_avg_sq_scales") if scales[0] else ()):
         assert torch.equal(bits(getattr(whole, name)[0]), bits(torch.cat(getattr(pieces, name)))), \
             f"seed={seed}: {name}"
 
@@ -621,6 +682,7 @@ def test_found_inf_leaves_every_format_untouched(weight_dtype, master, moments, 
 @pytest.mark.parametrize("weight_dtype,master,moments", [
     (torch.bfloat16, "remainder", MOMENTS[1]), (torch.bfloat16, "remainder", MOMENTS[0]),
     (torch.float32, "none", MOMENTS[2]), (torch.float16, "fp32", MOMENTS[3]),
+    (torch.bfloat16, "remainder", INT8), (torch.float32, "none", INT8),
 ], ids=format_id)
 def test_opcheck_compact_formats(weight_dtype, master, moments, device):
     gen = torch.Generator().manual_seed(fresh_seed())
@@ -629,7 +691,8 @@ def test_opcheck_compact_formats(weight_dtype, master, moments, device):
     grads = random_grads(sizes, torch.bfloat16, device, gen)
     args = (*state.roles(), grads, [0.1, 0.0, 0.2], torch.tensor(1e-3, device=device),
             torch.tensor(4.0, device=device), 0.9, 0.999, 1e-8, torch.tensor(0.5, device=device),
-            torch.zeros((), device=device), formats.group_seed(1, 2), state.offsets)
+            torch.zeros((), device=device), state.exp_avg_scales, state.exp_avg_sq_scales,
+            formats.group_seed(1, 2), state.offsets)
     torch.library.opcheck(torch.ops.hift.fused_adamw_.default, args)
 
 
@@ -647,6 +710,13 @@ def test_ops_adamw_passes_seed_and_offsets(device):
     fused_update(direct, grads, [0.1, 0.0], 1234, 3)
     for x, y in zip(via_ops.buffers(), direct.buffers()):
         assert torch.equal(bits(x), bits(y))
+    via_ops = State.random(sizes, torch.bfloat16, "remainder", INT8, device, gen)
+    direct = via_ops.clone()
+    ops.adamw_(*via_ops.roles(), grads, weight_decays=[0.1, 0.0], offsets=via_ops.offsets,
+               exp_avg_scales=via_ops.exp_avg_scales, exp_avg_sq_scales=via_ops.exp_avg_sq_scales, **a)
+    fused_update(direct, grads, [0.1, 0.0], 1234, 3)
+    for x, y in zip(via_ops.buffers(), direct.buffers()):
+        assert torch.equal(bits(x), bits(y))
 
 
 @needs_op
@@ -656,18 +726,30 @@ def test_bad_format_combinations_fail_in_words():
     f16, i16 = torch.zeros(n, dtype=torch.float16), torch.zeros(n, dtype=torch.int16)
     lr, step = torch.tensor(1e-3), torch.tensor(1.0)
 
-    def call(params, masters, exp_avgs, exp_avg_sqs, offsets=()):
+    def call(params, masters, exp_avgs, exp_avg_sqs, offsets=(), scales=([], [])):
         k = len(params)
         torch.ops.hift.fused_adamw_(params, masters, exp_avgs, exp_avg_sqs, [f32] * k, [0.0] * k,
-                                    lr, step, 0.9, 0.999, 1e-8, None, None, 0, list(offsets))
+                                    lr, step, 0.9, 0.999, 1e-8, None, None, *scales, 0, list(offsets))
+
+    i8, u8 = torch.zeros(n, dtype=torch.int8), torch.zeros(n, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"int8 moments come in pairs.*Char and Float"):
+        call([f32.clone()], [], [i8.clone()], [f32.clone()], offsets=[0], scales=([torch.zeros(1)], [torch.zeros(2)]))
+    with pytest.raises(RuntimeError, match=r"need one exp_avg_scales and one exp_avg_sq_scales.*got 0 and 0"):
+        call([f32.clone()], [], [i8.clone()], [u8.clone()], offsets=[0])
+    with pytest.raises(RuntimeError, match=r"exp_avg_sq_scales\[0\] must be .* of 2 elements \(2 per block of 256\); got Float of 1"):
+        call([f32.clone()], [], [i8.clone()], [u8.clone()], offsets=[0], scales=([torch.zeros(1)], [torch.zeros(1)]))
+    with pytest.raises(RuntimeError, match=r"exp_avgs are Char.*offsets.*required"):
+        call([f32.clone()], [], [i8.clone()], [u8.clone()], scales=([torch.zeros(1)], [torch.zeros(2)]))
+    with pytest.raises(RuntimeError, match=r"need one exp_avg_scales.*other formats none; got 1 and 1"):
+        call([f32.clone()], [], [f32.clone()], [f32.clone()], scales=([torch.zeros(1)], [torch.zeros(2)]))
 
     with pytest.raises(RuntimeError, match=r"int16 remainders.*params\[0\] is Half"):
         call([f16.clone()], [i16.clone()], [f32.clone()], [f32.clone()])
     with pytest.raises(RuntimeError, match=r"int16 remainders.*params\[1\] is Float"):
         call([bf16.clone(), f32.clone()], [i16.clone(), i16.clone()], [f32.clone()] * 2, [f32.clone()] * 2)
-    with pytest.raises(RuntimeError, match=r"exp_avgs are bfloat16.*offsets.*required"):
+    with pytest.raises(RuntimeError, match=r"exp_avgs are BFloat16.*offsets.*required"):
         call([f32.clone()], [], [bf16.clone()], [f32.clone()])
-    with pytest.raises(RuntimeError, match=r"exp_avg_sqs are bfloat16.*offsets.*required"):
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs are BFloat16.*offsets.*required"):
         call([f32.clone()], [], [f32.clone()], [bf16.clone()])
     with pytest.raises(RuntimeError, match=r"offsets must be empty or give one per tensor.*got 1 offsets for 2"):
         call([f32.clone()] * 2, [], [bf16.clone()] * 2, [bf16.clone()] * 2, offsets=[0])
@@ -675,7 +757,7 @@ def test_bad_format_combinations_fail_in_words():
         call([f32.clone()] * 2, [], [f32.clone(), bf16.clone()], [f32.clone()] * 2, offsets=[0, n])
     with pytest.raises(RuntimeError, match=r"masters must all have one dtype.*masters\[1\] is Short"):
         call([bf16.clone()] * 2, [f32.clone(), i16.clone()], [f32.clone()] * 2, [f32.clone()] * 2)
-    with pytest.raises(RuntimeError, match=r"exp_avg_sqs must be float32 or bfloat16; got Half"):
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs must be float32, bfloat16 or Byte \(int8 moments\); got Half"):
         call([f32.clone()], [], [f32.clone()], [f16.clone()])
     with pytest.raises(RuntimeError, match=r"masters must be float32 .* or int16 .*; got BFloat16"):
         call([bf16.clone()], [bf16.clone()], [f32.clone()], [f32.clone()])

@@ -48,6 +48,7 @@ def final_state(root: Path):
     ("bf16", "random", dict(offload=True, state_chunk_mib=0.004)),  # state in chunks, via slots
     ("bf16", "top_down", dict(moment_dtype="bf16")),  # stochastic rounding draws the same bits
     ("fp32", "random", dict(moment_dtype="bf16", offload=True, state_chunk_mib=0.004)),
+    ("bf16", "random", dict(moment_dtype="int8", offload=True, state_chunk_mib=0.003)),  # blocks cut across chunks
 ])
 def test_resume_is_bitwise_exact(tmp_path, precision, order, layout):
     model = dropout_llama()

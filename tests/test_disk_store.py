@@ -27,6 +27,7 @@ def same_weights(a, b):
     dict(group_size=5),  # K=1: the same chunk every step
     dict(precision="bf16", moment_dtype="bf16", state_chunk_mib=0.003),  # chunks that split parameters
     dict(precision="bf16", master_format="fp32", group_size=2),
+    dict(precision="bf16", moment_dtype="int8", state_chunk_mib=0.003),  # int8 blocks and their scales
 ])
 def test_disk_store_trains_exactly_like_the_host_store(tmp_path, options):
     model = tm.llama(layers=2)

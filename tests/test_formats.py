@@ -128,3 +128,84 @@ def test_bf16_moments_track_fp32_moments(gen):
         ulp = top * 2**-7
         assert bool((error <= ulp / (1 - beta) * 1.01).all())
         assert error.mean() <= 3 * ulp.mean()
+
+
+# ------------------------------------------------------------------------------ int8 moments
+
+
+def second_moments(n, gen, octaves=22):
+    """Values spread over `octaves` octaves with exact zeros, as an exp_avg_sq block holds them."""
+    v = torch.exp2(-octaves * torch.rand(n, generator=gen) - 10)
+    return torch.where(torch.rand(n, generator=gen) < 0.05, 0.0, v)
+
+
+@pytest.mark.parametrize("n", [1, 3, 255, 256, 257, 1000, 40_961])
+def test_int8_exp_avg_is_within_half_a_step(gen, n):
+    m = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-20, 0, (formats.int8_blocks(n),), generator=gen).float()
+                                               ).repeat_interleave(formats.INT8_BLOCK)[:n]
+    m[: min(n, 300)] *= 0  # a whole zero block (and a partly zero one)
+    q, scale = formats.encode_exp_avg(m)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.numel() == formats.int8_blocks(n)
+    decoded = formats.decode_exp_avg(q, scale)
+    per_element = scale.repeat_interleave(formats.INT8_BLOCK)[:n]
+    # m/s is rounded once, then q*s once: half a step plus two fp32 roundings of |m|
+    assert bool(((decoded - m).abs() <= per_element * 0.5 * (1 + 2**-20) + m.abs() * 2**-22).all())
+    assert bool((q.abs() <= 127).all()) and bool((decoded[m == 0] == 0).all())
+    blocks = formats._blocks(m).abs().amax(dim=1)
+    assert torch.equal(scale, blocks / 127)  # each block's largest |m| is +-127 steps
+
+
+@pytest.mark.parametrize("n", [1, 2, 255, 257, 40_961])
+def test_int8_exp_avg_sq_code_brackets_v_and_never_loses_it(gen, n):
+    v = second_moments(n, gen)
+    codes, lo_hi = formats.encode_exp_avg_sq(v, key=1234, offset=77)
+    assert codes.dtype == torch.uint8 and lo_hi.numel() == 2 * formats.int8_blocks(n)
+    decoded = formats.decode_exp_avg_sq(codes, lo_hi)
+    assert torch.equal(codes == 0, v == 0) and bool((decoded[v == 0] == 0).all())
+    positive = v > 0
+    # 254 codes over 22 octaves: a step is at most 2**(1.45 * 22/254) (the bits are log2 to within
+    # a mantissa's linear segment), so a value rounds to a neighbour within that factor
+    step = 2 ** (1.45 * 22 / 254)
+    ratio = decoded[positive] / v[positive]
+    assert bool((ratio >= 1 / step).all()) and bool((ratio <= step).all()), (ratio.min(), ratio.max())
+    rows = formats._blocks(v)
+    lo = torch.where(rows > 0, rows, float("inf")).amin(dim=1)
+    lo = torch.where(torch.isinf(lo), 0.0, lo)
+    assert torch.equal(lo_hi.view(-1, 2)[:, 0], lo) and torch.equal(lo_hi.view(-1, 2)[:, 1], rows.amax(dim=1))
+    assert bool((decoded[v == lo.repeat_interleave(256)[:n]] == v[v == lo.repeat_interleave(256)[:n]]).all())
+
+
+def test_int8_exp_avg_sq_rounding_is_unbiased_and_reproducible(gen):
+    n, draws = 1000, 800
+    v = second_moments(n, gen, octaves=12)
+    first = formats.encode_exp_avg_sq(v, key=5, offset=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, formats.encode_exp_avg_sq(v, key=5, offset=3)))
+    decoded = torch.stack([formats.decode_exp_avg_sq(*formats.encode_exp_avg_sq(v, key=k, offset=3))
+                           for k in range(draws)])
+    # v's two neighbouring codes (the scales depend on v only): among a drawn code and the ones beside it
+    codes, lo_hi = first
+    around = torch.stack([formats.decode_exp_avg_sq((codes.long() + d).clamp(0, 255).to(torch.uint8), lo_hi)
+                          for d in (-1, 0, 1)])
+    below = torch.where(around <= v, around, -1.0).amax(dim=0)
+    above = torch.where(around >= v, around, float("inf")).amin(dim=0)
+    assert bool(((decoded == below) | (decoded == above)).all())  # only the two neighbours of v
+    # each draw is a two-point variable with mean v and variance (v - below)(above - v)
+    sd = ((v - below) * (above - v)).clamp(min=0).sqrt() / draws**0.5
+    err = (decoded.double().mean(dim=0) - v.double()).abs()
+    assert bool((err <= 6 * sd + v * 2**-20).all()), float((err / (sd + 1e-30)).max())
+
+
+def test_int8_second_moment_decays_with_stochastic_rounding(gen):
+    """A code step is 3-9%: under round-to-nearest 0.999 * v would never leave its code."""
+    v = second_moments(256 * 40, gen, octaves=10)
+    codes, lo_hi = formats.encode_exp_avg_sq(v, key=0, offset=0)
+    start = formats.decode_exp_avg_sq(codes, lo_hi)
+    for step in range(1, 201):
+        decayed = formats.decode_exp_avg_sq(codes, lo_hi) * 0.999
+        codes, lo_hi = formats.encode_exp_avg_sq(decayed, key=step, offset=0)
+    positive = start > 0
+    # each element's decoded value is a martingale around 0.999**step times its start
+    ratio = (formats.decode_exp_avg_sq(codes, lo_hi)[positive] / start[positive]).double()
+    expected = 0.999**200  # 0.819: without stochastic rounding it would stay at 1
+    assert abs(float(ratio.mean()) - expected) <= 6 * float(ratio.std()) / ratio.numel() ** 0.5, \
+        (float(ratio.mean()), float(ratio.std()))

@@ -166,7 +166,7 @@ def test_disk_store_by_hand(tiny_trace, moments, per_param):
 # (weight dtype, master_format): masters none, fp32 (asked, and fp16's), remainder
 @pytest.mark.parametrize("precision,master_format", [("fp32", "auto"), ("bf16", "fp32"), ("fp16", "auto"),
                                                      ("bf16", "auto")])
-@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+@pytest.mark.parametrize("moments", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("store", ["host", "disk"])
 @pytest.mark.parametrize("chunk_numel", [None, 333])
 def test_state_bytes_as_the_state_allocates_them(tiny_traced, tmp_path, precision, master_format, moments,
@@ -189,7 +189,7 @@ def test_state_bytes_as_the_state_allocates_them(tiny_traced, tmp_path, precisio
                            state_dir=str(tmp_path) if store == "disk" else None)
     try:
         allocated = [[state.numels[c] * 4 for c in chunks] for chunks in state.chunks_of]
-        assert planner.state_chunk_bytes([u.numel for u in units], fmt, chunk_mib) == allocated
+        assert planner.state_chunk_bytes([[p.numel() for p in u.params] for u in units], fmt, chunk_mib) == allocated
         h = planner.plan_hift(trace, precision, state_chunk_mib=chunk_mib, moment_dtype=moments,
                               master_format=master_format, state_store=store)
         resting = sum(map(sum, allocated))

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 ORDERS = ("bottom_up", "top_down", "random")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-MOMENT_DTYPES = ("fp32", "bf16")
+MOMENT_DTYPES = ("fp32", "bf16", "int8")
 MASTER_FORMATS = ("auto", "remainder", "fp32")
 STATE_STORES = ("host", "disk")
 

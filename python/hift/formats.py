@@ -19,6 +19,24 @@ Moments (exp_avg, exp_avg_sq):
   keeps its expected value, and its noise averages out over steps as Adam's own EMA does. The
   random bits come from a counter-based hash of (run seed, group, step, element), so a resumed
   run draws the same bits, and the result does not depend on how the state is cut into chunks.
+- "int8": blocks of INT8_BLOCK (256) elements of one tensor, each with fp32 scales, as 8-bit
+  Adam in bitsandbytes and torchao keep them; a tensor's last block may be short, and a block
+  never spans two tensors (state chunks cut tensors at block multiples).
+  - exp_avg: signed int8 q, linear in m: the block's scale s = absmax/127, q = m/s rounded to
+    nearest (even), m = q*s. Rounding to nearest: its error is at most s/2 and m's EMA is not
+    the one that stalls (bench/results/int8_moments.md: stochastic rounding of m was no better).
+  - exp_avg_sq: unsigned code, logarithmic in v: code 0 is v = 0; codes 1..255 are evenly
+    spaced on the fp32 bit pattern of v between the block's smallest positive v (lo, code 1) and
+    its largest (hi, code ~255), kept as two fp32 scales. A positive float's bits are a
+    piecewise-linear log2 of it (exponent, then mantissa), so the steps are 3-9% of v over the
+    8-22 octaves a block spans, and no positive v decodes to zero or to half its value: the
+    failure that sends linear codes (and, rarely, sqrt and dynamic-tree codes) to 10^2-10^16
+    times lr updates (bench/results/int8_moments.md, which measured the true log2 code this
+    approximates). The bit-pattern form needs no log2/exp2: encode and decode are integer and
+    IEEE fp32 operations whose results every CPU, GPU and this reference agree on bit for bit.
+    v is rounded stochastically between its two neighbouring codes, with probability linear in
+    v (unbiased in v), from the same counter hash as bf16 (a code step is too coarse for the
+    0.999 decay to move v under round-to-nearest).
 """
 from __future__ import annotations
 
@@ -28,8 +46,12 @@ import torch
 from torch import Tensor
 
 MASTER_FORMATS = ("none", "fp32", "remainder")
-MOMENT_DTYPES = ("fp32", "bf16")
+MOMENT_DTYPES = ("fp32", "bf16", "int8")
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "remainder": torch.int16}
+# int8 moments: the codes' dtypes and the fp32 scales each block keeps per moment
+INT8_BLOCK = 256
+INT8_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
+INT8_SCALES = {"exp_avg": 1, "exp_avg_sq": 2}
 
 _MASK32 = 0xFFFFFFFF
 
@@ -44,10 +66,22 @@ def master_format(weight_dtype: torch.dtype, requested: str = "auto") -> str:
     return "fp32"
 
 
-def state_bytes_per_element(master: str, moment_dtype: str) -> int:
+def moment_bytes_per_element(moment_dtype: str) -> float:
+    """Both moments' resting bytes per trained parameter (int8: codes and scales in full blocks)."""
+    if moment_dtype == "int8":
+        return 2 + 4 * sum(INT8_SCALES.values()) / INT8_BLOCK
+    return 2 * STORAGE_DTYPES[moment_dtype].itemsize
+
+
+def state_bytes_per_element(master: str, moment_dtype: str) -> float:
     """Resting optimizer state per trained parameter."""
     master_bytes = {"none": 0, "fp32": 4, "remainder": 2}[master]
-    return master_bytes + 2 * STORAGE_DTYPES[moment_dtype].itemsize
+    return master_bytes + moment_bytes_per_element(moment_dtype)
+
+
+def int8_blocks(numel: int) -> int:
+    """How many int8 blocks a tensor of numel elements has (its last one may be short)."""
+    return -(-numel // INT8_BLOCK)
 
 
 # ------------------------------------------------------------------------- the bf16 remainder
@@ -142,6 +176,79 @@ def to_bf16_stochastic(x: Tensor, key: int, offset: int) -> Tensor:
     u = _bits(x.reshape(-1))
     r = random_bits(key, offset, u.numel(), u.device) & 0xFFFF
     return _from_bits16(((u + r) >> 16) & 0xFFFF, torch.bfloat16).view(x.shape)
+
+
+# --------------------------------------------------------------------------------- int8 moments
+
+
+def _blocks(x: Tensor, fill: float = 0.0) -> Tensor:
+    """A flat fp32 tensor as (blocks, INT8_BLOCK) rows, its short last block padded with fill."""
+    flat = x.reshape(-1).float()
+    pad = int8_blocks(flat.numel()) * INT8_BLOCK - flat.numel()
+    return torch.cat([flat, flat.new_full((pad,), fill)]).view(-1, INT8_BLOCK)
+
+
+def encode_exp_avg(m: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 exp_avg -> (int8 codes, fp32 scale per block): q = m/s to nearest even, s = absmax/127."""
+    rows = _blocks(m)
+    scale = rows.abs().amax(dim=1) / 127.0
+    q = torch.where(scale[:, None] > 0, torch.round(rows / scale[:, None]), torch.zeros_like(rows))
+    return q.clamp_(-127, 127).to(torch.int8).reshape(-1)[: m.numel()].view(m.shape), scale
+
+
+def decode_exp_avg(q: Tensor, scales: Tensor) -> Tensor:
+    """int8 exp_avg codes and their blocks' scales -> fp32."""
+    rows = _blocks(q)
+    return (rows * scales[:, None]).reshape(-1)[: q.numel()].view(q.shape)
+
+
+def _code_steps(lo_hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per block: the bits of lo, the bit range hi - lo (int64) and the fp32 step of one code."""
+    bits = lo_hi.contiguous().view(torch.int32).to(torch.int64).view(-1, 2)
+    lo, span = bits[:, 0], bits[:, 1] - bits[:, 0]
+    return lo, span, span.to(torch.float32) / 254.0
+
+
+def _code_bits(j: Tensor, lo: Tensor, span: Tensor, step: Tensor) -> Tensor:
+    """The bits of positive code j + 1 (j in 0..254): lo + min(span, trunc(j * step))."""
+    return lo + torch.minimum(span, (j.to(torch.float32) * step).to(torch.int32).to(torch.int64))
+
+
+def _as_float(bits: Tensor) -> Tensor:
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def decode_exp_avg_sq(codes: Tensor, lo_hi: Tensor) -> Tensor:
+    """uint8 exp_avg_sq codes and their blocks' (lo, hi) scales -> fp32."""
+    rows = _blocks(codes).to(torch.int64)
+    lo, span, step = (t[:, None] for t in _code_steps(lo_hi))
+    value = _as_float(_code_bits((rows - 1).clamp_(min=0), lo, span, step))
+    return torch.where(rows > 0, value, 0.0).reshape(-1)[: codes.numel()].view(codes.shape)
+
+
+def encode_exp_avg_sq(v: Tensor, key: int, offset: int) -> tuple[Tensor, Tensor]:
+    """fp32 exp_avg_sq (>= 0) -> (uint8 codes, fp32 (lo, hi) per block), rounded stochastically
+    between the two codes around v with bits from (key, offset + element)."""
+    rows = _blocks(v)
+    positive = rows > 0
+    lo_value = torch.where(positive, rows, float("inf")).amin(dim=1)
+    lo_value = torch.where(torch.isinf(lo_value), 0.0, lo_value)
+    lo_hi = torch.stack([lo_value, rows.amax(dim=1)], dim=1).reshape(-1)
+    lo, span, step = (t[:, None] for t in _code_steps(lo_hi))
+    u = rows.view(torch.int32).to(torch.int64)
+    # j: the last code at or below v. The quotient is within a code of it; one look each way
+    # makes it exact (the codes' bits are monotone in j).
+    t = (u - lo).to(torch.float32) / step
+    j = torch.where(step > 0, t, 0.0).to(torch.int64).clamp_(0, 254)
+    j = torch.where((j < 254) & (_code_bits((j + 1).clamp(max=254), lo, span, step) <= u), j + 1, j)
+    j = torch.where((j > 0) & (_code_bits(j, lo, span, step) > u), j - 1, j)
+    below = _as_float(_code_bits(j, lo, span, step))
+    above = _as_float(_code_bits((j + 1).clamp(max=254), lo, span, step))
+    gap = above - below
+    p = torch.where(gap > 0, (rows - below) / torch.where(gap > 0, gap, 1.0), 0.0)
+    r = (random_bits(key, offset, rows.numel(), v.device).view(rows.shape) >> 8).to(torch.float32) * 2.0**-24
+    code = torch.where(positive, j + 1 + (r < p).to(torch.int64), 0)
+    return code.to(torch.uint8).reshape(-1)[: v.numel()].view(v.shape), lo_hi
 
 
 def store_moment(target: Tensor, value: Tensor, key: Optional[int], offset: int) -> None:

@@ -80,6 +80,8 @@ def reference_adamw_(
     found_inf: Optional[Tensor] = None,
     seed: int = 0,
     offsets: Sequence[int] = (),
+    exp_avg_scales: Sequence[Tensor] = (),
+    exp_avg_sq_scales: Sequence[Tensor] = (),
 ) -> None:
     """AdamW (decoupled weight decay), the same arithmetic as torch.optim.AdamW, on fp32 values
     of a state kept in any of hift.formats' formats.
@@ -88,7 +90,8 @@ def reference_adamw_(
     (their own masters), else one per param: an fp32 master, or for bf16 params the int16
     remainder of one. exp_avgs, exp_avg_sqs: fp32, or bf16 written back with stochastic
     rounding drawn from (seed, step, offsets[i] + element), where offsets[i] is where tensor i
-    starts in its group. grads may be any float dtype; each is multiplied by `grad_scale`
+    starts in its group; or int8 / uint8 codes with their blocks' fp32 scales in exp_avg_scales
+    and exp_avg_sq_scales (formats.encode_exp_avg, encode_exp_avg_sq). grads may be any float dtype; each is multiplied by `grad_scale`
     (unscale and clip folded in) before use. `step` is this update's 1-based step count (bias
     correction). A nonzero `found_inf` leaves every buffer untouched. lr and step may be Python
     numbers or 0-d tensors.
@@ -109,7 +112,12 @@ def reference_adamw_(
             master = masters[i] if masters else params[i]
         # fp32 state is updated in place, with exactly torch's ops; compact state is decoded
         # to fp32, updated the same way and encoded back
-        m, v = m_store.float(), v_store.float()
+        int8 = m_store.dtype == torch.int8
+        if int8:
+            m = formats.decode_exp_avg(m_store, exp_avg_scales[i])
+            v = formats.decode_exp_avg_sq(v_store, exp_avg_sq_scales[i])
+        else:
+            m, v = m_store.float(), v_store.float()
         g = g.float()
         if scale is not None:
             g = g * scale
@@ -124,14 +132,23 @@ def reference_adamw_(
             remainder.copy_(low)
         elif masters:
             params[i].copy_(master)
+        offset = offsets[i] if offsets else 0
+        if int8:
+            for store, scales, (codes, new_scales) in (
+                    (m_store, exp_avg_scales[i], formats.encode_exp_avg(m)),
+                    (v_store, exp_avg_sq_scales[i], formats.encode_exp_avg_sq(v, keys["exp_avg_sq"], offset))):
+                store.copy_(codes)
+                scales.copy_(new_scales)
+            continue
         for store, value, name in ((m_store, m, "exp_avg"), (v_store, v, "exp_avg_sq")):
             if store is not value:
-                formats.store_moment(store, value, keys[name], offsets[i] if offsets else 0)
+                formats.store_moment(store, value, keys[name], offset)
 
 
 @torch.no_grad()
 def adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, *, lr, step, beta1, beta2, eps,
-           weight_decays, grad_scale=None, found_inf=None, seed: int = 0, offsets=()) -> None:
+           weight_decays, grad_scale=None, found_inf=None, seed: int = 0, offsets=(),
+           exp_avg_scales=(), exp_avg_sq_scales=()) -> None:
     """Fused AdamW over one group, in one pass over memory where the extension is built.
     Arguments as in `reference_adamw_`."""
     if not params:
@@ -141,12 +158,14 @@ def adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, *, lr, step, beta1, be
         torch.ops.hift.fused_adamw_(
             params, masters, exp_avgs, exp_avg_sqs, grads, list(map(float, weight_decays)),
             _as_tensor(lr, device), _as_tensor(step, device), float(beta1), float(beta2),
-            float(eps), grad_scale, found_inf, int(seed), [int(o) for o in offsets],
+            float(eps), grad_scale, found_inf, list(exp_avg_scales), list(exp_avg_sq_scales),
+            int(seed), [int(o) for o in offsets],
         )
         return
     reference_adamw_(params, masters, exp_avgs, exp_avg_sqs, grads, lr=lr, step=step,
                      beta1=beta1, beta2=beta2, eps=eps, weight_decays=weight_decays,
-                     grad_scale=grad_scale, found_inf=found_inf, seed=seed, offsets=offsets)
+                     grad_scale=grad_scale, found_inf=found_inf, seed=seed, offsets=offsets,
+                     exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales)
 
 
 def cpu_kernel_isa() -> str:

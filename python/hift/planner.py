@@ -79,7 +79,7 @@ import torch
 from torch import nn
 
 from hift import formats
-from hift.state import StateFormat
+from hift.state import Chunk, StateFormat, chunk_bytes, chunk_numel, cut_into_chunks
 
 GB = 1e9
 GiB = 2**30
@@ -109,7 +109,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_STORES = ("host", "disk")
 # Targets for LLaMA-2-7B in bf16 (the issue "Optimizer state at 6 bytes per parameter and
 # below, and a disk tier"): host RAM at most this many GB, by moments and store
-HOST_RAM_TARGETS_7B = {("fp32", "host"): 68, ("bf16", "host"): 41, ("fp32", "disk"): 5, ("bf16", "disk"): 5}
+HOST_RAM_TARGETS_7B = {("fp32", "host"): 68, ("bf16", "host"): 41, ("int8", "host"): 28, ("fp32", "disk"): 5,
+                       ("bf16", "disk"): 5, ("int8", "disk"): 5}
 
 
 @dataclass
@@ -236,6 +237,11 @@ class UnitTrace:
     frozen: list[int]  # saved bytes with the unit frozen, its input needing a gradient
     transient_trainable: list[int]
     transient_frozen: list[int]
+    param_numels: list[list[int]] = None  # each unit's parameters' sizes (None: one per unit)
+
+    def __post_init__(self):
+        if self.param_numels is None:
+            self.param_numels = [[n] for n in self.numels]
 
 
 def _trace_saved(model, units, run, trainable_units: set[int]) -> tuple[list[int], list[int]]:
@@ -303,6 +309,7 @@ def trace_units(model: nn.Module, batch: int, seq: int) -> tuple[UnitTrace, list
     trace = UnitTrace(kinds=[u.kind for u in units], numels=[u.numel for u in units],
                       largest_param=max(p.numel() for p in model.parameters()),
                       unit_largest_param=[max(p.numel() for p in u.params) for u in units],
+                      param_numels=[[p.numel() for p in u.params] for u in units],
                       trainable=trainable, frozen=frozen,
                       transient_trainable=t_transient, transient_frozen=f_transient)
     return trace, units
@@ -367,20 +374,17 @@ def state_format(precision: str, moment_dtype: str = "fp32", master_format: str 
 
 def describe_format(fmt: StateFormat) -> str:
     master = {"none": "no master (fp32 weights)", "fp32": "fp32 master", "remainder": "remainder master"}
-    return f"{master[fmt.master]} + {fmt.moments} moments, {fmt.bytes_per_element} B/param"
+    return f"{master[fmt.master]} + {fmt.moments} moments, {fmt.bytes_per_element:.4g} B/param"
 
 
-def state_chunk_bytes(group_numels: list[int], fmt: StateFormat,
+def state_chunk_bytes(group_param_numels: list[list[int]], fmt: StateFormat,
                       chunk_mib: Optional[float] = None) -> list[list[int]]:
-    """Each group's state chunks, in bytes, as hift.state.OptimizerState cuts and lays them out:
-    whole groups, or pieces of int(chunk_mib MiB / bytes per element) elements (a group's last
-    one shorter), each [master | exp_avg | exp_avg_sq] with 16-byte aligned sections."""
-    if chunk_mib is None:
-        numels = [[n] for n in group_numels]
-    else:
-        size = max(1, int(chunk_mib * MiB) // fmt.bytes_per_element)
-        numels = [[size] * (n // size) + ([n % size] if n % size else []) for n in group_numels]
-    return [[sum(fmt.section_bytes(n)) for n in chunks] for chunks in numels]
+    """Each group's state chunks, in bytes, as hift.state.OptimizerState cuts and lays them out
+    from its parameters' sizes: whole groups, or chunks of chunk_mib MiB (int8 moments cut a
+    parameter between blocks), each with its 16-byte aligned sections."""
+    max_numel = chunk_numel(fmt, chunk_mib)
+    return [[chunk_bytes(Chunk(g, pieces), fmt) for pieces in cut_into_chunks(sizes, max_numel, fmt.block)]
+            for g, sizes in enumerate(group_param_numels)]
 
 
 def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, prefetch: bool = True,
@@ -412,7 +416,8 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
     fmt = state_format(precision, moment_dtype, master_format)
     out = Breakdown("hift", weights=sum(trace.numels) * wbytes, gradients=grads, activations=acts,
                     device=device, state_format=describe_format(fmt))
-    _place_state(out, state_chunk_bytes(group_numels, fmt, state_chunk_mib), group_numels,
+    group_param_numels = [[n for u in g for n in trace.param_numels[u]] for g in groups]
+    _place_state(out, state_chunk_bytes(group_param_numels, fmt, state_chunk_mib), group_numels,
                  offload, state_store, prefetch)
     out.notes.append(f"peak while training group {g_peak} of {len(groups)} "
                      f"({', '.join(trace.kinds[u] for u in groups[g_peak])})")
@@ -635,7 +640,8 @@ HEADER = ("| method | weights | grads | optimizer (resident) | optimizer (in fli
 # (master_format, moment_dtype, state_store): the rows of the formats table; the first is the
 # layout before the remainder (an fp32 master), for reference
 FORMAT_ROWS = [("fp32", "fp32", "host"), ("auto", "fp32", "host"), ("auto", "fp32", "disk"),
-               ("auto", "bf16", "host"), ("auto", "bf16", "disk")]
+               ("auto", "bf16", "host"), ("auto", "bf16", "disk"), ("auto", "int8", "host"),
+               ("auto", "int8", "disk")]
 FORMAT_HEADER = ("| master | moments | store | state B/param | state on device | device peak | host RAM "
                  "| disk | PCIe per step | PCIe B/param | disk I/O per step |\n"
                  "|---|---|---|---|---|---|---|---|---|---|---|")
@@ -657,10 +663,9 @@ def formats_table(trace: UnitTrace, precision: str = "bf16", group_size: int = 1
                       recompute_boundary, moment_dtype=moments, master_format=master, state_store=store,
                       device=device)
         by_row[master, moments, store] = h
-        lines.append(f"| {fmt.master} | {moments} | {store} | {fmt.bytes_per_element} | {h.optimizer / GB:.2f} "
+        lines.append(f"| {fmt.master} | {moments} | {store} | {fmt.bytes_per_element:.4g} | {h.optimizer / GB:.2f} "
                      f"| **{h.total / GB:.2f}** | **{h.host_ram / GB:.2f}** | {h.disk / GB:.2f} "
                      f"| {h.pcie_per_step / GB:.2f} | {h.pcie_per_param:.1f} | {h.disk_io_per_step / GB:.2f} |")
-    lines.append("| - | int8 | - | not built | | | | | | | |")
     if name == "llama-2-7b" and precision == "bf16" and device == "cuda":
         met = []
         for (moments, store), target in HOST_RAM_TARGETS_7B.items():

@@ -4,7 +4,9 @@ A group's state is cut into chunks: by default one chunk per group, or, with a c
 pieces of at most that many parameters (a large parameter is split by element ranges). Each
 chunk is one flat buffer of bytes laid out as [master | exp_avg | exp_avg_sq], each section in
 its format (hift.formats: an fp32 master or a bf16 weight's int16 remainder, none for fp32
-weights; fp32 or bf16 moments) and 16-byte aligned, so it moves between host and device in one
+weights; fp32, bf16 or int8 moments, the last followed by two sections of their blocks' fp32
+scales, [exp_avg scales | exp_avg_sq (lo, hi)]) and 16-byte aligned; with int8 moments a chunk
+cuts a parameter only between blocks of 256, so it moves between host and device in one
 copy whatever the formats. (The buffer is held as fp32 words, the unit the swappers move.)
 
 Where a chunk rests and how it reaches the update is its store's business (hift.store): on the
@@ -19,7 +21,7 @@ The per-group step counters (bias correction) are tiny and always on the device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -45,18 +47,38 @@ class StateFormat:
     moments: str = "fp32"
 
     @property
+    def int8(self) -> bool:
+        return self.moments == "int8"
+
+    @property
     def dtypes(self) -> list[Optional[torch.dtype]]:
-        """The dtype of each section (None: the section is absent)."""
+        """The dtype of each section (None: the section is absent): master, exp_avg, exp_avg_sq,
+        then for int8 moments their blocks' fp32 scales."""
         master = None if self.master == "none" else formats.STORAGE_DTYPES[self.master]
+        if self.int8:
+            return [master, *formats.INT8_DTYPES.values(), torch.float32, torch.float32]
         moment = formats.STORAGE_DTYPES[self.moments]
         return [master, moment, moment]
 
     @property
-    def bytes_per_element(self) -> int:
+    def bytes_per_element(self) -> float:
         return formats.state_bytes_per_element(self.master, self.moments)
 
-    def section_bytes(self, numel: int) -> list[int]:
-        return [0 if d is None else _aligned(numel * d.itemsize) for d in self.dtypes]
+    @property
+    def block(self) -> int:
+        """Where a chunk may cut a parameter: int8 moments keep a parameter's blocks whole."""
+        return formats.INT8_BLOCK if self.int8 else 1
+
+    def section_elements(self, numel: int, blocks: int) -> list[int]:
+        """Elements of each section for numel parameters in `blocks` int8 blocks."""
+        scales = [blocks * k for k in formats.INT8_SCALES.values()] if self.int8 else []
+        return [numel, numel, numel, *scales]
+
+    def section_bytes(self, numel: int, blocks: Optional[int] = None) -> list[int]:
+        """Each section's bytes, 16-byte aligned; `blocks` defaults to one tensor's."""
+        blocks = formats.int8_blocks(numel) if blocks is None else blocks
+        return [0 if d is None else _aligned(k * d.itemsize)
+                for d, k in zip(self.dtypes, self.section_elements(numel, blocks))]
 
 
 @dataclass
@@ -81,6 +103,11 @@ class Chunk:
     def numel(self) -> int:
         return sum(p.numel for p in self.pieces)
 
+    @property
+    def blocks(self) -> int:
+        """int8 blocks: each piece starts on a block of its parameter."""
+        return sum(formats.int8_blocks(p.numel) for p in self.pieces)
+
 
 @dataclass
 class StateViews:
@@ -89,27 +116,51 @@ class StateViews:
     masters: list[Tensor]  # empty when the weights are fp32 (they are their own masters)
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
+    exp_avg_scales: list[Tensor] = field(default_factory=list)  # int8 moments only
+    exp_avg_sq_scales: list[Tensor] = field(default_factory=list)
 
 
-def split_into_chunks(group: Group, max_numel: Optional[int]) -> list[Chunk]:
-    """The group's parameters in order, cut into chunks of at most max_numel elements (one
-    chunk holding the whole group when max_numel is None)."""
+def chunk_numel(format: StateFormat, chunk_mib: Optional[float]) -> Optional[int]:
+    """Parameters per state chunk for a chunk size in MiB (None: whole groups); at least a block."""
+    return None if chunk_mib is None else max(format.block, int(chunk_mib * 2**20 / format.bytes_per_element))
+
+
+def cut_into_chunks(sizes: list[int], max_numel: Optional[int], block: int = 1) -> list[list[Piece]]:
+    """Parameters of these sizes, in order, cut into chunks of at most max_numel elements (one
+    chunk holding them all when max_numel is None); a parameter is cut only at multiples of
+    `block` (max_numel is at least one block)."""
     if max_numel is None:
-        return [Chunk(group.index, [Piece(i, 0, p.numel()) for i, p in enumerate(group.params)])]
+        return [[Piece(i, 0, n) for i, n in enumerate(sizes)]]
     chunks, pieces, room = [], [], max_numel
-    for i, p in enumerate(group.params):
+    for i, n in enumerate(sizes):
         lo = 0
-        while lo < p.numel():
-            take = min(room, p.numel() - lo)
+        while lo < n:
+            take = min(room, n - lo)
+            if lo + take < n:
+                take -= take % block
+                if take == 0:  # not a whole block left in this chunk: start the next
+                    chunks.append(pieces)
+                    pieces, room = [], max_numel
+                    continue
             pieces.append(Piece(i, lo, lo + take))
             lo += take
             room -= take
             if room == 0:
-                chunks.append(Chunk(group.index, pieces))
+                chunks.append(pieces)
                 pieces, room = [], max_numel
     if pieces:
-        chunks.append(Chunk(group.index, pieces))
+        chunks.append(pieces)
     return chunks
+
+
+def split_into_chunks(group: Group, max_numel: Optional[int], block: int = 1) -> list[Chunk]:
+    """The group's parameters cut into chunks (cut_into_chunks)."""
+    return [Chunk(group.index, pieces) for pieces in cut_into_chunks([p.numel() for p in group.params], max_numel, block)]
+
+
+def chunk_bytes(chunk: Chunk, format: StateFormat) -> int:
+    """The bytes of one chunk's buffer."""
+    return sum(format.section_bytes(chunk.numel, chunk.blocks))
 
 
 class OptimizerState:
@@ -123,15 +174,15 @@ class OptimizerState:
         # where each parameter starts in its group's element numbering (stochastic rounding
         # draws by it, so the bits do not depend on how the state is chunked)
         self.param_starts = [[sum(p.numel() for p in g.params[:i]) for i in range(len(g.params))] for g in groups]
-        chunk_numel = None if chunk_mib is None else max(1, int(chunk_mib * 2**20) // format.bytes_per_element)
+        max_numel = chunk_numel(format, chunk_mib)
         self.chunks: list[Chunk] = []
         self.chunks_of: list[list[int]] = []
         for group in groups:
-            pieces = split_into_chunks(group, chunk_numel)
+            pieces = split_into_chunks(group, max_numel, format.block)
             self.chunks_of.append(list(range(len(self.chunks), len(self.chunks) + len(pieces))))
             self.chunks.extend(pieces)
         # fp32 words per chunk buffer
-        self.numels = [sum(format.section_bytes(c.numel)) // 4 for c in self.chunks]
+        self.numels = [chunk_bytes(c, format) // 4 for c in self.chunks]
         self.steps = torch.zeros(len(groups), dtype=torch.float32, device=self.device)
         # Where the state rests (hift.store). A second device slot only pays where a group has a
         # next chunk to bring in during its update; the disk store stages one more chunk: the
@@ -202,16 +253,20 @@ class OptimizerState:
         return self.store.resting(c)
 
     def _views(self, c: int, flat: Tensor) -> StateViews:
-        n = self.chunks[c].numel
+        chunk = self.chunks[c]
         raw = flat.view(torch.uint8)
         per_part, start = [], 0
-        for dtype, nbytes in zip(self.format.dtypes, self.format.section_bytes(n)):
+        sizes = self.format.section_elements(chunk.numel, chunk.blocks)
+        per_block = [None, None, None, *formats.INT8_SCALES.values()]  # scales: so many per block
+        for dtype, nbytes, n, k in zip(self.format.dtypes, self.format.section_bytes(chunk.numel, chunk.blocks),
+                                       sizes, per_block):
             section = raw[start : start + nbytes].view(dtype)[:n] if dtype is not None else None
             start += nbytes
             views, offset = [], 0
-            for piece in self.chunks[c].pieces if section is not None else []:
-                views.append(section[offset : offset + piece.numel])
-                offset += piece.numel
+            for piece in chunk.pieces if section is not None else []:
+                size = piece.numel if k is None else formats.int8_blocks(piece.numel) * k
+                views.append(section[offset : offset + size])
+                offset += size
             per_part.append(views)
         return StateViews(*per_part)
 
@@ -254,6 +309,8 @@ class OptimizerState:
                 lr=lr, step=step, beta1=betas[0], beta2=betas[1], eps=eps,
                 weight_decays=[weight_decays[pc.param] for pc in pieces],
                 grad_scale=grad_scale, found_inf=found_inf, seed=seed, offsets=pick(offsets),
+                exp_avg_scales=pick(views.exp_avg_scales) if views.exp_avg_scales else [],
+                exp_avg_sq_scales=pick(views.exp_avg_sq_scales) if views.exp_avg_sq_scales else [],
             )
             self.release(c)
 
@@ -285,8 +342,7 @@ class OptimizerState:
         """Group g's resting state, one flat tensor per piece of its chunks in order (call
         synchronize() first when offloading)."""
         views = [self._views(c, self.storage(c)) for c in self.chunks_of[g]]
-        return StateViews(*([t for v in views for t in getattr(v, part)]
-                            for part in ("masters", "exp_avgs", "exp_avg_sqs")))
+        return StateViews(*([t for v in views for t in getattr(v, part)] for part in _PARTS))
 
     def param_state(self, g: int) -> StateViews:
         """Group g's resting state per parameter as fp32 values, shaped like it (a copy where a
@@ -296,6 +352,9 @@ class OptimizerState:
         params = self.groups[g].params
         pieces = [piece for c in self.chunks_of[g] for piece in self.chunks[c].pieces]
         flat = self.host_views(g)
+        if self.format.int8:
+            flat.exp_avgs = [formats.decode_exp_avg(q, s) for q, s in zip(flat.exp_avgs, flat.exp_avg_scales)]
+            flat.exp_avg_sqs = [formats.decode_exp_avg_sq(q, s) for q, s in zip(flat.exp_avg_sqs, flat.exp_avg_sq_scales)]
 
         def per_param(tensors: list[Tensor]) -> list[Tensor]:
             parts: list[list[Tensor]] = [[] for _ in params]
@@ -308,6 +367,9 @@ class OptimizerState:
         if self.format.master == "remainder":
             masters = [formats.join_master(p.detach().to(r.device), r) for p, r in zip(params, masters)]
         return StateViews(masters, [m.float() for m in exp_avgs], [v.float() for v in exp_avg_sqs])
+
+
+_PARTS = ("masters", "exp_avgs", "exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales")
 
 
 def _flat_piece(t: Tensor, piece: Piece) -> Tensor:
