@@ -1,4 +1,4 @@
-"""`hift demo` (fine-tune MiniLM on Shakespeare genres) and the other entry points."""
+"""`hift demo` (fine-tune MiniLM on Shakespeare genres), `hift plan` and `hift train`."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,10 @@ def main(argv=None) -> int:
                                      "and LOMO) from a model config, and hift's host RAM, disk and PCIe "
                                      "traffic per state format and store (options: hift plan --help)",
                         add_help=False)
+    commands.add_parser("train", help="fine-tune a model directory on a JSON-lines file or a datasets "
+                                      "dataset: text, prompt/completion, chat messages or labelled text "
+                                      "(options: hift train --help)",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from hift.demo.run import main as demo_main
@@ -24,6 +28,10 @@ def main(argv=None) -> int:
         from hift.planner import main as plan_main
 
         return plan_main(rest) or 0
+    if args.command == "train":
+        from hift.train.run import main as train_main
+
+        return train_main(rest)
     parser.error(f"unknown command {args.command}")
     return 2
 
