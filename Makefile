@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-DEPS := numpy safetensors tqdm transformers tokenizers peft triton matplotlib pytest ninja setuptools wheel lomo-optim badam pyyaml datasets
+DEPS := numpy safetensors tqdm transformers tokenizers peft triton matplotlib pytest ninja setuptools wheel lomo-optim badam pyyaml datasets accelerate trl
 export MAX_JOBS ?= 2
 
 .PHONY: setup demo test bench clean

@@ -2,9 +2,14 @@
 
     import hift
     result = hift.fit(model, loader, lr=2e-5, group_size=1, num_cycles=3)
+
+or as an optimizer in any loop or trainer:
+
+    opt = hift.HiftAdamW(model, lr=2e-5, group_size=1)
 """
 from hift.config import Config
 from hift.engine import FitResult, NonFiniteError, StepEvent, fit
+from hift.optim import HiftAdamW
 
-__all__ = ["Config", "FitResult", "NonFiniteError", "StepEvent", "fit"]
+__all__ = ["Config", "FitResult", "HiftAdamW", "NonFiniteError", "StepEvent", "fit"]
 __version__ = "0.1.0"

@@ -11,6 +11,10 @@ It is written into a hidden temporary directory, flushed to disk, then renamed i
 a process killed mid-save leaves the previous checkpoint untouched, and a checkpoint without a
 manifest that matches its files is refused. Only safetensors and JSON are read back, never
 pickle, so a checkpoint from elsewhere cannot run code.
+
+save_run and restore_run say what a run's checkpoint holds: the model, the optimizer's method
+state (HiftAdamW: step counts, rotation, loss scale, chunks), the data stream's position, the
+global RNG and fit's history.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 
+# 2: the data stream keeps its own state (data.* tensors); 3: state chunks are raw bytes in
+# their formats (hift.formats), not fp32
+FORMAT = 3
 PREFIX = "step-"
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
 STATE = "state"
@@ -165,3 +172,58 @@ def load_tensors(path: Path, prefix: str = "", strip: bool = False) -> dict[str,
 def latest(root) -> Optional[Path]:
     found = checkpoints(Path(root))
     return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------ a run's checkpoint
+
+
+def save_run(root, model: torch.nn.Module, optimizer, stream, history: dict, keep_last: int = 2) -> Path:
+    """Checkpoint `history["steps"]` of a run: the model, the optimizer's method state
+    (hift.HiftAdamW), the stream's position (hift.batches.BatchStream), the global RNG and
+    `history` (fit's losses, lrs, groups, skipped_steps)."""
+    optimizer.group_state.synchronize()
+    tensors = {"steps": optimizer.group_state.steps, "rng_cpu": torch.get_rng_state()}
+    data_meta, data_tensors = stream.state_dict()
+    tensors.update({f"data.{k}": v for k, v in data_tensors.items()})
+    if optimizer.device.type == "cuda":
+        tensors["rng_cuda"] = torch.cuda.get_rng_state(optimizer.device)
+    meta = {
+        "format": FORMAT,
+        "run": optimizer.fingerprint(),
+        "order": optimizer.order.state_dict(),
+        "scaler": optimizer.scaler.state_dict(),
+        "data": data_meta,
+        "history": history,
+    }
+    return save(root, history["steps"], model, tensors, meta, keep_last=keep_last, write_state=optimizer.save_chunks)
+
+
+def check_resumable(path: Path, meta: dict, optimizer) -> None:
+    """Refuse a checkpoint of another format or another run before anything is loaded."""
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')}; this hift reads {FORMAT}")
+    differ = optimizer.differences(meta["run"])
+    if differ:
+        raise CheckpointError(
+            f"{path} was made by another run ({differ}); resume with the same model, group_size, "
+            "precision, state_chunk_mib, order and seed as the run that saved it")
+
+
+def resume_stream(path: Path, meta: dict, stream) -> None:
+    """Bring the batch stream to where the checkpoint was saved; this checks that the loader
+    yields the same batches, so it runs before the model is cast or loaded."""
+    stream.load_state_dict(meta["data"], load_tensors(path, prefix="data.", strip=True))
+
+
+def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer) -> dict:
+    """Load the model, the optimizer's method state and the global RNG; return the history."""
+    load_weights(path, model)
+    tensors = load_tensors(path)
+    history = meta["history"]
+    optimizer.load_method_state(steps=tensors["steps"], order=meta["order"], scaler=meta["scaler"],
+                                steps_taken=history["steps"], read_chunk=lambda c: load_chunk(path, c),
+                                skipped=history["skipped_steps"])
+    torch.set_rng_state(tensors["rng_cpu"])
+    if "rng_cuda" in tensors and optimizer.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng_cuda"], optimizer.device)
+    return history

@@ -72,7 +72,7 @@ class GradCheck:
     grad_scale: Optional[Tensor]  # what the fused update multiplies every grad by, or None for 1
 
 
-def check_grads(grads: list[Tensor], loss: Tensor, scaler: LossScaler,
+def check_grads(grads: list[Tensor], loss: Optional[Tensor], scaler: LossScaler,
                 max_grad_norm: Optional[float]) -> GradCheck:
     """The one non-finite flag and the one gradient multiplier of a step, for every precision
     and clipping setting, from a single read of the gradients (their squared norm).
@@ -81,10 +81,12 @@ def check_grads(grads: list[Tensor], loss: Tensor, scaler: LossScaler,
     overflow an fp32 sum), so the norm pass both detects and measures. The loss is checked too:
     a non-finite loss with finite grads (a nan multiplied into a term that does not reach this
     group) is no state to train on. The multiplier folds the inverse loss scale and the clip
-    coefficient into one tensor, which the fused update applies as it reads each grad.
+    coefficient into one tensor, which the fused update applies as it reads each grad. A loss of
+    None (an optimizer step that was not given it) counts as finite.
     """
-    loss_finite = torch.isfinite(loss)
-    norm_sq = ops.grad_norm_sq(grads) if grads else torch.zeros((), device=loss.device)
+    device = scaler.scale.device
+    loss_finite = torch.isfinite(loss) if loss is not None else torch.ones((), dtype=torch.bool, device=device)
+    norm_sq = ops.grad_norm_sq(grads) if grads else torch.zeros((), device=device)
     found_inf = (~(torch.isfinite(norm_sq) & loss_finite)).float()
     grad_scale = scaler.inv_scale() if scaler.enabled else None
     if max_grad_norm:

@@ -1,0 +1,404 @@
+"""HiftAdamW: the HiFT method as a torch.optim.Optimizer.
+
+    opt = hift.HiftAdamW(model, lr=2e-5, group_size=1)
+    for batch in loader:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+The model's units are split into K groups (hift.groups) when the optimizer is made. Each step()
+updates one group, the active one, with the fused AdamW over its state (OptimizerState.
+update_group), then makes the next group in the rotation (hift.schedule.GroupOrder) the only one
+that requires grad, so that the next backward builds no graph below it and writes no other
+gradient, and starts bringing that group's state nearer (prefetch, read-ahead). From
+construction only the first group requires grad: the first step costs what the others do.
+
+The learning rate is held for a cycle (K steps: every group updated once). step() reads
+param_groups[g]["lr"] at the step that starts a cycle and uses those values until the cycle
+ends, whatever a scheduler writes in between. A scheduler made for this optimizer therefore
+keeps its length in optimizer steps, as it would for any optimizer (a Trainer's warmup_steps
+and max_steps mean what they say), and hift samples it once per cycle: cycle c trains at the
+scheduler's value at step c*K. Nothing is stretched K-fold: a warm-up of W steps is over after
+ceil(W/K) cycles. The other hyperparameters (betas, eps, weight_decay) are read at every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hift import formats
+from hift.batches import probe, to_device
+from hift.config import Config, ConfigError
+from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
+from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
+from hift.schedule import GroupOrder
+from hift.state import OptimizerState, StateFormat
+
+# the Config fields that make the optimizer (the rest belong to fit's loop)
+OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "group_size", "order", "units", "seed",
+           "precision", "moment_dtype", "master_format", "state_store", "state_dir", "offload", "prefetch",
+           "pin_memory", "state_chunk_mib", "loss_scale", "loss_scale_growth_interval")
+
+
+@dataclass
+class StepInfo:
+    """What the last step() did (the update is enqueued, not necessarily done)."""
+
+    group: int  # the group it updated (or skipped)
+    lr: float  # the learning rate it used: its cycle's
+    found_inf: Tensor  # 0-d device flag: 1.0 when the update was skipped (inf or nan)
+    skipped: Optional[bool] = None  # fp16 only, read on the host: then the group is retried
+    loss_finite: Optional[bool] = None  # fp16 only: the unscaled loss was finite
+
+
+def model_device(params: list[nn.Parameter]) -> torch.device:
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ConfigError(f"the trainable parameters are spread over {sorted(map(str, devices))}; "
+                          "hift trains a model that sits on one device: move it with model.to(device)")
+    return next(iter(devices))
+
+
+def no_decay(p: nn.Parameter) -> bool:
+    """Biases and norm weights (every 1-D parameter) take no weight decay."""
+    return p.dim() < 2
+
+
+def build_groups(model: nn.Module, cfg: Config, example_batch, device: torch.device) -> list[Group]:
+    """The model's K groups. A forward pass on `example_batch` orders the units and checks that
+    the model takes it and that its loss reaches every unit, before anything changes; without
+    one, a transformers model's dummy_inputs order the units (no reach check: they carry no
+    labels). It runs in eval mode on a forked RNG: it must not update batch-norm statistics or
+    consume the random numbers that dropout and shuffling will draw."""
+    reached = None
+    batch = example_batch
+    if batch is None and cfg.units is None:
+        batch = getattr(model, "dummy_inputs", None)
+        if batch is None:
+            raise GroupingError(
+                f"hift finds the units of {type(model).__name__} from one forward pass: pass "
+                "example_batch=<a batch the model takes> (or units=[...]) to HiftAdamW")
+        batch = to_device(batch, device)
+
+        def run_forward():
+            model(**batch)
+    else:
+        def run_forward():
+            nonlocal reached
+            reached = probe(model, batch)
+
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.eval()
+        try:
+            if cfg.units is not None:
+                if batch is not None:
+                    run_forward()
+                units = units_from_user(model, cfg.units)
+            else:
+                units = detect_units(model, run_forward)
+        finally:
+            model.train(was_training)
+    check_units_reached(units, reached)
+    return make_groups(units, cfg.group_size)
+
+
+class HiftAdamW(torch.optim.Optimizer):
+    """AdamW that updates one group of the model's units per step; see the module docstring.
+
+    Options are hift.Config's where they apply, with the same names and checks: lr, betas, eps,
+    weight_decay (none on 1-D parameters), max_grad_norm, group_size, order, units, seed,
+    precision, moment_dtype, master_format, state_store, state_dir, offload, prefetch,
+    pin_memory, state_chunk_mib, loss_scale, loss_scale_growth_interval. Two differ from fit:
+    - max_grad_norm defaults to None: a trainer clips already (the Trainer's max_grad_norm sees
+      only the active group's gradients, which is per-group clipping), and torch's optimizers
+      do not clip. When set, the active group's gradients are clipped inside the update.
+    - example_batch: a batch the model takes, to find its units and check that the loss reaches
+      each (fit uses its loader's first batch). A transformers model can do without it (its
+      dummy_inputs then order the units).
+    A precision other than the weights' casts the model (bf16: the fp32 weights become the
+    masters first, so no bit is lost).
+
+    The model must sit on its device before the optimizer is made. The optimizer owns the
+    parameters' requires_grad flags until close(): only the active group's are set. step()
+    frees the active group's gradients. A non-finite gradient (or loss, passed to step) skips
+    the update on the device, without a host sync: weights and state stay as they were
+    (skipped_updates counts them). fp16 weights need the loss scaled: opt.scale_loss(loss)
+    .backward(); an overflow then retries the same group on the next step.
+
+    param_groups: one per group, in group order, with its params and param_names and the keys
+    lr, betas, eps, weight_decay. state_dict() carries, beside param_groups, the state of the
+    method under "hift": per-group step counts, the rotation's position, the current cycle's
+    learning rates, the loss scale, the seed (the only randomness: the random order and the
+    stochastic rounding are functions of it), and every state chunk's bytes (a state_dict taken
+    before the first step carries none: the state is then the one any optimizer made on these
+    weights holds). Loading it resumes bit for bit.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 2e-5, *, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: Optional[float] = None,
+                 group_size: int = 1, order: str = "top_down", units: Optional[Sequence[Any]] = None,
+                 seed: int = 0, precision: str = "auto", moment_dtype: str = "fp32", master_format: str = "auto",
+                 state_store: str = "host", state_dir: Optional[str] = None, offload: Optional[bool] = None,
+                 prefetch: bool = True, pin_memory: bool = True, state_chunk_mib: Optional[float] = None,
+                 loss_scale: float = 2.0**16, loss_scale_growth_interval: int = 2000, example_batch=None):
+        options = dict(locals())
+        cfg = Config.build(**{name: options[name] for name in OPTIONS})
+        self._setup(model, cfg, example_batch)
+        self.cast_model()
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: Config, example_batch=None, cast: bool = True) -> "HiftAdamW":
+        """The optimizer of a Config's options (the loop's own fields are ignored). fit passes
+        cast=False to check a checkpoint before the model changes, and calls cast_model() then."""
+        self = cls.__new__(cls)
+        self._setup(model, config, example_batch)
+        if cast:
+            self.cast_model()
+        return self
+
+    def _setup(self, model: nn.Module, cfg: Config, example_batch) -> None:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
+        device = model_device(trainable)
+        groups = build_groups(model, cfg, example_batch, device)
+        self._ready = False
+        super().__init__([{"params": list(zip(g.names, g.params))} for g in groups],
+                         dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay))
+        self._ready = True
+        self.model, self.config, self.groups, self.device = model, cfg, groups, device
+        self.precision = resolve_precision(cfg.precision, trainable)
+        self.dtype = DTYPES[self.precision]
+        self.max_grad_norm = cfg.max_grad_norm
+        self.prefetch = cfg.prefetch
+        offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
+        # The state is made before the cast so an fp32 model's masters keep every bit it had.
+        state_format = StateFormat(formats.master_format(self.dtype, cfg.master_format), cfg.moment_dtype)
+        self.group_state = OptimizerState(groups, device, state_format, offload, cfg.pin_memory,
+                                          cfg.state_chunk_mib, cfg.seed,
+                                          state_dir=cfg.state_dir if cfg.state_store == "disk" else None)
+        self.scaler = LossScaler(device, enabled=self.precision == "fp16", init_scale=cfg.loss_scale,
+                                 growth_interval=cfg.loss_scale_growth_interval)
+        self.order = GroupOrder(len(groups), cfg.order, cfg.seed)
+        self.steps_taken = 0  # step() calls, skipped ones included
+        self.last_step: Optional[StepInfo] = None
+        self._cycle_lrs: Optional[list[float]] = None  # read at the step that starts a cycle
+        self._lrs = torch.zeros(len(groups), dtype=torch.float32, device=device)
+        self._skipped = torch.zeros((), dtype=torch.float32, device=device)
+        self._scaled = False  # fp16: scale_loss was called since the last step
+        self._prefetched: Optional[int] = None  # the chunk a prefetch brought in, not yet acquired
+        for p in (p for g in groups for p in g.params):
+            p.requires_grad_(False)
+        self._arm()
+
+    # ------------------------------------------------------------------------ the method
+
+    @property
+    def active_group(self) -> int:
+        """The group the next step() updates; only its parameters require grad."""
+        return self.order.current
+
+    @property
+    def cycle(self) -> int:
+        """Cycles completed (a cycle: every group updated once)."""
+        return self.order.cycle
+
+    def cast_model(self) -> None:
+        """Cast the model to the run's precision, the trained weights rounded as their masters'
+        format says (a no-op when it is there already)."""
+        if any(p.dtype != self.dtype for g in self.groups for p in g.params):
+            self.group_state.cast_weights(self.dtype)
+            self.model.to(self.dtype)  # the rest
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        """The loss to call backward on: multiplied by the loss scale in fp16, as it is otherwise."""
+        self._scaled = True
+        return self.scaler.scale_loss(loss)
+
+    def _arm(self) -> None:
+        """The active group alone requires grad; its state (first chunk) starts coming in behind
+        any copy-out in flight, and the disk store reads the following group's from its file."""
+        g = self.order.current
+        for p in self.groups[g].params:
+            p.requires_grad_(True)
+        if self.prefetch:
+            first = self.group_state.chunks_of[g][0]
+            self.group_state.prefetch(first)
+            self._prefetched = first
+            self.group_state.read_ahead(self.order.following)
+
+    def _begin_cycle(self, lrs: Optional[list[float]] = None) -> None:
+        """Hold each group's learning rate for the cycle: `lrs`, or param_groups' now."""
+        self._cycle_lrs = [float(lr) for lr in lrs] if lrs is not None else [float(pg["lr"]) for pg in self.param_groups]
+        if len(set(self._cycle_lrs)) == 1:
+            self._lrs.fill_(self._cycle_lrs[0])
+        else:
+            for g, lr in enumerate(self._cycle_lrs):
+                self._lrs[g].fill_(lr)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, loss: Optional[Tensor] = None):
+        """Update the active group from its gradients, then arm the next one. `loss` (or the
+        closure's result), when given, is checked too: a non-finite loss skips the update."""
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+            if loss is None and isinstance(result, Tensor):
+                loss = result.detach()
+        g = self.order.current
+        group, options = self.groups[g], self.param_groups[g]
+        if group.params[0].device != self.device:
+            raise RuntimeError(
+                f"the model moved to {group.params[0].device} after HiftAdamW was made on {self.device}; "
+                "make the optimizer after model.to(device)")
+        if self.scaler.enabled and not self._scaled and any(p.grad is not None for p in group.params):
+            raise RuntimeError("fp16 weights train with a loss scale: call opt.scale_loss(loss).backward() "
+                               "(or train in bf16, which needs none)")
+        if self._cycle_lrs is None or self.order.position == 0:
+            self._begin_cycle()
+        grads = [p.grad for p in group.params if p.grad is not None]
+        check = check_grads(grads, loss.float() if loss is not None else None, self.scaler, self.max_grad_norm)
+        self._prefetched = None
+        if grads:  # a batch that reaches none of g's parameters leaves g as it was
+            step_count = self.group_state.steps.select(0, g)
+            step_count.add_(1.0 - check.found_inf)
+            self.group_state.update_group(
+                g, lr=self._lrs.select(0, g), step=step_count, betas=tuple(options["betas"]), eps=options["eps"],
+                weight_decays=[0.0 if no_decay(p) else options["weight_decay"] for p in group.params],
+                grad_scale=check.grad_scale, found_inf=check.found_inf)
+        for p in group.params:
+            p.grad = None
+            p.requires_grad_(False)
+        self.scaler.update(check.found_inf)
+        self._skipped += check.found_inf
+        self._scaled = False
+        info = StepInfo(g, self._cycle_lrs[g], check.found_inf)
+        if self.scaler.enabled:
+            # fp16 reads its flags on the host (to retry the same group on the next batch), once
+            # the update and the copy-out are enqueued.
+            skipped, loss_finite = torch.stack([check.found_inf, check.loss_finite.float()]).tolist()
+            info.skipped, info.loss_finite = bool(skipped), bool(loss_finite)
+        if not info.skipped:
+            self.order.advance()
+        self.steps_taken += 1
+        self.last_step = info
+        self._arm()
+        return result
+
+    @property
+    def skipped_updates(self) -> int:
+        """Updates skipped on a non-finite gradient or loss so far (reading it waits for the device)."""
+        return int(self._skipped.item())
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._ready:
+            raise NotImplementedError("HiftAdamW's groups are the model's units, fixed when it is made; "
+                                      "make a new HiftAdamW to train other parameters")
+        super().add_param_group(param_group)
+
+    def close(self) -> None:
+        """Wait for the copies and writes in flight, let go of the state's buffers (pinned
+        memory, I/O threads) and give every trained parameter requires_grad back. Idempotent;
+        the optimizer cannot step after it."""
+        self.group_state.close()
+        for p in (p for g in self.groups for p in g.params):
+            p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must share with the run that saved: the groups and the state's
+        layout, and the rotation (another order or seed would silently train other groups)."""
+        state = self.group_state
+        return {"groups": [g.names for g in self.groups], "master": state.format.master,
+                "moments": state.format.moments, "precision": self.precision,
+                "state_chunks": [c.numel for c in state.chunks], "order": self.config.order,
+                "seed": self.config.seed}
+
+    def differences(self, theirs: dict) -> Optional[str]:
+        """How a saved fingerprint differs from this optimizer's, in words (None: it does not)."""
+        ours = self.fingerprint()
+        differ = [k for k in ours if theirs.get(k) != ours[k]]
+        if not differ:
+            return None
+
+        def shown(run, key):
+            value = run.get(key)
+            return f"{len(value)} entries" if isinstance(value, list) else repr(value)
+
+        return "; ".join(f"{k}: {shown(theirs, k)} there, {shown(ours, k)} here" for k in differ)
+
+    def save_chunks(self, write: Callable[[int, Tensor], None]) -> None:
+        """Hand each state chunk's resting bytes to write(c, bytes), one chunk at a time."""
+        self.group_state.save_chunks(write)
+
+    def load_method_state(self, *, steps: Tensor, order: dict, scaler: dict, steps_taken: int,
+                          read_chunk: Optional[Callable[[int], Tensor]], cycle_lrs: Optional[list[float]] = None,
+                          skipped: float = 0.0) -> None:
+        """Set the method's state from a checkpoint (hift.checkpoint) or a state_dict: the
+        chunks' bytes from read_chunk(c) (None: keep them, only valid before a first step),
+        the step counts, the rotation, the loss scale and the cycle's learning rates (None: the
+        next step reads them from param_groups)."""
+        if read_chunk is None and self.steps_taken:
+            raise ValueError("this state was saved before its first step, so it carries no optimizer "
+                             "state, and this HiftAdamW has stepped: make a fresh HiftAdamW to load it")
+        self._release_prefetch()
+        for p in (p for g in self.groups for p in g.params):
+            p.requires_grad_(False)
+        if read_chunk is not None:
+            self.group_state.load_chunks(read_chunk)
+        self.group_state.steps.copy_(steps)
+        self.order.load_state_dict(order)
+        self.scaler.load_state_dict(scaler)
+        self.steps_taken = int(steps_taken)
+        self._skipped.fill_(skipped)
+        self._cycle_lrs = None
+        if cycle_lrs is not None:
+            self._begin_cycle(cycle_lrs)
+        self._arm()
+
+    def _release_prefetch(self) -> None:
+        """A chunk prefetched into a device slot would keep its old bytes across a load: copy it
+        back out (the bytes it came with) and free the slot first."""
+        if self._prefetched is not None:
+            self.group_state.acquire(self._prefetched)
+            self.group_state.release(self._prefetched)
+            self._prefetched = None
+
+    def state_dict(self) -> dict[str, Any]:
+        saved = super().state_dict()
+        state = self.group_state
+        state.synchronize()
+        saved["hift"] = {
+            "run": self.fingerprint(),
+            "steps": state.steps.clone(),
+            "order": self.order.state_dict(),
+            "cycle_lrs": self._cycle_lrs,
+            "scaler": self.scaler.state_dict(),
+            "steps_taken": self.steps_taken,
+            "skipped": float(self._skipped),
+            "chunks": [state.storage(c).view(torch.uint8) for c in range(len(state.chunks))]
+            if self.steps_taken else None,
+        }
+        return saved
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        method = state_dict.get("hift")
+        if method is None:
+            raise ValueError("this state_dict is not a HiftAdamW's (it has no 'hift' entry)")
+        differ = self.differences(method["run"])
+        if differ:
+            raise ValueError(f"this state_dict was saved by a HiftAdamW of another run ({differ}); load it "
+                             "into one made with the same model, group_size, precision, state formats, "
+                             "state_chunk_mib, order and seed")
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        chunks = method["chunks"]
+        self.load_method_state(
+            steps=method["steps"], order=method["order"], scaler=method["scaler"],
+            steps_taken=method["steps_taken"], cycle_lrs=method["cycle_lrs"], skipped=method["skipped"],
+            read_chunk=None if chunks is None else chunks.__getitem__)
