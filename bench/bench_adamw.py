@@ -8,6 +8,7 @@ Variants, timed interleaved and reported as medians over --repeats:
               grads; one pass (28 bytes per parameter)
   hift <fmt>  the same op on the compact state formats (hift.formats), bf16 grads: the bf16
               weight's int16 remainder for a master, and/or bf16 moments (stochastic rounding)
+              or int8 moments (codes + block scales, counted in the bytes)
   torch+copy  what torch offers for the same job: bf16 grads copied into fp32 grads, fused AdamW
               (torch._fused_adamw_, i.e. AdamW(fused=True); foreach AdamW where there is none)
               on the fp32 master, then the master copied into the bf16 weight
@@ -46,6 +47,10 @@ FORMATS = {
                                       torch.bfloat16, "remainder", torch.bfloat16),
     "hift fp32 weight + bf16 moments": ("hift fused_adamw_ (fp32 weight, its own master; bf16 moments)",
                                         torch.float32, "none", torch.bfloat16),
+    "hift remainder + int8 moments": ("hift fused_adamw_ (bf16 weight + int16 remainder, int8 moments)",
+                                      torch.bfloat16, "remainder", torch.int8),
+    "hift fp32 weight + int8 moments": ("hift fused_adamw_ (fp32 weight, its own master; int8 moments)",
+                                        torch.float32, "none", torch.int8),
 }
 
 
@@ -146,8 +151,13 @@ class FormatState:
             self.params, self.masters = [m.to(weight_dtype) for m in v.masters], [m.clone() for m in v.masters]
         else:
             self.params, self.masters = [m.clone() for m in v.masters], []
+        int8 = moment_dtype == torch.int8
         self.exp_avgs = [torch.zeros(n, device=v.device, dtype=moment_dtype) for n in sizes]
-        self.exp_avg_sqs = [torch.zeros(n, device=v.device, dtype=moment_dtype) for n in sizes]
+        self.exp_avg_sqs = [torch.zeros(n, device=v.device, dtype=torch.uint8 if int8 else moment_dtype)
+                            for n in sizes]
+        # int8 moments: the blocks' fp32 scales (one for exp_avg, two for exp_avg_sq per 256)
+        self.scales = ([[torch.zeros(formats.int8_blocks(n) * k, device=v.device) for n in sizes]
+                        for k in formats.INT8_SCALES.values()] if int8 else [[], []])
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.seed = formats.group_seed(0, 0)
         self.v = v
@@ -155,7 +165,8 @@ class FormatState:
         # master (its own, or the remainder's high half) and written unless it is the master
         # itself; the grad is read.
         weight = self.params[0].element_size()
-        self.bytes_per_param = (2 * self.exp_avgs[0].element_size() * 2 + v.grads_bf16[0].element_size()
+        moments = 2 * formats.moment_bytes_per_element("int8") if int8 else 2 * self.exp_avgs[0].element_size() * 2
+        self.bytes_per_param = (moments + v.grads_bf16[0].element_size()
                                 + (2 * self.masters[0].element_size() if self.masters else 0)
                                 + weight * (2 if master in ("remainder", "none") else 1))
 
@@ -163,7 +174,7 @@ class FormatState:
         v = self.v
         torch.ops.hift.fused_adamw_(self.params, self.masters, self.exp_avgs, self.exp_avg_sqs,
                                     v.grads_bf16, v.wds, v.lr, v.step, BETAS[0], BETAS[1], EPS,
-                                    None, None, [], [], self.seed, self.offsets)
+                                    None, None, *self.scales, self.seed, self.offsets)
 
 
 def timer(device: torch.device, inner: int):
@@ -264,7 +275,7 @@ def main(argv=None) -> int:
               "|---|---:|---:|---:|---:|---:|"]
     achieved = {name: bytes_per_param[name] * numel / median[name] for name in variants}
     for name in variants:
-        lines.append(f"| {labels[name]} | {bytes_per_param[name]} | {median[name] * 1e3:.3f} | "
+        lines.append(f"| {labels[name]} | {bytes_per_param[name]:.4g} | {median[name] * 1e3:.3f} | "
                      f"{achieved[name] / 1e9:.1f} | {achieved[name] / bandwidth:.2f} | "
                      f"{median[name] / median['hift']:.2f}x |")
     lines.append("")

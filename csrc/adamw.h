@@ -131,20 +131,21 @@ HIFT_HOST_DEVICE int16_t remainder_bits(uint32_t master_bits) {
 // the reference bit for bit.
 constexpr int64_t kInt8Block = 256;
 
+// To nearest, ties to even, as torch.round, for |x| <= 2^22: adding and taking away 1.5 * 2^23
+// leaves no bits below the units. Plain fp32 adds (no libm call), so the loops vectorize.
 HIFT_HOST_DEVICE float int8_round_even(float x) {
-#if defined(__CUDA_ARCH__)
-  return rintf(x);
-#else
-  return std::nearbyint(x);  // the default rounding mode: to nearest even, as torch.round
-#endif
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (x + kMagic) - kMagic;
 }
 
-// exp_avg: the block's scale is absmax / 127; code m/s to nearest even (0 in an all-zero block).
+// exp_avg: the block's scale is absmax / 127 (decode: q * scale); a code is m * (127 / absmax) to
+// nearest even (a multiply, not a divide per element; 0 in an all-zero block).
 HIFT_HOST_DEVICE float exp_avg_scale(float absmax) { return absmax / 127.0f; }
 
-HIFT_HOST_DEVICE int8_t encode_exp_avg(float m, float scale) {
-  if (!(scale > 0.0f)) return 0;
-  float q = int8_round_even(m / scale);
+HIFT_HOST_DEVICE float exp_avg_inv_scale(float absmax) { return absmax > 0.0f ? 127.0f / absmax : 0.0f; }
+
+HIFT_HOST_DEVICE int8_t encode_exp_avg(float m, float inv_scale) {
+  float q = int8_round_even(m * inv_scale);  // |q| <= 127 up to a rounding
   q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
   return static_cast<int8_t>(q);
 }
@@ -153,45 +154,60 @@ HIFT_HOST_DEVICE float decode_exp_avg(int8_t q, float scale) {
   return static_cast<float>(q) * scale;
 }
 
+// A uniform draw in [0, 1) from the top 24 of 32 hash bits (exact in fp32).
+HIFT_HOST_DEVICE float uniform_24bits(uint32_t random) {
+  return static_cast<float>(static_cast<int32_t>(random >> 8)) * 5.9604644775390625e-08f;  // 2^-24
+}
+
 // exp_avg_sq: codes 1..255 evenly spaced on the fp32 bits between the block's smallest positive
-// value lo and its largest hi; code 0 is zero.
+// value lo and its largest hi; code 0 is zero. int32 throughout (a positive float's bits are below
+// 2^31) and branch-free, so the CPU loops vectorize.
 struct LogBitsCode {
-  int64_t lo;    // bits of lo
-  int64_t span;  // bits of hi - bits of lo
-  float step;    // bits per code, span / 254 in fp32
+  int32_t lo;      // bits of lo
+  int32_t span;    // bits of hi - bits of lo
+  float step;      // bits per code, span / 254 in fp32
+  float inv_step;  // 1 / step (0 when span is 0): only for the first guess of a code
 
   HIFT_HOST_DEVICE LogBitsCode(float lo_value, float hi_value)
-      : lo(float_bits(lo_value)), span(static_cast<int64_t>(float_bits(hi_value)) - lo),
-        step(static_cast<float>(span) / 254.0f) {}
+      : lo(static_cast<int32_t>(float_bits(lo_value))),
+        span(static_cast<int32_t>(float_bits(hi_value)) - static_cast<int32_t>(float_bits(lo_value))),
+        step(static_cast<float>(span) / 254.0f),
+        inv_step(span > 0 ? 1.0f / (static_cast<float>(span) / 254.0f) : 0.0f) {}
 
   // The bits of code j + 1, j in 0..254 (formats._code_bits).
-  HIFT_HOST_DEVICE int64_t bits_of(int64_t j) const {
-    const int64_t offset = static_cast<int32_t>(static_cast<float>(j) * step);  // truncates
+  HIFT_HOST_DEVICE int32_t bits_of(int32_t j) const {
+    const int32_t offset = static_cast<int32_t>(static_cast<float>(j) * step);  // truncates
     return lo + (offset < span ? offset : span);
   }
 
   HIFT_HOST_DEVICE float decode(uint8_t code) const {
-    return code == 0 ? 0.0f : bits_float(static_cast<uint32_t>(bits_of(code - 1)));
+    const int32_t bits = bits_of(static_cast<int32_t>(code) - 1);
+    return bits_float(static_cast<uint32_t>(code == 0 ? 0 : bits));  // bits 0: +0.0f
   }
 
-  // random: 32 hash bits for this element; up with probability (v - below) / (above - below).
-  HIFT_HOST_DEVICE uint8_t encode(float v, uint32_t random) const {
-    if (!(v > 0.0f)) return 0;
-    const int64_t u = float_bits(v);
-    int64_t j = 0;
-    if (step > 0.0f) {
-      const float t = static_cast<float>(u - lo) / step;
-      j = static_cast<int64_t>(t);
-      j = j < 0 ? 0 : (j > 254 ? 254 : j);
-    }
-    if (j < 254 && bits_of(j + 1) <= u) ++j;  // the quotient is within one code: one look each way
-    if (j > 0 && bits_of(j) > u) --j;
+  // Encoding v >= 0 in two steps, each a simple loop that vectorizes: guess() is within a code of
+  // j, the last code at or below v; settle() makes it exact (one look each way: the codes' bits
+  // are monotone in j), then goes up one code with probability (v - below) / (above - below), as
+  // r * (above - below) < v - below for r uniform in [0, 1) (uniform_24bits). Code 0 is v = 0.
+  HIFT_HOST_DEVICE int32_t guess(float v) const {
+    float t = static_cast<float>(static_cast<int32_t>(float_bits(v)) - lo) * inv_step;
+    t = t < 0.0f ? 0.0f : (t > 254.0f ? 254.0f : t);
+    return static_cast<int32_t>(t);
+  }
+
+  HIFT_HOST_DEVICE int32_t settle(float v, int32_t j, float r) const {
+    const int32_t u = static_cast<int32_t>(float_bits(v));
+    // (bitwise & rather than &&, no branches; bits_of(255) is in range)
+    j += static_cast<int32_t>(j < 254) & static_cast<int32_t>(bits_of(j + 1) <= u);
+    j -= static_cast<int32_t>(j > 0) & static_cast<int32_t>(bits_of(j) > u);
     const float below = bits_float(static_cast<uint32_t>(bits_of(j)));
     const float above = bits_float(static_cast<uint32_t>(bits_of(j < 254 ? j + 1 : 254)));
-    const float gap = above - below;
-    const float p = gap > 0.0f ? (v - below) / gap : 0.0f;
-    const float r = static_cast<float>(random >> 8) * 5.9604644775390625e-08f;  // 2^-24
-    return static_cast<uint8_t>(j + 1 + (r < p ? 1 : 0));
+    const int32_t up = static_cast<int32_t>(j < 254) & static_cast<int32_t>(r * (above - below) < v - below);
+    return (j + 1 + up) & -static_cast<int32_t>(v > 0.0f);
+  }
+
+  HIFT_HOST_DEVICE uint8_t encode(float v, uint32_t random) const {
+    return static_cast<uint8_t>(settle(v, guess(v), uniform_24bits(random)));
   }
 };
 

@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kThreads)
     if (live) {
       const LogBitsCode code(lo, scales.hi);
       const uint32_t index = table.offset[t] + static_cast<uint32_t>(i);  // mod 2^32
-      m_codes[i] = encode_exp_avg(m, new_m_scale);
+      m_codes[i] = encode_exp_avg(m, exp_avg_inv_scale(scales.absmax));
       v_codes[i] = code.encode(v, lowbias32(s.exp_avg_sq_key ^ index));
     }
     if (threadIdx.x == 0) {

@@ -22,8 +22,8 @@ Moments (exp_avg, exp_avg_sq):
 - "int8": blocks of INT8_BLOCK (256) elements of one tensor, each with fp32 scales, as 8-bit
   Adam in bitsandbytes and torchao keep them; a tensor's last block may be short, and a block
   never spans two tensors (state chunks cut tensors at block multiples).
-  - exp_avg: signed int8 q, linear in m: the block's scale s = absmax/127, q = m/s rounded to
-    nearest (even), m = q*s. Rounding to nearest: its error is at most s/2 and m's EMA is not
+  - exp_avg: signed int8 q, linear in m: the block's scale s = absmax/127, q = m*(127/absmax)
+    rounded to nearest (even), m = q*s. Rounding to nearest: its error is at most s/2 and m's EMA is not
     the one that stalls (bench/results/int8_moments.md: stochastic rounding of m was no better).
   - exp_avg_sq: unsigned code, logarithmic in v: code 0 is v = 0; codes 1..255 are evenly
     spaced on the fp32 bit pattern of v between the block's smallest positive v (lo, code 1) and
@@ -189,11 +189,14 @@ def _blocks(x: Tensor, fill: float = 0.0) -> Tensor:
 
 
 def encode_exp_avg(m: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 exp_avg -> (int8 codes, fp32 scale per block): q = m/s to nearest even, s = absmax/127."""
+    """fp32 exp_avg -> (int8 codes, fp32 scale per block): s = absmax/127 (m = q*s), and
+    q = m * (127/absmax) to nearest even (0 in an all-zero block)."""
     rows = _blocks(m)
-    scale = rows.abs().amax(dim=1) / 127.0
-    q = torch.where(scale[:, None] > 0, torch.round(rows / scale[:, None]), torch.zeros_like(rows))
-    return q.clamp_(-127, 127).to(torch.int8).reshape(-1)[: m.numel()].view(m.shape), scale
+    absmax = rows.abs().amax(dim=1)
+    # (a tensor numerator: `127.0 / t` is t.reciprocal() * 127 in torch, rounded twice)
+    inv_scale = torch.where(absmax > 0, torch.full_like(absmax, 127.0) / torch.where(absmax > 0, absmax, 1.0), 0.0)
+    q = torch.round(rows * inv_scale[:, None])
+    return q.clamp_(-127, 127).to(torch.int8).reshape(-1)[: m.numel()].view(m.shape), absmax / 127.0
 
 
 def decode_exp_avg(q: Tensor, scales: Tensor) -> Tensor:
@@ -202,11 +205,14 @@ def decode_exp_avg(q: Tensor, scales: Tensor) -> Tensor:
     return (rows * scales[:, None]).reshape(-1)[: q.numel()].view(q.shape)
 
 
-def _code_steps(lo_hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per block: the bits of lo, the bit range hi - lo (int64) and the fp32 step of one code."""
+def _code_steps(lo_hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per block: the bits of lo, the bit range hi - lo, the fp32 step of one code and its
+    reciprocal (0 when the range is; only a first guess is made with it)."""
     bits = lo_hi.contiguous().view(torch.int32).to(torch.int64).view(-1, 2)
     lo, span = bits[:, 0], bits[:, 1] - bits[:, 0]
-    return lo, span, span.to(torch.float32) / 254.0
+    step = span.to(torch.float32) / 254.0
+    inv_step = torch.where(span > 0, torch.ones_like(step) / torch.where(span > 0, step, 1.0), 0.0)
+    return lo, span, step, inv_step
 
 
 def _code_bits(j: Tensor, lo: Tensor, span: Tensor, step: Tensor) -> Tensor:
@@ -221,7 +227,7 @@ def _as_float(bits: Tensor) -> Tensor:
 def decode_exp_avg_sq(codes: Tensor, lo_hi: Tensor) -> Tensor:
     """uint8 exp_avg_sq codes and their blocks' (lo, hi) scales -> fp32."""
     rows = _blocks(codes).to(torch.int64)
-    lo, span, step = (t[:, None] for t in _code_steps(lo_hi))
+    lo, span, step, _ = (t[:, None] for t in _code_steps(lo_hi))
     value = _as_float(_code_bits((rows - 1).clamp_(min=0), lo, span, step))
     return torch.where(rows > 0, value, 0.0).reshape(-1)[: codes.numel()].view(codes.shape)
 
@@ -234,20 +240,19 @@ def encode_exp_avg_sq(v: Tensor, key: int, offset: int) -> tuple[Tensor, Tensor]
     lo_value = torch.where(positive, rows, float("inf")).amin(dim=1)
     lo_value = torch.where(torch.isinf(lo_value), 0.0, lo_value)
     lo_hi = torch.stack([lo_value, rows.amax(dim=1)], dim=1).reshape(-1)
-    lo, span, step = (t[:, None] for t in _code_steps(lo_hi))
+    lo, span, step, inv_step = (t[:, None] for t in _code_steps(lo_hi))
     u = rows.view(torch.int32).to(torch.int64)
-    # j: the last code at or below v. The quotient is within a code of it; one look each way
-    # makes it exact (the codes' bits are monotone in j).
-    t = (u - lo).to(torch.float32) / step
-    j = torch.where(step > 0, t, 0.0).to(torch.int64).clamp_(0, 254)
+    # j: the last code at or below v. The scaled quotient is within a code of it; one look each
+    # way makes it exact (the codes' bits are monotone in j).
+    t = ((u - lo).to(torch.float32) * inv_step).clamp_(0.0, 254.0)
+    j = t.to(torch.int64)
     j = torch.where((j < 254) & (_code_bits((j + 1).clamp(max=254), lo, span, step) <= u), j + 1, j)
     j = torch.where((j > 0) & (_code_bits(j, lo, span, step) > u), j - 1, j)
     below = _as_float(_code_bits(j, lo, span, step))
     above = _as_float(_code_bits((j + 1).clamp(max=254), lo, span, step))
-    gap = above - below
-    p = torch.where(gap > 0, (rows - below) / torch.where(gap > 0, gap, 1.0), 0.0)
     r = (random_bits(key, offset, rows.numel(), v.device).view(rows.shape) >> 8).to(torch.float32) * 2.0**-24
-    code = torch.where(positive, j + 1 + (r < p).to(torch.int64), 0)
+    up = (j < 254) & (r * (above - below) < rows - below)  # with probability (v - below) / (above - below)
+    code = torch.where(positive, j + 1 + up.to(torch.int64), 0)
     return code.to(torch.uint8).reshape(-1)[: v.numel()].view(v.shape), lo_hi
 
 
