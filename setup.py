@@ -8,9 +8,11 @@ reference), and HIFT_FORCE_CUDA=1 to compile the CUDA sources on a machine witho
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["hift", "hift_kernels"]
+# every subpackage (hift.demo, hift.plan, hift.train, ...): a plain, non-editable install
+# must carry them all
+PACKAGES = ["hift", *(f"hift.{p}" for p in find_packages("python/hift")), "hift_kernels"]
 PACKAGE_DIR = {"hift": "python/hift", "hift_kernels": "hift_kernels"}
 
 

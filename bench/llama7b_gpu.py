@@ -28,10 +28,11 @@ VARIANTS = {"hift-lean": dict(recompute=True, state_chunk_mib=LEAN_CHUNK_MIB),
 
 
 def one(model: str, method: str, steps: int, batch: int, seq: int, device: str) -> dict:
-    from hift import planner
+    sys.path.insert(0, str(ROOT))
+    from bench.planner_measure import measure
 
-    m = planner.measure(model, batch, seq, method=method.split("-")[0], precision="bf16", steps=steps,
-                        device=device, **VARIANTS.get(method, {}))
+    m = measure(model, batch, seq, method=method.split("-")[0], precision="bf16", steps=steps,
+                device=device, **VARIANTS.get(method, {}))
     # on a GPU, "total" is max_memory_allocated: the model's bytes plus the peak above them
     m["total"] = m["peak_above_model"] + m["weights"]
     return m

@@ -6,7 +6,7 @@ CPU: hift.fit (offload off, so every group's AdamW state is resident: what hift 
 a CPU), full AdamW and LOMO (fused SGD in backward) on small LLaMA configs, fp32, each
 measured in a fresh process as VmHWM above the resident size once the model is loaded (glibc's
 mmap threshold fixed at 64 KiB so that freed tensors leave the resident set); predicted with
-`hift.planner` from the same config on the meta device. Then `hift plan`'s tables: the published
+hift.plan from the same config on the meta device. Then `hift plan`'s tables: the published
 setting, and hift per optimizer-state format and store (device peak, host RAM, disk, PCIe).
 """
 import argparse
@@ -37,16 +37,18 @@ CASES = [  # config, batch, seq, method, group_size
 
 WORKER = """
 import json, sys
-from hift import planner
+from hift.plan.predict import plan_adamw, plan_hift, plan_lomo
+from hift.plan.trace import meta_model, trace_units
+from bench.planner_measure import measure
 cases = json.loads(sys.argv[1])
-planner.measure(cases[0][0], 1, 16, steps=2)  # warm-up: code pages and lazy buffers
+measure(cases[0][0], 1, 16, steps=2)  # warm-up: code pages and lazy buffers
 out = []
 for config, batch, seq, method, group_size in cases:
     config = dict(config, max_position_embeddings=max(256, seq))
-    m = planner.measure(config, batch, seq, method=method, group_size=group_size, steps=3)
-    trace, _ = planner.trace_units(planner.meta_model(config, "fp32"), batch, seq)
-    p = {"hift": lambda: planner.plan_hift(trace, "fp32", group_size, offload=False),
-         "adamw": lambda: planner.plan_adamw(trace, "fp32"), "lomo": lambda: planner.plan_lomo(trace, "fp32")}[method]()
+    m = measure(config, batch, seq, method=method, group_size=group_size, steps=3)
+    trace, _ = trace_units(meta_model(config, "fp32"), batch, seq)
+    p = {"hift": lambda: plan_hift(trace, "fp32", group_size, offload=False),
+         "adamw": lambda: plan_adamw(trace, "fp32"), "lomo": lambda: plan_lomo(trace, "fp32")}[method]()
     out.append(dict(predicted=p.above_model, measured=m["peak_above_model"], breakdown=p.as_dict()))
     print(json.dumps(out[-1]), flush=True)
 print(json.dumps(out))
@@ -59,11 +61,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the first four cases only")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "python"))
-    from hift import planner
+    from hift.plan.report import published_table
 
     cases = CASES[:4] if args.quick else CASES
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", MALLOC_ARENA_MAX="2",
-               PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(cases)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
                      f"| {r['measured'] / MiB:.1f} | {ratio:.3f} |")
     lines += ["", f"Largest deviation: {worst:.1%} (goal: within 10%).", "",
               "## The published setting and the state formats (LLaMA-2, batch 1, seq 512): `hift plan`", "",
-              planner.published_table()]
+              published_table()]
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)

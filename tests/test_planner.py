@@ -284,6 +284,7 @@ MEASURE = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(sys.argv[2]))
     from hift import planner
+    from bench.planner_measure import measure
     import tempfile
     config, batch, seq, method, group_size = json.loads(sys.argv[1])
     state = dict(moment_dtype="bf16" if method == "hift+bf16m" else "fp32",
@@ -291,8 +292,8 @@ MEASURE = textwrap.dedent("""
     options = dict(method=method.split("+")[0], group_size=group_size,
                    recompute=method == "hift+recompute", **state)
     with tempfile.TemporaryDirectory() as state_dir:
-        planner.measure(json.loads(sys.argv[3]), 1, 16, steps=2, state_dir=state_dir, **options)  # warm-up
-        measured = planner.measure(config, batch, seq, steps=3, state_dir=state_dir, **options)["peak_above_model"]
+        measure(json.loads(sys.argv[3]), 1, 16, steps=2, state_dir=state_dir, **options)  # warm-up
+        measured = measure(config, batch, seq, steps=3, state_dir=state_dir, **options)["peak_above_model"]
     model = planner.meta_model(config, "fp32")
     trace, _ = planner.trace_units(model, batch, seq)
     boundary = planner.block_input_bytes(model, batch, seq, "fp32") if options["recompute"] else None
@@ -331,7 +332,7 @@ def measure_in_fresh_process(case) -> tuple[int, int]:
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
                MALLOC_ARENA_MAX="2", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(THREADS),
-               PYTHONPATH=os.pathsep.join([str(root / "python"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(root / "python"), str(root), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(case), str(THREADS),
                            json.dumps(TINY_WARMUP)], env=env, cwd=root, capture_output=True,
                           text=True, timeout=600)

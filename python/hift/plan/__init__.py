@@ -1,0 +1,13 @@
+"""The memory planner behind `hift plan`: the peak device memory of a hift run, and of full
+AdamW and LOMO, predicted from a model config before any weight exists.
+
+    trace.py    the model on the meta device (LLaMA-2 configs, any local config.json), and the
+                bytes autograd saves for backward per unit: UnitTrace
+    predict.py  the backward sweep, plan_hift / plan_adamw / plan_lomo -> Breakdown, and the
+                optimizer state's bytes per format and store (device slots, host RAM, disk, traffic)
+    report.py   the tables `hift plan` prints, beside the HiFT paper's published figures
+    run.py      the command
+
+Measuring real runs against these predictions is bench's job (bench/planner_measure.py,
+bench/planner_check.py, bench/llama7b_gpu.py).
+"""

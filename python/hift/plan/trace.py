@@ -1,0 +1,183 @@
+"""Tracing: a causal LM built on the meta device from its config, and what autograd saves
+for backward, unit by unit.
+
+The model is built on the meta device (shapes, no storage). Its units and groups are found by
+hift.groups exactly as fit() finds them (a forward on meta tensors). Activations are not
+estimated from a formula: the forward runs on the meta device under
+torch.autograd.graph.saved_tensors_hooks, and the storages autograd saves for backward are
+added up, each attributed to the unit whose module was running. It does so twice: with every
+weight trainable (each unit in its "trainable" mode), and with only the embeddings trainable
+(every unit above in its "frozen" mode: its input needs a gradient, its weights do not, so a
+frozen linear layer saves nothing). Attention is traced as a fused kernel (flash /
+memory-efficient SDPA, as on a GPU and on the CPU): it saves q, k, v, its output and a per-row
+log-sum-exp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# LLaMA-2 configs, written out (Touvron et al. 2023, the released config.json files).
+LLAMA2 = {
+    "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-2-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, intermediate_size=13824, vocab_size=32000,
+                        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+# the weights' dtype of a run, by its precision's name
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def llama_config(name_or_dict):
+    """A model config: a LLaMA-2 name of the planner's, a local model directory or config.json
+    (any transformers family, read by AutoConfig: its model_type decides), or a dict of LLaMA
+    fields."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if isinstance(name_or_dict, str):
+        if name_or_dict in LLAMA2:
+            return LlamaConfig(**LLAMA2[name_or_dict])
+        path = Path(name_or_dict)
+        directory = path if path.is_dir() else path.parent
+        if not (directory / "config.json").is_file() or (path.is_file() and path.name != "config.json"):
+            raise ValueError(f"{name_or_dict} is neither one of the planner's models ({', '.join(LLAMA2)}) nor a "
+                             "model directory with a config.json (a save_pretrained directory) nor its config.json")
+        return AutoConfig.from_pretrained(str(directory))
+    return LlamaConfig(**name_or_dict)
+
+
+def meta_model(config, precision: str = "fp32") -> nn.Module:
+    """A causal LM from a transformers config, on the meta device, in the run's weight dtype."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(config, (str, dict)):
+        config = llama_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(DTYPES[precision])
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for SDPA while tracing: the saved tensors of a fused (flash) attention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_sdpa(query, key, value, *args, enable_gqa=False, **kwargs):
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(repeat, dim=-3)
+        value = value.repeat_interleave(repeat, dim=-3)
+    return _FusedAttention.apply(query, key, value)
+
+
+@dataclass
+class UnitTrace:
+    """Per unit (in forward order): its parameter count and the bytes autograd saves."""
+
+    kinds: list[str]
+    numels: list[int]
+    largest_param: int  # numel of the largest single parameter
+    unit_largest_param: list[int]  # numel of each unit's largest parameter
+    trainable: list[int]  # saved bytes with every unit trainable
+    frozen: list[int]  # saved bytes with the unit frozen, its input needing a gradient
+    transient_trainable: list[int]
+    transient_frozen: list[int]
+    param_numels: list[list[int]] = None  # each unit's parameters' sizes (None: one per unit)
+
+    def __post_init__(self):
+        if self.param_numels is None:
+            self.param_numels = [[n] for n in self.numels]
+
+
+def _trace_saved(model, units, run, trainable_units: set[int]) -> tuple[list[int], list[int]]:
+    unit_of = {}
+    for i, unit in enumerate(units):
+        for p in unit.params:
+            unit_of[id(p)] = i
+    for i, unit in enumerate(units):
+        for p in unit.params:
+            p.requires_grad_(i in trainable_units)
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    current = [0]
+    saved: dict[int, tuple[int, int]] = {}  # storage -> (unit, bytes)
+
+    def enter(module, _inputs):
+        own = list(module.parameters(recurse=False))
+        if own and id(own[0]) in unit_of:
+            current[0] = unit_of[id(own[0])]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in param_storages and key not in saved:
+            saved[key] = (current[0], storage.nbytes())
+        return t
+
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules()
+             if any(True for _ in m.parameters(recurse=False))]
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+        for h in hooks:
+            h.remove()
+    per_unit = [0] * len(units)
+    largest = [0] * len(units)
+    for unit, nbytes in saved.values():
+        per_unit[unit] += nbytes
+        largest[unit] = max(largest[unit], nbytes)
+    # A unit's backward holds, besides what was saved, about three tensors the size of its
+    # largest saved one: the gradient arriving for it, a temporary of its backward (softmax's
+    # exp(output)), and the gradient it passes on.
+    return per_unit, [3 * x for x in largest]
+
+
+def trace_units(model: nn.Module, batch: int, seq: int) -> tuple[UnitTrace, list]:
+    from hift.batches import compute_loss
+    from hift.groups import detect_units
+
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    inputs = {"input_ids": ids, "labels": ids}
+    # (the config's use_cache stays as it is: with no cache transformers inspects position ids
+    # for packed sequences, which needs values that meta tensors do not have)
+    run = lambda: compute_loss(model, inputs)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    units = detect_units(model, run)
+    trainable, t_transient = _trace_saved(model, units, run, set(range(len(units))))
+    frozen, f_transient = _trace_saved(model, units, run, {0})
+    for p in model.parameters():
+        p.requires_grad_(True)
+    trace = UnitTrace(kinds=[u.kind for u in units], numels=[u.numel for u in units],
+                      largest_param=max(p.numel() for p in model.parameters()),
+                      unit_largest_param=[max(p.numel() for p in u.params) for u in units],
+                      param_numels=[[p.numel() for p in u.params] for u in units],
+                      trainable=trainable, frozen=frozen,
+                      transient_trainable=t_transient, transient_frozen=f_transient)
+    return trace, units
+
+
+def block_input_bytes(model: nn.Module, batch: int, seq: int, precision: str) -> int:
+    """One block's input: what recompute_activations keeps of each frozen block above the group."""
+    return batch * seq * model.config.hidden_size * DTYPES[precision].itemsize
+
