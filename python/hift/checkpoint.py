@@ -7,6 +7,12 @@ A checkpoint is a directory `step-NNNNNNNN/` holding
                          file per chunk, so that no more than one chunk is ever in memory)
   trainer.json           schedule position, loss scaler, data position, history, the run's shape
   manifest.json          size and sha256 of every file above, written last
+Data parallel (hift.distributed): each rank writes its own shard under state/rank-RRRRR/ (its
+chunks, rank.safetensors with its RNG and data-stream tensors, rank.json with its stream's
+position); rank 0 writes the files above. Every rank fsyncs its files, then rank 0, once it has
+heard from all (the collective is the barrier), writes manifest.json over every rank's files
+and renames the directory into place: no rank's files count before all are written. A
+checkpoint resumes only with the world size that saved it (each rank holds its own shard).
 It is written into a hidden temporary directory, flushed to disk, then renamed into place:
 a process killed mid-save leaves the previous checkpoint untouched, and a checkpoint without a
 manifest that matches its files is refused. Only safetensors and JSON are read back, never
@@ -37,13 +43,18 @@ FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
 STATE = "state"
 
 
-def chunk_file(c: int) -> str:
-    return f"{STATE}/chunk-{c:06d}.safetensors"
+def rank_dir(rank: int) -> str:
+    """Where a data-parallel rank's shard of a checkpoint lies."""
+    return f"{STATE}/rank-{rank:05d}"
 
 
-def load_chunk(path: Path, c: int) -> torch.Tensor:
-    """State chunk c's bytes from checkpoint `path`."""
-    with safe_open(str(Path(path) / chunk_file(c)), framework="pt") as f:
+def chunk_file(c: int, rank: Optional[int] = None) -> str:
+    return f"{STATE if rank is None else rank_dir(rank)}/chunk-{c:06d}.safetensors"
+
+
+def load_chunk(path: Path, c: int, rank: Optional[int] = None) -> torch.Tensor:
+    """State chunk c's bytes from checkpoint `path` (a data-parallel rank's chunk c)."""
+    with safe_open(str(Path(path) / chunk_file(c, rank)), framework="pt") as f:
         return f.get_tensor("bytes")
 
 
@@ -113,6 +124,63 @@ def save(root, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tenso
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(f".tmp-{PREFIX}*"):  # left by killed saves
         shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def save_sharded(root, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict, dp,
+                 rank_tensors: dict[str, torch.Tensor], rank_meta: dict, keep_last: int = 2,
+                 write_state: Optional[Callable[[Callable[[int, torch.Tensor], None]], None]] = None) -> Path:
+    """Checkpoint `step` of a data-parallel run (hift.distributed.DataParallel `dp`), called by
+    every rank: each writes its shard (write_state, rank_tensors, rank_meta), rank 0 the model
+    and `tensors`/`meta` too; atomic as a whole (see the module docstring)."""
+    root = Path(root)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-ranks"  # one name every rank knows
+    if dp.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / STATE).mkdir(parents=True)
+    dp.barrier()
+    mine = rank_dir(dp.rank)
+    (tmp / mine).mkdir()
+    names = []
+
+    def write(c: int, data: torch.Tensor) -> None:
+        name = chunk_file(c, dp.rank)
+        save_file({"bytes": data.contiguous()}, str(tmp / name))
+        names.append(name)
+
+    if write_state is not None:
+        write_state(write)
+    save_file({k: v.detach().contiguous().cpu() for k, v in rank_tensors.items()}, str(tmp / mine / "rank.safetensors"))
+    (tmp / mine / "rank.json").write_text(json.dumps(rank_meta))
+    names += [f"{mine}/rank.safetensors", f"{mine}/rank.json"]
+    if dp.rank == 0:
+        save_model(model, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(meta))
+        names += list(FILES)
+    entries = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
+    for name in names:
+        _fsync(tmp / name)
+    _fsync(tmp / mine)
+    # every rank's files are on disk before rank 0 hears from it: the manifest comes after all
+    everyone = dp.all_gather_object(entries)
+    if dp.rank == 0:
+        manifest = {name: entry for ranks in everyone for name, entry in sorted(ranks.items())}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / "manifest.json")
+        _fsync(tmp / STATE)
+        _fsync(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+        for old in checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dp.barrier()  # no rank goes on (or reads it) before it is in place
     return final
 
 
@@ -187,6 +255,7 @@ def save_run(root, model: torch.nn.Module, optimizer, stream, history: dict, kee
     tensors.update({f"data.{k}": v for k, v in data_tensors.items()})
     if optimizer.device.type == "cuda":
         tensors["rng_cuda"] = torch.cuda.get_rng_state(optimizer.device)
+    dp = getattr(optimizer, "dp", None)
     meta = {
         "format": FORMAT,
         "run": optimizer.fingerprint(),
@@ -195,6 +264,10 @@ def save_run(root, model: torch.nn.Module, optimizer, stream, history: dict, kee
         "data": data_meta,
         "history": history,
     }
+    if dp is not None:  # each rank's RNG and data position are its own
+        rank_tensors = {k: v for k, v in tensors.items() if k != "steps"}
+        return save_sharded(root, history["steps"], model, tensors, meta, dp, rank_tensors, {"data": data_meta},
+                            keep_last=keep_last, write_state=optimizer.save_chunks)
     return save(root, history["steps"], model, tensors, meta, keep_last=keep_last, write_state=optimizer.save_chunks)
 
 
@@ -209,9 +282,20 @@ def check_resumable(path: Path, meta: dict, optimizer) -> None:
             "precision, state_chunk_mib, order and seed as the run that saved it")
 
 
-def resume_stream(path: Path, meta: dict, stream) -> None:
+def _rank_tensors(path: Path, rank: int) -> dict[str, torch.Tensor]:
+    with safe_open(str(Path(path) / rank_dir(rank) / "rank.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def resume_stream(path: Path, meta: dict, stream, rank: Optional[int] = None) -> None:
     """Bring the batch stream to where the checkpoint was saved; this checks that the loader
-    yields the same batches, so it runs before the model is cast or loaded."""
+    yields the same batches, so it runs before the model is cast or loaded. A data-parallel
+    rank resumes its own stream."""
+    if rank is not None:
+        data_meta = json.loads((Path(path) / rank_dir(rank) / "rank.json").read_text())["data"]
+        tensors = {k[len("data."):]: v for k, v in _rank_tensors(path, rank).items() if k.startswith("data.")}
+        stream.load_state_dict(data_meta, tensors)
+        return
     stream.load_state_dict(meta["data"], load_tensors(path, prefix="data.", strip=True))
 
 
@@ -220,8 +304,12 @@ def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer) -> di
     load_weights(path, model)
     tensors = load_tensors(path)
     history = meta["history"]
+    dp = getattr(optimizer, "dp", None)
+    rank = None if dp is None else dp.rank
+    if rank is not None:
+        tensors.update(_rank_tensors(path, rank))  # this rank's RNG
     optimizer.load_method_state(steps=tensors["steps"], order=meta["order"], scaler=meta["scaler"],
-                                steps_taken=history["steps"], read_chunk=lambda c: load_chunk(path, c),
+                                steps_taken=history["steps"], read_chunk=lambda c: load_chunk(path, c, rank),
                                 skipped=history["skipped_steps"])
     torch.set_rng_state(tensors["rng_cpu"])
     if "rng_cuda" in tensors and optimizer.device.type == "cuda":

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hift import checkpoint
+from hift import checkpoint, distributed
 from hift.batches import BatchStream, compute_loss, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError
@@ -125,6 +125,9 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
             loop = _Loop(model, cfg, optimizer, plan_length(cfg, loader, len(optimizer.groups)), stream)
             loop.load(resume)
             return loop.run()
+    except BaseException as err:
+        distributed.report_failure(err)  # data parallel: the other ranks say why they stop
+        raise
     finally:
         if optimizer is not None:
             optimizer.close()  # waits for the copies and writes in flight, then lets go
@@ -149,7 +152,8 @@ class _Loop:
         and the restore."""
         if resume is not None:
             checkpoint.check_resumable(*resume, self.optimizer)
-            checkpoint.resume_stream(*resume, self.stream)  # the loader replays to the saved batch, or refuses
+            rank = self.optimizer.dp.rank if self.optimizer.dp is not None else None
+            checkpoint.resume_stream(*resume, self.stream, rank=rank)  # the loader replays to the saved batch, or refuses
         self.optimizer.cast_model()
         if resume is not None:
             history = checkpoint.restore_run(*resume, self.model, self.optimizer)

@@ -20,22 +20,27 @@ keeps its length in optimizer steps, as it would for any optimizer (a Trainer's 
 and max_steps mean what they say), and hift samples it once per cycle: cycle c trains at the
 scheduler's value at step c*K. Nothing is stretched K-fold: a warm-up of W steps is over after
 ceil(W/K) cycles. The other hyperparameters (betas, eps, weight_decay) are read at every step.
+
+Made while a default process group of several ranks is initialized, the optimizer trains
+data-parallel (hift.distributed): step() reduces the active group's gradients over the ranks,
+updates this rank's shard of the group from its shard of the state, and gathers the weights.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from hift import formats
+from hift import distributed, formats
 from hift.batches import probe, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.schedule import GroupOrder
-from hift.state import OptimizerState, StateFormat
+from hift.state import OptimizerState, StateFormat, chunk_numel
 
 # the Config fields that make the optimizer (the rest belong to fit's loop)
 OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "group_size", "order", "units", "seed",
@@ -178,9 +183,20 @@ class HiftAdamW(torch.optim.Optimizer):
         offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
         # The state is made before the cast so an fp32 model's masters keep every bit it had.
         state_format = StateFormat(formats.master_format(self.dtype, cfg.master_format), cfg.moment_dtype)
+        state_dir = cfg.state_dir if cfg.state_store == "disk" else None
+        # Data parallel (a default process group of several ranks): every rank starts from rank
+        # 0's weights and holds its shard of each group's state (hift.distributed).
+        self.dp: Optional[distributed.DataParallel] = None
+        shard = None
+        if distributed.active():
+            self.dp = distributed.DataParallel([[p.numel() for p in g.params] for g in groups], state_format.block,
+                                               device)
+            self.dp.broadcast_model(model)
+            shard = self.dp.chunks(chunk_numel(state_format, cfg.state_chunk_mib))
+            if state_dir is not None:
+                state_dir = str(Path(state_dir) / f"rank-{self.dp.rank:05d}")
         self.group_state = OptimizerState(groups, device, state_format, offload, cfg.pin_memory,
-                                          cfg.state_chunk_mib, cfg.seed,
-                                          state_dir=cfg.state_dir if cfg.state_store == "disk" else None)
+                                          cfg.state_chunk_mib, cfg.seed, state_dir=state_dir, shard=shard)
         self.scaler = LossScaler(device, enabled=self.precision == "fp16", init_scale=cfg.loss_scale,
                                  growth_interval=cfg.loss_scale_growth_interval)
         self.order = GroupOrder(len(groups), cfg.order, cfg.seed)
@@ -261,16 +277,25 @@ class HiftAdamW(torch.optim.Optimizer):
                                "(or train in bf16, which needs none)")
         if self._cycle_lrs is None or self.order.position == 0:
             self._begin_cycle()
-        grads = [p.grad for p in group.params if p.grad is not None]
-        check = check_grads(grads, loss.float() if loss is not None else None, self.scaler, self.max_grad_norm)
+        grad_of = None
+        if self.dp is not None:  # the mean gradient's shard, the global norm and skip flag
+            check, has_grad = self.dp.reduce(g, group.params, loss, self.scaler, self.max_grad_norm)
+            reached = any(has_grad)
+            grad_of = self.dp.grad_of(g)
+        else:
+            grads = [p.grad for p in group.params if p.grad is not None]
+            check = check_grads(grads, loss.float() if loss is not None else None, self.scaler, self.max_grad_norm)
+            reached = bool(grads)
         self._prefetched = None
-        if grads:  # a batch that reaches none of g's parameters leaves g as it was
+        if reached:  # a batch that reaches none of g's parameters leaves g as it was
             step_count = self.group_state.steps.select(0, g)
             step_count.add_(1.0 - check.found_inf)
             self.group_state.update_group(
                 g, lr=self._lrs.select(0, g), step=step_count, betas=tuple(options["betas"]), eps=options["eps"],
                 weight_decays=[0.0 if no_decay(p) else options["weight_decay"] for p in group.params],
-                grad_scale=check.grad_scale, found_inf=check.found_inf)
+                grad_scale=check.grad_scale, found_inf=check.found_inf, grad_of=grad_of)
+            if self.dp is not None:
+                self.dp.gather_weights(g, group.params)
         for p in group.params:
             p.grad = None
             p.requires_grad_(False)
@@ -315,14 +340,22 @@ class HiftAdamW(torch.optim.Optimizer):
         """What a resumed run must share with the run that saved: the groups and the state's
         layout, and the rotation (another order or seed would silently train other groups)."""
         state = self.group_state
-        return {"groups": [g.names for g in self.groups], "master": state.format.master,
-                "moments": state.format.moments, "precision": self.precision,
-                "state_chunks": [c.numel for c in state.chunks], "order": self.config.order,
-                "seed": self.config.seed}
+        run = {"groups": [g.names for g in self.groups], "master": state.format.master,
+               "moments": state.format.moments, "precision": self.precision,
+               "state_chunks": [c.numel for c in state.chunks], "order": self.config.order,
+               "seed": self.config.seed}
+        if self.dp is not None:  # every rank's chunks, so that each rank checks the same thing
+            run.update(self.dp.fingerprint(chunk_numel(state.format, self.config.state_chunk_mib)))
+        return run
 
     def differences(self, theirs: dict) -> Optional[str]:
         """How a saved fingerprint differs from this optimizer's, in words (None: it does not)."""
         ours = self.fingerprint()
+        world = (theirs.get("world_size", 1), ours.get("world_size", 1))
+        if world[0] != world[1]:
+            return (f"it was saved by {world[0]} rank(s) and this run has {world[1]}: each rank holds its "
+                    f"own shard of the optimizer state, so resume with {world[0]} rank(s) (torchrun "
+                    f"--nproc_per_node {world[0]} on one node)")
         differ = [k for k in ours if theirs.get(k) != ours[k]]
         if not differ:
             return None

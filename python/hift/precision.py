@@ -73,7 +73,7 @@ class GradCheck:
 
 
 def check_grads(grads: list[Tensor], loss: Optional[Tensor], scaler: LossScaler,
-                max_grad_norm: Optional[float]) -> GradCheck:
+                max_grad_norm: Optional[float], norm_sq: Optional[Tensor] = None) -> GradCheck:
     """The one non-finite flag and the one gradient multiplier of a step, for every precision
     and clipping setting, from a single read of the gradients (their squared norm).
 
@@ -82,11 +82,13 @@ def check_grads(grads: list[Tensor], loss: Optional[Tensor], scaler: LossScaler,
     a non-finite loss with finite grads (a nan multiplied into a term that does not reach this
     group) is no state to train on. The multiplier folds the inverse loss scale and the clip
     coefficient into one tensor, which the fused update applies as it reads each grad. A loss of
-    None (an optimizer step that was not given it) counts as finite.
+    None (an optimizer step that was not given it) counts as finite. norm_sq, when given, is the
+    gradients' squared norm measured elsewhere (data parallel: over every rank's shard).
     """
     device = scaler.scale.device
     loss_finite = torch.isfinite(loss) if loss is not None else torch.ones((), dtype=torch.bool, device=device)
-    norm_sq = ops.grad_norm_sq(grads) if grads else torch.zeros((), device=device)
+    if norm_sq is None:
+        norm_sq = ops.grad_norm_sq(grads) if grads else torch.zeros((), device=device)
     found_inf = (~(torch.isfinite(norm_sq) & loss_finite)).float()
     grad_scale = scaler.inv_scale() if scaler.enabled else None
     if max_grad_norm:

@@ -166,7 +166,10 @@ def chunk_bytes(chunk: Chunk, format: StateFormat) -> int:
 class OptimizerState:
     def __init__(self, groups: list[Group], device: torch.device, format: StateFormat,
                  offload: bool, pin_memory: bool = True, chunk_mib: Optional[float] = None,
-                 seed: int = 0, state_dir: Optional[str] = None):
+                 seed: int = 0, state_dir: Optional[str] = None,
+                 shard: Optional[list[list[list[Piece]]]] = None):
+        """shard: per group, the pieces of each chunk this state holds (a data-parallel rank's
+        share, hift.distributed); None: every element of every group, chunked by chunk_mib."""
         self.groups = groups
         self.device = torch.device(device)
         self.format = format
@@ -177,8 +180,11 @@ class OptimizerState:
         max_numel = chunk_numel(format, chunk_mib)
         self.chunks: list[Chunk] = []
         self.chunks_of: list[list[int]] = []
-        for group in groups:
-            pieces = split_into_chunks(group, max_numel, format.block)
+        for index, group in enumerate(groups):
+            if shard is None:
+                pieces = split_into_chunks(group, max_numel, format.block)
+            else:
+                pieces = [Chunk(group.index, chunk) for chunk in shard[index]]
             self.chunks_of.append(list(range(len(self.chunks), len(self.chunks) + len(pieces))))
             self.chunks.extend(pieces)
         # fp32 words per chunk buffer
@@ -287,10 +293,15 @@ class OptimizerState:
         self.store.release(c)
 
     def update_group(self, g: int, *, lr: Tensor, step: Tensor, betas: tuple[float, float], eps: float,
-                     weight_decays: list[float], grad_scale: Optional[Tensor], found_inf: Tensor) -> None:
+                     weight_decays: list[float], grad_scale: Optional[Tensor], found_inf: Tensor,
+                     grad_of: Optional[Callable[[Piece], Optional[Tensor]]] = None) -> None:
         """The fused AdamW over group g from its parameters' grads, one state chunk at a time
-        (the next chunk's copy-in overlaps this one's update)."""
+        (the next chunk's copy-in overlaps this one's update). grad_of(piece): a piece's flat
+        gradient, None where its parameter has none (data parallel: the reduced shard); by
+        default the piece of its parameter's .grad."""
         params = self.groups[g].params
+        if grad_of is None:
+            grad_of = lambda pc: None if params[pc.param].grad is None else _flat_piece(params[pc.param].grad, pc)
         chunks = self.chunks_of[g]
         seed = formats.group_seed(self.seed, g)
         for k, c in enumerate(chunks):
@@ -298,14 +309,15 @@ class OptimizerState:
                 self.prefetch(chunks[k + 1])
             views = self.acquire(c)
             # A parameter the loss did not reach has no grad: like torch's AdamW, it is not updated.
-            keep = [j for j, piece in enumerate(self.chunks[c].pieces) if params[piece.param].grad is not None]
+            grads = [grad_of(piece) for piece in self.chunks[c].pieces]
+            keep = [j for j, grad in enumerate(grads) if grad is not None]
             pieces = [self.chunks[c].pieces[j] for j in keep]
             offsets = self.offsets(c)
             pick = lambda views: [views[j] for j in keep]
             ops.adamw_(
                 [_flat_piece(params[pc.param], pc) for pc in pieces],
                 pick(views.masters) if views.masters else [], pick(views.exp_avgs), pick(views.exp_avg_sqs),
-                [_flat_piece(params[pc.param].grad, pc) for pc in pieces],
+                pick(grads),
                 lr=lr, step=step, beta1=betas[0], beta2=betas[1], eps=eps,
                 weight_decays=[weight_decays[pc.param] for pc in pieces],
                 grad_scale=grad_scale, found_inf=found_inf, seed=seed, offsets=pick(offsets),
