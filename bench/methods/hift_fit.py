@@ -1,7 +1,8 @@
 """hift itself: hift.fit, one group per step, in its precision modes.
 
 Options (bench spec "hift:group_size=2,order=bottom_up,offload=1"): group_size, order, offload,
-prefetch. The precision is the run's (fp32, bf16 or fp16; bf16/fp16 keep fp32 masters). hift
+prefetch, moment_dtype, lr_schedule (constant unless given, as for every other method) and
+warmup_cycles. The precision is the run's (fp32, bf16 or fp16; bf16/fp16 keep fp32 masters). hift
 casts the model itself after taking the fp32 masters, so this method does not cast it first.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Hift(Method):
     name = "hift"
     paper_lr = 2e-5  # HiFT paper: the full fine-tuning learning rate
     lr_grid = (1e-5, 1e-4, 1e-3)
-    note = "hift.fit, constant lr, group clipped to norm 1"
+    note = "hift.fit, constant lr unless the spec names lr_schedule, group clipped to norm 1"
 
     def prepare_model(self, model, spec):
         if spec.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -32,7 +33,8 @@ class Hift(Method):
         model = self.prepare_model(model, spec)
         options = dict(spec.options)
         options.pop("total_steps", None)
-        for key in ("group_size",):
+        schedule = options.pop("lr_schedule", "constant")
+        for key in ("group_size", "warmup_cycles"):
             if key in options:
                 options[key] = int(options[key])
         for key in ("offload", "prefetch"):
@@ -60,7 +62,7 @@ class Hift(Method):
         try:
             self.result = hift.fit(model, batches, lr=spec.lr, max_steps=spec.max_steps,
                                    precision=spec.precision, max_grad_norm=spec.max_grad_norm,
-                                   lr_schedule="constant", seed=spec.seed, progress=False,
+                                   lr_schedule=schedule, seed=spec.seed, progress=False,
                                    log_every=1, on_step=step_done, **options)
         except _Stop:
             pass

