@@ -131,6 +131,35 @@ def llama7b_bytes(world: int = 8) -> str:
             f"all-gathered; mean over a cycle): {hift / ddp:.3f} of DDP's.")
 
 
+def llama7b_per_gpu(world: int = 8) -> str:
+    """The planner's LLaMA-2-7B (bf16, batch 1, seq 512, group_size=1, host store) on one GPU,
+    turned into one of `world` data-parallel ranks by what distributed.py changes on the device:
+    the state's device slot holds the rank's 1/world of the group's state; after backward the
+    group's gradients are copied into one fp32 flat buffer with its 1/world shard beside it (the
+    reduce-scatter's in and out), and later a bf16 flat buffer is all-gathered (the weights). The
+    resting state is sharded: a node holds one copy in all, as one process does."""
+    from hift.plan.predict import make_group_ranges, plan_hift
+    from hift.plan.trace import llama_config, meta_model, trace_units
+
+    model = meta_model(llama_config("llama-2-7b"), "bf16")
+    trace, _ = trace_units(model, 1, 512)
+    one = plan_hift(trace, "bf16")
+    largest = max(sum(trace.numels[u] for u in g) for g in make_group_ranges(len(trace.numels), 1))
+    slot = one.optimizer // world
+    backward_peak = one.total - one.optimizer + slot  # the sweep's peak, the slot shrunk
+    reduce_peak = one.weights + 2 * largest + slot + 4 * largest * (1 + 1 / world)  # grads, fp32 flat + shard
+    gather_peak = one.weights + slot + 2 * largest  # the bf16 flat buffer of weights
+    per_gpu = max(backward_peak, reduce_peak, gather_peak)
+    return (f"LLaMA-2-7B bf16 on {world} GPUs of one node (planner, batch 1 x 512 per rank, group_size=1, "
+            f"fp32 moments, host store), per GPU: device peak {per_gpu / 1e9:.2f} GB (one GPU alone: "
+            f"{one.total / 1e9:.2f} GB; the state slot {one.optimizer / 1e9:.2f} -> {slot / 1e9:.2f} GB, "
+            f"the reduce-scatter's fp32 buffers {4 * largest * (1 + 1 / world) / 1e9:.2f} GB after backward); "
+            f"host RAM per node {one.host_ram / 1e9:.1f} GB (each rank rests 1/{world}: "
+            f"{one.host_ram / world / 1e9:.1f} GB), where {world} unsharded processes would need "
+            f"{world * one.host_ram / 1e9:.0f} GB. An estimate from the planner's single-GPU breakdown and "
+            "the buffers distributed.py allocates, not a measurement.")
+
+
 def report(results, steps, command) -> str:
     hift, ddp = results["hift"], results["ddp"]
     w = WORLD
@@ -172,6 +201,8 @@ def report(results, steps, command) -> str:
         "to a network.",
         "",
         llama7b_bytes(),
+        "",
+        llama7b_per_gpu(),
         "",
         f"Command: `{command}`",
         "",
