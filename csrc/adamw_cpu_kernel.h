@@ -161,7 +161,7 @@ using master_t = std::conditional_t<kMaster == MasterFormat::kRemainder, int16_t
 
 // The one update, for every format: decode each role to fp32, adamw_math, encode each role.
 template <typename P, typename G, MasterFormat kMaster, typename M, typename V>
-inline void adamw_step(P* param, master_t<kMaster>* master, M* m, V* v, const G* grad,
+HIFT_CODEC_INLINE void adamw_step(P* param, master_t<kMaster>* master, M* m, V* v, const G* grad,
                        int64_t count, uint32_t index, const AdamWCoeffs<Vec>& c,
                        const AdamWScalars& s) {
   Vec w0, w1, m0, m1, v0, v1, g0, g1;
