@@ -134,6 +134,19 @@ __device__ __forceinline__ T encode_moment(float value, uint32_t key, uint32_t i
   }
 }
 
+// This step's scalars, formed once per block of threads (the inputs live in device memory so a
+// launch can be captured in a CUDA graph).
+__device__ __forceinline__ AdamWScalars block_scalars(const float* lr, const float* step,
+                                                      const float* grad_scale, const Hyper& hyper) {
+  __shared__ AdamWScalars shared_scalars;
+  if (threadIdx.x == 0) {
+    shared_scalars = make_adamw_scalars(*lr, *step, hyper.beta1, hyper.beta2, hyper.eps,
+                                        grad_scale != nullptr ? *grad_scale : 1.0f, hyper.seed);
+  }
+  __syncthreads();
+  return shared_scalars;
+}
+
 // The one update, for every format: each thread decodes kIlp elements of every role to fp32,
 // runs adamw_math and encodes them back.
 template <typename P, typename G, MasterFormat kMaster, typename M, typename V>
@@ -146,13 +159,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr bool kReadsParam = kMaster == MasterFormat::kRemainder;
   constexpr bool kWritesParam = kMaster != MasterFormat::kNone;
   if (found_inf != nullptr && *found_inf != 0.0f) return;
-  __shared__ AdamWScalars shared_scalars;
-  if (threadIdx.x == 0) {
-    shared_scalars = make_adamw_scalars(*lr, *step, hyper.beta1, hyper.beta2, hyper.eps,
-                                        grad_scale != nullptr ? *grad_scale : 1.0f, hyper.seed);
-  }
-  __syncthreads();
-  const AdamWScalars s = shared_scalars;
+  const AdamWScalars s = block_scalars(lr, step, grad_scale, hyper);
 
   const int64_t total = table.first_chunk[table.count];
   int t = 0;
@@ -237,14 +244,8 @@ __global__ void __launch_bounds__(kThreads)
   constexpr bool kReadsParam = kMaster == MasterFormat::kRemainder;
   constexpr bool kWritesParam = kMaster != MasterFormat::kNone;
   if (found_inf != nullptr && *found_inf != 0.0f) return;
-  __shared__ AdamWScalars shared_scalars;
   __shared__ BlockScales warps[kThreads / 32];
-  if (threadIdx.x == 0) {
-    shared_scalars = make_adamw_scalars(*lr, *step, hyper.beta1, hyper.beta2, hyper.eps,
-                                        grad_scale != nullptr ? *grad_scale : 1.0f, hyper.seed);
-  }
-  __syncthreads();
-  const AdamWScalars s = shared_scalars;
+  const AdamWScalars s = block_scalars(lr, step, grad_scale, hyper);
 
   const int64_t total = table.first_chunk[table.count];
   int t = 0;
@@ -296,6 +297,27 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Appends tensor i's roles as the table's next row, its work counted in units of `unit`
+// elements (a block of threads' chunk, or an int8 block). Returns the row.
+int add_row(TensorTable& table, int64_t i, bool has_master, int64_t unit, at::TensorList params,
+            at::TensorList masters, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+            at::TensorList grads, at::ArrayRef<double> weight_decays, at::IntArrayRef offsets) {
+  const int j = table.count++;
+  table.param[j] = params[i].data_ptr();
+  table.master[j] = has_master ? masters[i].data_ptr() : nullptr;
+  table.exp_avg[j] = exp_avgs[i].data_ptr();
+  table.exp_avg_sq[j] = exp_avg_sqs[i].data_ptr();
+  table.grad[j] = grads[i].data_ptr();
+  table.numel[j] = params[i].numel();
+  table.weight_decay[j] = weight_decays[i];
+  table.offset[j] = offsets.empty() ? 0u : static_cast<uint32_t>(offsets[i]);
+  table.first_chunk[j + 1] = table.first_chunk[j] + (table.numel[j] + unit - 1) / unit;
+  table.aligned[j] = aligned16(table.param[j]) && aligned16(table.exp_avg[j]) &&
+                     aligned16(table.exp_avg_sq[j]) && aligned16(table.grad[j]) &&
+                     (!has_master || aligned16(table.master[j]));
+  return j;
+}
+
 template <typename P, typename G, MasterFormat kMaster>
 void launch_int8(const std::vector<int64_t>& tensors, at::TensorList params, at::TensorList masters,
                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList grads,
@@ -311,19 +333,10 @@ void launch_int8(const std::vector<int64_t>& tensors, at::TensorList params, at:
     table.first_chunk[0] = 0;
     for (size_t k = first; k < tensors.size() && table.count < kMaxTensors; ++k) {
       const int64_t i = tensors[k];
-      const int j = table.count++;
-      table.param[j] = params[i].data_ptr();
-      table.master[j] = kMaster != MasterFormat::kNone ? masters[i].data_ptr() : nullptr;
-      table.exp_avg[j] = exp_avgs[i].data_ptr();
-      table.exp_avg_sq[j] = exp_avg_sqs[i].data_ptr();
-      table.grad[j] = grads[i].data_ptr();
-      table.numel[j] = params[i].numel();
-      table.weight_decay[j] = weight_decays[i];
-      table.offset[j] = offsets.empty() ? 0u : static_cast<uint32_t>(offsets[i]);
+      const int j = add_row(table, i, kMaster != MasterFormat::kNone, kInt8Block, params, masters,
+                            exp_avgs, exp_avg_sqs, grads, weight_decays, offsets);
       table.exp_avg_scale[j] = exp_avg_scales[i].data_ptr<float>();
       table.exp_avg_sq_scale[j] = exp_avg_sq_scales[i].data_ptr<float>();
-      table.first_chunk[j + 1] = table.first_chunk[j] + (table.numel[j] + kInt8Block - 1) / kInt8Block;
-      table.aligned[j] = false;
     }
     const int64_t blocks = table.first_chunk[table.count];
     if (blocks == 0) continue;
@@ -348,20 +361,8 @@ void launch(const std::vector<int64_t>& tensors, at::TensorList params, at::Tens
     table.count = 0;
     table.first_chunk[0] = 0;
     for (size_t k = first; k < tensors.size() && table.count < kMaxTensors; ++k) {
-      const int64_t i = tensors[k];
-      const int j = table.count++;
-      table.param[j] = params[i].data_ptr();
-      table.master[j] = kHasMaster ? masters[i].data_ptr() : nullptr;
-      table.exp_avg[j] = exp_avgs[i].data_ptr();
-      table.exp_avg_sq[j] = exp_avg_sqs[i].data_ptr();
-      table.grad[j] = grads[i].data_ptr();
-      table.numel[j] = params[i].numel();
-      table.weight_decay[j] = weight_decays[i];
-      table.offset[j] = offsets.empty() ? 0u : static_cast<uint32_t>(offsets[i]);
-      table.first_chunk[j + 1] = table.first_chunk[j] + (table.numel[j] + kChunk - 1) / kChunk;
-      table.aligned[j] = aligned16(table.param[j]) && aligned16(table.exp_avg[j]) &&
-                         aligned16(table.exp_avg_sq[j]) && aligned16(table.grad[j]) &&
-                         (!kHasMaster || aligned16(table.master[j]));
+      add_row(table, tensors[k], kHasMaster, kChunk, params, masters, exp_avgs, exp_avg_sqs, grads,
+              weight_decays, offsets);
     }
     const int64_t chunks = table.first_chunk[table.count];
     if (chunks == 0) continue;
