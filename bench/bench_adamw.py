@@ -17,7 +17,9 @@ Variants, timed interleaved and reported as medians over --repeats:
 Each variant's bytes moved per parameter (read + write) over its time, against this machine's
 device-to-device copy bandwidth (read + write counted), says how close it runs to memory speed.
 Targets: hift >= 2.5x torch+copy and >= 0.9x torch fp32; every hift format >= 0.85 of copy
-bandwidth. Writes bench/results/adamw_<device>.md (or --out).
+bandwidth. Each hift row is also timed on a state small enough to stay in cache (--cache-numel):
+where ns/param streamed is about ns/param in cache, the update is bound by its arithmetic, not by
+memory, and fewer bytes cannot make it faster. Writes bench/results/adamw_<device>.md (or --out).
 """
 from __future__ import annotations
 
@@ -197,6 +199,31 @@ def timer(device: torch.device, inner: int):
     return run
 
 
+CACHE_TENSORS, CACHE_CALLS = 3, 200
+
+
+def cache_ns_per_param(numel: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """ns per parameter of each hift row, on one thread, on a state that stays in that core's L2
+    between calls: the update's arithmetic alone, memory bandwidth (and threading) left out."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _cache_ns_per_param(numel, device, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cache_ns_per_param(numel: int, device: torch.device, repeats: int) -> dict[str, float]:
+    sizes = odd_sizes(numel, CACHE_TENSORS)
+    v = Variants(sizes, device)
+    variants = {"hift": v.hift, **v.formats(sizes)}
+    run = timer(device, CACHE_CALLS)
+    for fn in variants.values():
+        run(fn)
+    times = {name: statistics.median(run(fn) for _ in range(repeats)) for name, fn in variants.items()}
+    return {name: t / sum(sizes) * 1e9 for name, t in times.items()}
+
+
 def copy_bandwidth(device: torch.device, numel: int, run) -> float:
     """Bytes per second of a device-to-device copy (read + write counted)."""
     src = torch.empty(numel, dtype=torch.uint8, device=device)
@@ -230,6 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tensors", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--inner", type=int, default=0, help="calls per timing (default: 1 CPU, 20 CUDA)")
+    parser.add_argument("--cache-numel", type=int, default=65_536,
+                        help="parameters of the in-cache timing (its state fits in L2)")
     parser.add_argument("--out", default=None, help="markdown file (default bench/results/adamw_<device>.md)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -252,6 +281,8 @@ def main(argv=None) -> int:
         for name, fn in variants.items():
             times[name].append(run(fn))
     median = {name: statistics.median(t) for name, t in times.items()}
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    in_cache = cache_ns_per_param(args.cache_numel, device, args.repeats)
 
     torch_copy_label = ("torch+copy (bf16 grad -> fp32, `_fused_adamw_` on fp32 master, copy to bf16)"
                         if v.fused_available else
@@ -271,14 +302,19 @@ def main(argv=None) -> int:
         f"median of {args.repeats} interleaved repeats, {inner} call(s) each", "",
     ]
     bandwidth = copy_bandwidth(device, BYTES_PER_PARAM * numel // 2, run)
-    lines += ["| variant | B/param | time (ms) | GB/s | of copy bandwidth | time / hift time |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["| variant | B/param | time (ms) | GB/s | of copy bandwidth | time / hift time "
+              "| thread-ns/param streamed | ns/param in cache, 1 thread |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     achieved = {name: bytes_per_param[name] * numel / median[name] for name in variants}
     for name in variants:
+        cached = f"{in_cache[name]:.2f}" if name in in_cache else "-"
         lines.append(f"| {labels[name]} | {bytes_per_param[name]:.4g} | {median[name] * 1e3:.3f} | "
                      f"{achieved[name] / 1e9:.1f} | {achieved[name] / bandwidth:.2f} | "
-                     f"{median[name] / median['hift']:.2f}x |")
+                     f"{median[name] / median['hift']:.2f}x | {median[name] * threads / numel * 1e9:.2f} | {cached} |")
     lines.append("")
+    lines.append(f"- in cache: {args.cache_numel:,} parameters in {CACHE_TENSORS} tensors, {CACHE_CALLS} calls "
+                 f"per timing, 1 thread; streamed: time x {threads} thread(s) / parameters. A row whose "
+                 "two are about equal is bound by its arithmetic, not by memory")
     lines.append(f"- {device.type} copy (`dst.copy_(src)`, {BYTES_PER_PARAM * numel // 2 / 1e6:.0f} MB): "
                  f"{bandwidth / 1e9:.1f} GB/s, read + write counted; grads are bf16 in every row")
     hift_rows = ["hift", *compact]

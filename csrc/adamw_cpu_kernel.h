@@ -203,75 +203,82 @@ void adamw_range(const AdamWTensorRoles& t, int64_t begin, int64_t end, const Ad
   }
 }
 
-// int8 moments (formats.encode_exp_avg, encode_exp_avg_sq), a block at a time: the block's codes
-// are decoded into fp32 arrays on the stack, the one update runs over them as fp32 moments, and
-// the new values are encoded with the block's new scales. `begin` is a block boundary (work items
-// are block multiples). The codec loops are branch-free int32/fp32 code the compiler vectorizes
-// for the unit's ISA.
-template <typename P, typename G, MasterFormat kMaster>
-void adamw_range_int8(const AdamWTensorRoles& t, int64_t begin, int64_t end, const AdamWScalars& s) {
-  auto* param = static_cast<P*>(t.param);
-  auto* master = static_cast<master_t<kMaster>*>(t.master);
-  auto* m_codes = static_cast<int8_t*>(t.exp_avg);
-  auto* v_codes = static_cast<uint8_t*>(t.exp_avg_sq);
-  auto* grad = static_cast<const G*>(t.grad);
-  const AdamWCoeffs<Vec> c(s, t.decay);
+// int8 moments (formats.encode_exp_avg, encode_exp_avg_sq), one block: its codes are decoded into
+// fp32 arrays on the stack, the one update runs over them as fp32 moments, and the new values are
+// encoded with the block's new scales. The codec loops are branch-free int32/fp32 code the
+// compiler vectorizes for the unit's ISA. `kFull` blocks have kInt8Block elements, a constant trip
+// count for every loop (no masked tails); only a tensor's last block can be shorter.
+template <typename P, typename G, MasterFormat kMaster, bool kFull>
+HIFT_CODEC_INLINE void adamw_block_int8(const AdamWTensorRoles& t, int64_t b0, int64_t short_n,
+                                        const AdamWCoeffs<Vec>& c, const AdamWScalars& s) {
+  const int64_t n = kFull ? kInt8Block : short_n;
+  auto* param = static_cast<P*>(t.param) + b0;
+  auto* master = static_cast<master_t<kMaster>*>(t.master) + b0;
+  auto* m_codes = static_cast<int8_t*>(t.exp_avg) + b0;
+  auto* v_codes = static_cast<uint8_t*>(t.exp_avg_sq) + b0;
+  auto* grad = static_cast<const G*>(t.grad) + b0;
+  const int64_t block = b0 / kInt8Block;
+  const uint32_t index = t.offset + static_cast<uint32_t>(b0);  // mod 2^32
   alignas(64) float m[kInt8Block];
   alignas(64) float v[kInt8Block];
-  for (int64_t b0 = begin; b0 < end; b0 += kInt8Block) {
-    const int64_t n = end - b0 < kInt8Block ? end - b0 : kInt8Block;
-    const int64_t block = b0 / kInt8Block;
-    const uint32_t index = t.offset + static_cast<uint32_t>(b0);  // mod 2^32
-    const int8_t* mq = m_codes + b0;
-    const uint8_t* vq = v_codes + b0;
-    const float old_m_scale = t.exp_avg_scale[block];
-    const LogBitsCode old_code(t.exp_avg_sq_scale[2 * block], t.exp_avg_sq_scale[2 * block + 1]);
-    for (int64_t k = 0; k < n; ++k) m[k] = decode_exp_avg(mq[k], old_m_scale);
-    for (int64_t k = 0; k < n; ++k) v[k] = old_code.decode(vq[k]);
-    for (int64_t i = 0; i < n; i += kWidth) {
-      const int64_t count = n - i < kWidth ? n - i : kWidth;
-      adamw_step<P, G, kMaster, float, float>(param + b0 + i, master + b0 + i, m + i, v + i,
-                                              grad + b0 + i, count, index + static_cast<uint32_t>(i), c, s);
-    }
-    // the block's new scales (padding past a short block's end is 0: no |m|, no positive v)
-    for (int64_t k = n; k < kInt8Block; ++k) m[k] = v[k] = 0.0f;
-    Vec absmax_v(0.0f), lo_v(INFINITY), hi_v(0.0f);
-    for (int64_t k = 0; k < kInt8Block; k += Vec::size()) {
-      const Vec mk = Vec::loadu(m + k), vk = Vec::loadu(v + k);
-      absmax_v = at::vec::maximum(absmax_v, mk.abs());
-      lo_v = at::vec::minimum(lo_v, Vec::blendv(Vec(INFINITY), vk, vk > Vec(0.0f)));
-      hi_v = at::vec::maximum(hi_v, vk);
-    }
-    alignas(64) float lanes[3][Vec::size()];
-    absmax_v.store(lanes[0]);
-    lo_v.store(lanes[1]);
-    hi_v.store(lanes[2]);
-    float absmax = 0.0f, lo = INFINITY, hi = 0.0f;
-    for (int64_t l = 0; l < Vec::size(); ++l) {
-      absmax = lanes[0][l] > absmax ? lanes[0][l] : absmax;
-      lo = lanes[1][l] < lo ? lanes[1][l] : lo;
-      hi = lanes[2][l] > hi ? lanes[2][l] : hi;
-    }
-    lo = lo == INFINITY ? 0.0f : lo;
-    const float m_scale = exp_avg_scale(absmax);
-    const LogBitsCode code(lo, hi);
-    int8_t* mq_out = m_codes + b0;
-    uint8_t* vq_out = v_codes + b0;
-    const float m_inv_scale = exp_avg_inv_scale(absmax);
-    for (int64_t k = 0; k < n; ++k) mq_out[k] = encode_exp_avg(m[k], m_inv_scale);
-    // exp_avg_sq in simple loops the compiler vectorizes: draws, first guesses, codes, bytes
-    alignas(64) float r[kInt8Block];
-    alignas(64) int32_t j[kInt8Block];
-    for (int64_t k = 0; k < n; ++k) {
-      r[k] = uniform_24bits(lowbias32(s.exp_avg_sq_key ^ (index + static_cast<uint32_t>(k))));
-    }
-    for (int64_t k = 0; k < n; ++k) j[k] = code.guess(v[k]);
-    for (int64_t k = 0; k < n; ++k) j[k] = code.settle(v[k], j[k], r[k]);
-    for (int64_t k = 0; k < n; ++k) vq_out[k] = static_cast<uint8_t>(j[k]);
-    t.exp_avg_scale[block] = m_scale;
-    t.exp_avg_sq_scale[2 * block] = lo;
-    t.exp_avg_sq_scale[2 * block + 1] = hi;
+  const float old_m_scale = t.exp_avg_scale[block];
+  const LogBitsCode old_code(t.exp_avg_sq_scale[2 * block], t.exp_avg_sq_scale[2 * block + 1]);
+  for (int64_t k = 0; k < n; ++k) m[k] = decode_exp_avg(m_codes[k], old_m_scale);
+  for (int64_t k = 0; k < n; ++k) v[k] = old_code.decode(v_codes[k]);
+  for (int64_t i = 0; i < n; i += kWidth) {
+    const int64_t count = kFull ? kWidth : (n - i < kWidth ? n - i : kWidth);
+    adamw_step<P, G, kMaster, float, float>(param + i, master + i, m + i, v + i, grad + i, count,
+                                            index + static_cast<uint32_t>(i), c, s);
   }
+  // the block's new scales (padding past a short block's end is 0: no |m|, no positive v)
+  if constexpr (!kFull) {
+    for (int64_t k = n; k < kInt8Block; ++k) m[k] = v[k] = 0.0f;
+  }
+  Vec absmax_v(0.0f), lo_v(INFINITY), hi_v(0.0f);
+  for (int64_t k = 0; k < kInt8Block; k += Vec::size()) {
+    const Vec mk = Vec::loadu(m + k), vk = Vec::loadu(v + k);
+    absmax_v = at::vec::maximum(absmax_v, mk.abs());
+    lo_v = at::vec::minimum(lo_v, Vec::blendv(Vec(INFINITY), vk, vk > Vec(0.0f)));
+    hi_v = at::vec::maximum(hi_v, vk);
+  }
+  alignas(64) float lanes[3][Vec::size()];
+  absmax_v.store(lanes[0]);
+  lo_v.store(lanes[1]);
+  hi_v.store(lanes[2]);
+  float absmax = 0.0f, lo = INFINITY, hi = 0.0f;
+  for (int64_t l = 0; l < Vec::size(); ++l) {
+    absmax = lanes[0][l] > absmax ? lanes[0][l] : absmax;
+    lo = lanes[1][l] < lo ? lanes[1][l] : lo;
+    hi = lanes[2][l] > hi ? lanes[2][l] : hi;
+  }
+  lo = lo == INFINITY ? 0.0f : lo;
+  const LogBitsCode code(lo, hi);
+  const float m_inv_scale = exp_avg_inv_scale(absmax);
+  for (int64_t k = 0; k < n; ++k) m_codes[k] = encode_exp_avg(m[k], m_inv_scale);
+  // exp_avg_sq in simple loops the compiler vectorizes: draws, first guesses, codes, bytes
+  alignas(64) float r[kInt8Block];
+  alignas(64) int32_t j[kInt8Block];
+  for (int64_t k = 0; k < n; ++k) {
+    r[k] = uniform_24bits(lowbias32(s.exp_avg_sq_key ^ (index + static_cast<uint32_t>(k))));
+  }
+  for (int64_t k = 0; k < n; ++k) j[k] = code.guess(v[k]);
+  for (int64_t k = 0; k < n; ++k) j[k] = code.settle(v[k], j[k], r[k]);
+  for (int64_t k = 0; k < n; ++k) v_codes[k] = static_cast<uint8_t>(j[k]);
+  t.exp_avg_scale[block] = exp_avg_scale(absmax);
+  t.exp_avg_sq_scale[2 * block] = lo;
+  t.exp_avg_sq_scale[2 * block + 1] = hi;
+}
+
+// Elements [begin, end) of one tensor with int8 moments; `begin` is a block boundary (work items
+// are block multiples).
+template <typename P, typename G, MasterFormat kMaster>
+void adamw_range_int8(const AdamWTensorRoles& t, int64_t begin, int64_t end, const AdamWScalars& s) {
+  const AdamWCoeffs<Vec> c(s, t.decay);
+  int64_t b0 = begin;
+  for (; b0 + kInt8Block <= end; b0 += kInt8Block) {
+    adamw_block_int8<P, G, kMaster, true>(t, b0, kInt8Block, c, s);
+  }
+  if (b0 < end) adamw_block_int8<P, G, kMaster, false>(t, b0, end - b0, c, s);
 }
 
 template <typename P, typename G, MasterFormat kMaster>
