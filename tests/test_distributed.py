@@ -477,3 +477,57 @@ def test_a_rank_killed_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
     saved = checkpoint.latest(tmp_path / "ckpt")
     assert saved.name == "step-00000003"  # the half-written one never became a checkpoint
     checkpoint.verify(saved)
+
+
+def _killed_and_resumed(rank, world, root, mode):
+    """mode straight | kill | resume: a shuffling DistributedSampler loader, checkpoints every 3
+    steps; "kill" SIGKILLs every rank right after checkpoint 6, "resume" is a fresh job."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    root = Path(root)
+    _init(rank, world, root / f"store-{mode}")
+    samples = [{k: v[0] for k, v in b.items()} for b in tm.lm_batches(12, batch=1, seed=6)]
+    sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=7)
+    loader = DataLoader(samples, batch_size=2, sampler=sampler)  # 3 batches per rank and pass
+    save_dir = root / ("straight" if mode == "straight" else "ckpt")
+
+    def kill_after_checkpoint(event):
+        if mode == "kill" and event.step == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    model = tm.llama(layers=2)
+    result = fit(model, loader, max_steps=10, save_dir=str(save_dir), save_every=3, on_step=kill_after_checkpoint,
+                 resume_from=str(save_dir) if mode == "resume" else None, order="random", seed=4,
+                 precision="bf16", moment_dtype="int8", max_grad_norm=0.5, **QUIET)
+    torch.save(dict(weights=weights(model), losses=result.losses), root / f"{mode}-rank-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_in_fresh_processes_exactly(tmp_path):
+    """Every rank SIGKILLed after checkpoint 6; a new job (fresh processes, same world size)
+    resumes it with the same shuffling loader: the losses and weights of a job that ran straight.
+    The losses are the mean over ranks, the same on every rank (the checkpoint keeps rank 0's)."""
+    world = 2
+    killed = mp.start_processes(_killed_and_resumed, args=(world, str(tmp_path), "kill"), nprocs=world,
+                                join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while any(p.is_alive() for p in killed.processes):
+        if time.monotonic() > deadline:
+            for process in killed.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGKILL)
+            pytest.fail("a rank hung")
+        time.sleep(0.5)
+    assert [p.exitcode for p in killed.processes] == [-signal.SIGKILL] * world
+    assert checkpoint.latest(tmp_path / "ckpt").name == "step-00000006"
+    for mode in ("resume", "straight"):
+        mp.spawn(_killed_and_resumed, args=(world, str(tmp_path), mode), nprocs=world, join=True)
+    rank0 = torch.load(tmp_path / "straight-rank-0.pt", weights_only=False)
+    for rank in range(world):
+        straight = torch.load(tmp_path / f"straight-rank-{rank}.pt", weights_only=False)
+        assert straight["losses"] == rank0["losses"]  # the global batch's loss, on every rank
+        resumed = torch.load(tmp_path / f"resume-rank-{rank}.pt", weights_only=False)
+        assert len(straight["losses"]) == 10 and resumed["losses"] == straight["losses"]
+        for name, value in straight["weights"].items():
+            assert torch.equal(resumed["weights"][name], value), f"rank {rank}, {name}"

@@ -180,6 +180,13 @@ class DataParallel:
     def barrier(self) -> None:
         self._run(dist.barrier)
 
+    def mean(self, values: Tensor) -> Tensor:
+        """The mean over ranks of a small tensor (fit's pending losses: the global batch's)."""
+        total = values.to(self.device, torch.float32, copy=True).contiguous()  # a fresh, dense buffer
+        self._run(dist.all_reduce, total)
+        self.traffic.all_reduce += total.numel() * total.element_size()
+        return total / self.world
+
     def all_gather_object(self, value) -> list:
         out = [None] * self.world
         self._run(dist.all_gather_object, out, value)

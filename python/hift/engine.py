@@ -253,7 +253,10 @@ class _Loop:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        losses, flags = torch.stack([torch.stack([loss.float(), flag]) for *_, loss, flag in pending]).T.tolist()
+        losses, flags = torch.stack([torch.stack([loss.float(), flag]) for *_, loss, flag in pending]).T
+        if self.optimizer.dp is not None:  # the global batch's loss: the same history on every rank
+            losses = self.optimizer.dp.mean(losses)  # (the skip flags are agreed already)
+        losses, flags = losses.tolist(), flags.tolist()
         self.result.losses.extend(losses)
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
