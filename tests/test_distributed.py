@@ -114,9 +114,36 @@ def _run_cases(rank, world, root):
         if world == 2:
             out["ddp"] = _k1_against_ddp(rank, world)
             out["resume"] = _resume(rank, world, root)
+            out["other_rank"] = _load_another_ranks_state_dict(rank, world, root)
         torch.save(out, root / f"rank-{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _load_another_ranks_state_dict(rank, world, root):
+    """Each rank saves state_dict() and loads the next rank's: refused in words, weights kept."""
+    def made():
+        model = tm.llama(layers=2)
+        opt = HiftAdamW(model, lr=3e-3, moment_dtype="int8")
+        model(**rank_share(global_batches(world), rank)[0]).loss.backward()
+        opt.step()
+        return model, opt
+
+    model, opt = made()
+    torch.save(opt.state_dict(), root / f"state_dict-{rank}.pt")
+    opt.close()
+    dist.barrier()
+    model, opt = made()
+    before = weights(model)
+    try:
+        opt.load_state_dict(torch.load(root / f"state_dict-{(rank + 1) % world}.pt", weights_only=False))
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    opt.load_state_dict(torch.load(root / f"state_dict-{rank}.pt", weights_only=False))  # its own loads
+    opt.close()
+    changed = [k for k, v in weights(model).items() if not torch.equal(v, before[k])]
+    return dict(refused=refused, changed=changed)
 
 
 def _resting_state(rank, world):
@@ -308,6 +335,17 @@ def test_sharded_checkpoint_resumes_exactly_and_only_with_its_world_size(ranks):
         fit(tm.llama(layers=2), global_batches(1), max_steps=STEPS, resume_from=str(saved), **QUIET,
             order="random", seed=2, precision="bf16", moment_dtype="bf16", max_grad_norm=0.5, offload=True,
             state_chunk_mib=0.002, accum_steps=ACCUM)
+
+
+def test_a_state_dict_of_another_ranks_shard_is_refused(ranks):
+    world, _, outs = ranks
+    if world != 2:
+        pytest.skip("run with 2 ranks")
+    for rank, out in enumerate(outs):
+        refused = out["other_rank"]["refused"]
+        assert refused is not None, f"rank {rank} loaded another rank's shard"
+        assert f"rank {(rank + 1) % world}'s shard" in refused and f"this is rank {rank}" in refused
+        assert out["other_rank"]["changed"] == []
 
 
 # ------------------------------------------------------------------------- layout, no ranks

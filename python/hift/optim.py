@@ -417,6 +417,7 @@ class HiftAdamW(torch.optim.Optimizer):
             "skipped": float(self._skipped),
             "chunks": [state.storage(c).view(torch.uint8) for c in range(len(state.chunks))]
             if self.steps_taken else None,
+            "rank": self.dp.rank if self.dp is not None else 0,  # whose shard the chunks are
         }
         return saved
 
@@ -429,6 +430,11 @@ class HiftAdamW(torch.optim.Optimizer):
             raise ValueError(f"this state_dict was saved by a HiftAdamW of another run ({differ}); load it "
                              "into one made with the same model, group_size, precision, state formats, "
                              "state_chunk_mib, order and seed")
+        rank = self.dp.rank if self.dp is not None else 0
+        if method.get("rank", 0) != rank and method["chunks"] is not None:
+            raise ValueError(f"this state_dict holds rank {method['rank']}'s shard of the optimizer state and this "
+                             f"is rank {rank}: save and load state_dict() on every rank, each its own (a 🤗 "
+                             "Trainer saves optimizer.pt from rank 0 alone; fit's save_dir keeps every shard)")
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         chunks = method["chunks"]
         self.load_method_state(
