@@ -371,3 +371,32 @@ def test_the_format_is_detected_from_the_first_record():
     assert rec.detect_format([("x", {"prompt": "a", "completion": "b", "text": "c"})]) == "prompt_completion"
     assert rec.detect_format([("x", {"messages": [], "text": "c"})]) == "messages"
     assert rec.detect_format([("x", {"text": "a", "label": 1})], "text") == "text"
+
+
+@pytest.mark.slow
+def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m hift.cli train`: two gloo ranks, each a share of every pass.
+    Every record is the same, so every rank's batch is too and the mean over ranks is exact: the
+    run must end where one process does, with the same metrics.jsonl written once (rank 0's), and
+    checkpoints sharded by rank."""
+    record = {"text": "a red cat sat on a blue mat ."}
+    data = write_jsonl(tmp_path / "train.jsonl", [record] * 16)
+    held = write_jsonl(tmp_path / "dev.jsonl", [record] * 4)
+    common = ["--eval-data", held, "--eval-every", 4, "--max-steps", 10, "--save-every", 5, "--order", "random",
+              "--moment-dtype", "int8"]
+    train_run.run(args(model_dir, data, tmp_path / "one", *common))
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--standalone", "-m", "hift.cli", "train", *args(model_dir, data, out, *common)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("hift train: 10 steps") == 1  # the summary, from rank 0 alone
+    assert "x 2 ranks (data parallel, batch 4 per rank)" in done.stdout
+
+    expected, got = final_weights(tmp_path / "one"), final_weights(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (out / "metrics.jsonl").read_text() == (tmp_path / "one" / "metrics.jsonl").read_text()
+    saved = checkpoint.latest(out)
+    assert saved.name == "step-00000010"
+    assert {p.name for p in (saved / "state").iterdir()} >= {"rank-00000", "rank-00001"}

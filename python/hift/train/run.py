@@ -4,7 +4,7 @@ Every check (options, model directory, tokenizer, data, labels, output directory
 the model's weights are loaded, and all of them before the first training step. The run is
 hift.fit with the options as they are; on_step writes metrics.jsonl and evaluates the held-out
 data every --eval-every steps. Checkpoints are fit's own (save_dir: the output directory),
-which is what --resume continues from.
+which is what --resume continues from. Under torchrun it trains data-parallel (hift.train.ranks).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 import hift
 from hift import checkpoint
@@ -26,6 +26,7 @@ from hift.train import records as rec
 from hift.train.evaluate import evaluate
 from hift.train.metrics import MetricsLog, plot
 from hift.train.options import check_config, parse
+from hift.train.ranks import Ranks, join
 
 METRICS, PLOT, FINAL = "metrics.jsonl", "loss.png", "final"
 
@@ -49,8 +50,12 @@ class Monitor:
     hook on the model, train mode only: fit's probe and the evaluations run in eval mode), read
     from the device every log_every steps together, as fit reads its own."""
 
-    def __init__(self, log: MetricsLog, log_every: int, eval_every: Optional[int], run_eval, say):
+    def __init__(self, log: Optional[MetricsLog], log_every: int, eval_every: Optional[int], run_eval, say,
+                 ranks: Ranks = Ranks()):
+        """Under torchrun every rank keeps one, the losses are averaged over the ranks, and rank
+        0 alone (the one with a log) evaluates and writes."""
         self.log, self.log_every, self.eval_every = log, log_every, eval_every
+        self.ranks = ranks
         self.run_eval, self.say = run_eval, say
         self.losses: list[torch.Tensor] = []  # since the last step
         self.pending: list[tuple[dict, Optional[torch.Tensor], dict]] = []  # (step, loss on the device, the rest)
@@ -75,14 +80,17 @@ class Monitor:
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         known = [loss for _, loss, _ in pending if loss is not None]
-        values = iter(torch.stack(known).tolist() if known else [])
-        self.log.write([{**head, "loss": next(values) if loss is not None else None, **tail}
-                        for head, loss, tail in pending])
+        values = iter(self.ranks.mean(torch.stack(known)).tolist() if known else [])
+        if self.log is not None:
+            self.log.write([{**head, "loss": next(values) if loss is not None else None, **tail}
+                            for head, loss, tail in pending])
 
     def evaluate(self, step: int) -> None:
         self.flush()
-        self.eval_metrics = self.run_eval()
         self.last_eval = step
+        if self.log is None:
+            return
+        self.eval_metrics = self.run_eval()
         self.log.write([{"step": step, **self.eval_metrics}])
         self.say(f"step {step}: {shown(self.eval_metrics)}")
 
@@ -107,7 +115,14 @@ def run(argv=None) -> TrainRun:
     if a.resume and fit_options["resume_from"] is None:
         fit_options["resume_from"] = fit_options["save_dir"]
     cfg = check_config(fit_options)
-    device = _device(a.device)
+    ranks, device_name = join(a.device)
+    try:
+        return _run(a, options, output_dir, fit_options, cfg, ranks, _device(device_name))
+    finally:
+        ranks.close()
+
+
+def _run(a, options, output_dir: Path, fit_options: dict, cfg, ranks: Ranks, device: torch.device) -> TrainRun:
     resume_step = _check_output_dir(output_dir, cfg.save_dir, cfg.resume_from, a.overwrite)
 
     if not cfg.progress:
@@ -123,27 +138,37 @@ def run(argv=None) -> TrainRun:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id  # where a classifier finds each sequence's last token
     collate = ex.Collate(pad_id)
-    order = torch.Generator().manual_seed(cfg.seed) if a.shuffle else None
-    train_loader = DataLoader(train_examples, batch_size=a.batch_size, shuffle=a.shuffle, generator=order,
-                              collate_fn=collate)
+    if ranks.world > 1:  # each rank its share of every pass; fit tells the sampler each pass
+        sampler = DistributedSampler(train_examples, num_replicas=ranks.world, rank=ranks.rank, shuffle=a.shuffle,
+                                     seed=cfg.seed)
+        train_loader = DataLoader(train_examples, batch_size=a.batch_size, sampler=sampler, collate_fn=collate)
+    else:
+        order = torch.Generator().manual_seed(cfg.seed) if a.shuffle else None
+        train_loader = DataLoader(train_examples, batch_size=a.batch_size, shuffle=a.shuffle, generator=order,
+                                  collate_fn=collate)
     eval_loader = None if eval_examples is None else DataLoader(
         eval_examples, batch_size=a.eval_batch_size or a.batch_size, collate_fn=collate)
 
-    if a.overwrite and resume_step is None:
-        _clear(output_dir, Path(cfg.save_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    say = _printer(cfg.progress)
+    if ranks.main:
+        if a.overwrite and resume_step is None:
+            _clear(output_dir, Path(cfg.save_dir))
+        output_dir.mkdir(parents=True, exist_ok=True)
+    ranks.barrier()  # (the other ranks start once the output directory is ready)
+    say = _printer(cfg.progress) if ranks.main else (lambda text: None)
+    if not ranks.main:
+        fit_options["progress"] = False  # one progress bar, rank 0's
     params = sum(p.numel() for p in model.parameters())
-    say(f"hift train: {a.model} ({params / 1e6:.1f}M parameters, {type(model).__name__}) on {device}; "
+    say(f"hift train: {a.model} ({params / 1e6:.1f}M parameters, {type(model).__name__}) on {device}"
+        + (f" x {ranks.world} ranks (data parallel, batch {a.batch_size} per rank)" if ranks.world > 1 else "") + "; "
         f"format {fmt}, {len(train_examples)} training examples"
         + (f", {len(eval_examples)} held out" if eval_examples else "")
         + (f"; labels: {', '.join(labels.names) if labels.names else labels.num_labels}" if labels else "")
         + (f"; resuming from step {resume_step}" if resume_step is not None else "") + f" -> {output_dir}")
 
     classification = fmt == "classification"
-    log = MetricsLog(output_dir / METRICS, resume_step)
+    log = MetricsLog(output_dir / METRICS, resume_step) if ranks.main else None
     monitor = Monitor(log, cfg.log_every, a.eval_every,
-                      lambda: evaluate(model, eval_loader, device, classification), say)
+                      lambda: evaluate(model, eval_loader, device, classification), say, ranks)
     if eval_loader is not None and resume_step is None:
         monitor.evaluate(0)
     hook = model.register_forward_hook(monitor.capture)
@@ -161,10 +186,12 @@ def run(argv=None) -> TrainRun:
     finally:
         hook.remove()
         monitor.flush()
-        plot_path = plot(log.path, output_dir / PLOT)
-    final = _save_final(model, tokenizer, output_dir / FINAL, started)
-    say(_summary(result, final, log.path, plot_path, monitor.eval_metrics))
-    return TrainRun(result, fmt, output_dir, final, log.path, plot_path, monitor.eval_metrics)
+        plot_path = plot(log.path, output_dir / PLOT) if ranks.main else None
+    metrics_path, final = output_dir / METRICS, output_dir / FINAL
+    if ranks.main:  # every rank holds the same weights
+        _save_final(model, tokenizer, final, started)
+        say(_summary(result, final, metrics_path, plot_path, monitor.eval_metrics))
+    return TrainRun(result, fmt, output_dir, final, metrics_path, plot_path, monitor.eval_metrics)
 
 
 def _examples(a, model_config, tokenizer):
