@@ -1,8 +1,12 @@
 """🤗 Trainer + HiftAdamW under data parallel, as torchrun starts it: two gloo ranks, the
-Trainer wrapping the model in DDP as it does. Every sample is the same, so every rank's batch is
-the same whatever its sampler draws, and the mean gradient over ranks is exactly one rank's: the
-two ranks must end with the weights of one process, bit for bit, and hift's optimizer state must
-rest sharded (each rank half of it)."""
+Trainer wrapping the model in DDP as it does.
+
+- Every sample the same, so every rank's batch is the same whatever its sampler draws, and the
+  mean gradient over ranks is exactly one rank's: the two ranks end with the weights of one
+  process, bit for bit, and hift's optimizer state rests sharded (each rank half of it).
+- Resume: with hift.TrainerShards each checkpoint holds every rank's shard, and a run resumed
+  mid-cycle ends on the weights of one that went straight; without it, the resumed run is
+  refused in words at its first step (the Trainer hands every rank rank 0's optimizer.pt)."""
 import os
 import socket
 from pathlib import Path
@@ -12,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tiny_models as tm
-from hift import HiftAdamW
+from hift import HiftAdamW, TrainerShards
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -68,3 +72,55 @@ def test_trainer_under_torchrun_trains_as_one_process(tmp_path):
         assert out["resting"] < resting_one  # this rank's shard of the state, not all of it
         for name, value in one.items():
             assert torch.equal(out["weights"][name], value), f"rank {rank}, {name}"
+
+
+def _resume_rank(rank, world, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    root = Path(root)
+    samples = [{k: v[0] for k, v in b.items()} for b in tm.lm_batches(12, batch=1, seed=5)]
+
+    def run(callbacks, resume=None):
+        model = tm.llama(layers=2)
+        args = TrainingArguments(output_dir=str(root / "out"), per_device_train_batch_size=2, max_steps=STEPS,
+                                 save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=0,
+                                 disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0,
+                                 ddp_backend="gloo", logging_steps=1)
+        opt = HiftAdamW(model, lr=3e-3, order="random", seed=1, moment_dtype="int8")
+        trainer = Trainer(model=model, args=args, train_dataset=samples, optimizers=(opt, None),
+                          callbacks=callbacks)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            opt.close()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    straight = run([TrainerShards()])
+    checkpoint = str(root / "out" / "checkpoint-4")
+    resumed = run([TrainerShards()], resume=checkpoint)
+    try:
+        run([], resume=checkpoint)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    torch.save(dict(straight=straight, resumed=resumed, refused=refused), root / f"resume-rank-{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_trainer_under_torchrun_resumes_with_every_ranks_shard(tmp_path):
+    world = 2
+    mp.spawn(_resume_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    assert {p.name for p in (tmp_path / "out" / "checkpoint-4").glob("hift_optimizer_rank*.pt")} == {
+        "hift_optimizer_rank00000.pt", "hift_optimizer_rank00001.pt"}
+    outs = [torch.load(tmp_path / f"resume-rank-{rank}.pt", weights_only=False) for rank in range(world)]
+    for rank, out in enumerate(outs):
+        for name, value in out["straight"].items():
+            assert torch.equal(out["resumed"][name], value), f"rank {rank}, {name}"
+            assert torch.equal(outs[0]["straight"][name], value), f"rank {rank}, {name}"
+    # without the callback rank 1 has only rank 0's shard (optimizer.pt): every rank refuses
+    for rank, out in enumerate(outs):
+        assert "rank(s) 1 were given another rank's shard" in out["refused"], out["refused"]
+        assert f"this is rank {rank}" in out["refused"] and "hift.TrainerShards()" in out["refused"]

@@ -11,5 +11,13 @@ from hift.config import Config
 from hift.engine import FitResult, NonFiniteError, StepEvent, fit
 from hift.optim import HiftAdamW
 
-__all__ = ["Config", "FitResult", "HiftAdamW", "NonFiniteError", "StepEvent", "fit"]
+__all__ = ["Config", "FitResult", "HiftAdamW", "NonFiniteError", "StepEvent", "TrainerShards", "fit"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "TrainerShards":  # imported on use: it needs transformers
+        from hift.trainer_shards import TrainerShards
+
+        return TrainerShards
+    raise AttributeError(f"module 'hift' has no attribute {name!r}")

@@ -172,6 +172,8 @@ class HiftAdamW(torch.optim.Optimizer):
         device = model_device(trainable)
         groups = build_groups(model, cfg, example_batch, device)
         self._ready = False
+        self._shard_of_rank: Optional[int] = None  # another rank's shard was handed to load_state_dict
+        self._loaded = False  # a state_dict was loaded since the last step
         super().__init__([{"params": list(zip(g.names, g.params))} for g in groups],
                          dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay))
         self._ready = True
@@ -266,6 +268,8 @@ class HiftAdamW(torch.optim.Optimizer):
                 result = closure()
             if loss is None and isinstance(result, Tensor):
                 loss = result.detach()
+        if self._loaded:
+            self._check_own_shards()
         g = self.order.current
         group, options = self.groups[g], self.param_groups[g]
         if group.params[0].device != self.device:
@@ -372,12 +376,12 @@ class HiftAdamW(torch.optim.Optimizer):
 
     def load_method_state(self, *, steps: Tensor, order: dict, scaler: dict, steps_taken: int,
                           read_chunk: Optional[Callable[[int], Tensor]], cycle_lrs: Optional[list[float]] = None,
-                          skipped: float = 0.0) -> None:
+                          skipped: float = 0.0, chunks_follow: bool = False) -> None:
         """Set the method's state from a checkpoint (hift.checkpoint) or a state_dict: the
-        chunks' bytes from read_chunk(c) (None: keep them, only valid before a first step),
-        the step counts, the rotation, the loss scale and the cycle's learning rates (None: the
-        next step reads them from param_groups)."""
-        if read_chunk is None and self.steps_taken:
+        chunks' bytes from read_chunk(c) (None: keep them, only valid before a first step or
+        where chunks_follow, a later load bringing them), the step counts, the rotation, the loss
+        scale and the cycle's learning rates (None: the next step reads them from param_groups)."""
+        if read_chunk is None and self.steps_taken and not chunks_follow:
             raise ValueError("this state was saved before its first step, so it carries no optimizer "
                              "state, and this HiftAdamW has stepped: make a fresh HiftAdamW to load it")
         self._release_prefetch()
@@ -402,6 +406,24 @@ class HiftAdamW(torch.optim.Optimizer):
             self.group_state.acquire(self._prefetched)
             self.group_state.release(self._prefetched)
             self._prefetched = None
+
+    def _check_own_shards(self) -> None:
+        """Before the first step after a load: every rank loaded its own shard, or every rank
+        refuses (agreed in one all-reduce, so that no rank goes on alone)."""
+        self._loaded = False
+        rank = self.dp.rank if self.dp is not None else 0
+        missing = [self._shard_of_rank is not None]
+        if self.dp is not None:
+            flags = torch.zeros(self.dp.world)
+            flags[rank] = float(missing[0])
+            missing = [bool(f) for f in self.dp.mean(flags) > 0]
+        if any(missing):
+            ranks = ", ".join(str(r) for r, m in enumerate(missing) if m)
+            raise ValueError(
+                f"rank(s) {ranks} were given another rank's shard of the optimizer state to load, and never their "
+                f"own (this is rank {rank}): each rank holds its own shard. A 🤗 Trainer saves optimizer.pt from "
+                "rank 0 alone; pass callbacks=[hift.TrainerShards()] to the Trainer, which saves every rank's shard "
+                "in each checkpoint and loads it on resume. Elsewhere, save and load state_dict() on every rank")
 
     def state_dict(self) -> dict[str, Any]:
         saved = super().state_dict()
@@ -431,13 +453,15 @@ class HiftAdamW(torch.optim.Optimizer):
                              "into one made with the same model, group_size, precision, state formats, "
                              "state_chunk_mib, order and seed")
         rank = self.dp.rank if self.dp is not None else 0
-        if method.get("rank", 0) != rank and method["chunks"] is not None:
-            raise ValueError(f"this state_dict holds rank {method['rank']}'s shard of the optimizer state and this "
-                             f"is rank {rank}: save and load state_dict() on every rank, each its own (a 🤗 "
-                             "Trainer saves optimizer.pt from rank 0 alone; fit's save_dir keeps every shard)")
+        self._loaded = True
+        foreign = method.get("rank", 0) != rank and method["chunks"] is not None
+        # Another rank's shard (a 🤗 Trainer hands every rank rank 0's optimizer.pt): all but the
+        # chunks is the same on every rank and is loaded, so that the ranks train the same group;
+        # the chunks are not, and step() refuses until this rank's own are (hift.TrainerShards).
+        self._shard_of_rank = method["rank"] if foreign else None
+        chunks = None if foreign else method["chunks"]
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-        chunks = method["chunks"]
         self.load_method_state(
             steps=method["steps"], order=method["order"], scaler=method["scaler"],
             steps_taken=method["steps_taken"], cycle_lrs=method["cycle_lrs"], skipped=method["skipped"],
-            read_chunk=None if chunks is None else chunks.__getitem__)
+            read_chunk=None if chunks is None else chunks.__getitem__, chunks_follow=foreign)
