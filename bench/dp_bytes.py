@@ -109,8 +109,9 @@ def worker(rank, world, store, steps, out):
 
 def llama7b_bytes(world: int = 8) -> str:
     """Bytes per step on the wire per rank (ring) for LLaMA-2-7B in bf16 on `world` ranks, from
-    its units' sizes (a meta-device model): hift (group_size=1; gradients reduced in fp32,
-    weights gathered in bf16, over a whole cycle) against DDP (bf16 gradients all-reduced)."""
+    its units' sizes (a meta-device model): hift (group_size=1; gradients reduced in fp32 or, with
+    reduce_dtype="bf16", in bf16; weights gathered in bf16; over a whole cycle) against DDP (bf16
+    gradients all-reduced)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hift.distributed import GroupLayout
@@ -123,12 +124,14 @@ def llama7b_bytes(world: int = 8) -> str:
     sizes = [[p.numel() for p in unit.parameters()] for unit in units]
     ring = (world - 1) / world
     hift = statistics.mean(ring * GroupLayout.of(s, world).numel * (4 + 2) for s in sizes)
+    hift_bf16 = statistics.mean(ring * GroupLayout.of(s, world).numel * (2 + 2) for s in sizes)
     total = sum(map(sum, sizes))
     ddp = 2 * ring * total * 2
     return (f"LLaMA-2-7B ({total / 1e9:.2f}B parameters, bf16) on {world} ranks, from its units' sizes "
             f"(K={len(units)}): per step and rank on the wire (ring), DDP {ddp / 1e9:.1f} GB (bf16 gradients "
             f"all-reduced), hift {hift / 1e9:.2f} GB (fp32 gradients reduce-scattered, bf16 weights "
-            f"all-gathered; mean over a cycle): {hift / ddp:.3f} of DDP's.")
+            f"all-gathered; mean over a cycle): {hift / ddp:.3f} of DDP's; with reduce_dtype=\"bf16\" "
+            f"{hift_bf16 / 1e9:.2f} GB, {hift_bf16 / ddp:.3f} of DDP's.")
 
 
 def llama7b_per_gpu(world: int = 8) -> str:

@@ -55,6 +55,8 @@ SAME_BATCH = {
     "int8_chunks": dict(order="top_down", precision="bf16", moment_dtype="int8", offload=True, state_chunk_mib=0.003),
     "disk": dict(order="bottom_up", precision="bf16", state_store="disk", weight_decay=0.1),
     "fp16": dict(order="random", precision="fp16", loss_scale=2.0**10),  # one loss scale, skips agreed
+    "bf16_reduce": dict(order="random", seed=4, precision="bf16", reduce_dtype="bf16", moment_dtype="int8",
+                        max_grad_norm=0.5),  # a sum of equal bf16 gradients is exact in bf16
 }
 
 
@@ -115,6 +117,7 @@ def _run_cases(rank, world, root):
             out["ddp"] = _k1_against_ddp(rank, world)
             out["resume"] = _resume(rank, world, root)
             out["other_rank"] = _load_another_ranks_state_dict(rank, world, root)
+            out["reduce_bytes"] = _reduce_bytes(rank, world)
         torch.save(out, root / f"rank-{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -143,6 +146,19 @@ def _load_another_ranks_state_dict(rank, world, root):
     opt.step()  # (the same gradients, kept by the refused step)
     opt.close()
     return dict(refused=refused, changed=changed)
+
+
+def _reduce_bytes(rank, world):
+    """Bytes of one step's reduce-scatter, per reduce_dtype, on a bf16 model."""
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        model = tm.llama(layers=2).to(torch.bfloat16)
+        opt = HiftAdamW(model, lr=3e-3, reduce_dtype=dtype)
+        model(**rank_share(global_batches(world), rank)[0]).loss.backward()
+        opt.step()
+        out[dtype] = opt.dp.traffic.reduce_scatter
+        opt.close()
+    return out
 
 
 def _resting_state(rank, world):
@@ -334,6 +350,14 @@ def test_sharded_checkpoint_resumes_exactly_and_only_with_its_world_size(ranks):
         fit(tm.llama(layers=2), global_batches(1), max_steps=STEPS, resume_from=str(saved), **QUIET,
             order="random", seed=2, precision="bf16", moment_dtype="bf16", max_grad_norm=0.5, offload=True,
             state_chunk_mib=0.002, accum_steps=ACCUM)
+
+
+def test_bf16_reduction_moves_half_the_bytes(ranks):
+    world, _, outs = ranks
+    if world != 2:
+        pytest.skip("run with 2 ranks")
+    for out in outs:
+        assert out["reduce_bytes"]["bf16"] * 2 == out["reduce_bytes"]["fp32"] > 0
 
 
 def test_a_state_dict_of_another_ranks_shard_is_refused(ranks):

@@ -12,6 +12,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 MOMENT_DTYPES = ("fp32", "bf16", "int8")
 MASTER_FORMATS = ("auto", "remainder", "fp32")
 STATE_STORES = ("host", "disk")
+REDUCE_DTYPES = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,11 @@ class Config:
     # Keep only the inputs of the frozen blocks above the active group and recompute the rest
     # in backward (less activation memory, one more forward of those blocks).
     recompute_activations: bool = False
+    # Data parallel: the dtype the active group's gradients are summed over the ranks in. fp32:
+    # the mean gradient as one process on the global batch would have it, to fp32 rounding; bf16:
+    # half the bytes of the largest collective, each rank's sum rounded to bf16 as DDP does for
+    # a bf16 model.
+    reduce_dtype: str = "fp32"
     loss_scale: float = 2.0**16
     loss_scale_growth_interval: int = 2000
     # fp16: this many overflows in a row end the run (the scale has then fallen 2**N-fold, so
@@ -125,6 +131,7 @@ class Config:
         need(self.moment_dtype in MOMENT_DTYPES, f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")
         need(self.master_format in MASTER_FORMATS,
              f"master_format must be one of {MASTER_FORMATS}, got {self.master_format!r}")
+        need(self.reduce_dtype in REDUCE_DTYPES, f"reduce_dtype must be one of {REDUCE_DTYPES}, got {self.reduce_dtype!r}")
         need(self.state_store in STATE_STORES, f"state_store must be one of {STATE_STORES}, got {self.state_store!r}")
         need(self.state_store != "disk" or self.state_dir is not None,
              "state_store='disk' needs state_dir: a directory on a disk with room for the optimizer "

@@ -4,7 +4,8 @@ each resting 1/N of every group's optimizer state.
 DDP builds its reducer once, for the parameters that require grad when it is made, and cannot
 follow a trainable set that changes every step. hift needs no reducer: per step, for the active
 group only,
-  1. its gradients are laid end to end in one flat fp32 buffer (GroupLayout) and
+  1. its gradients are laid end to end in one flat buffer (GroupLayout; fp32, or bf16 with
+     Config.reduce_dtype) and
      reduce-scattered (summed): rank r receives elements [r*S, (r+1)*S) of the sum;
   2. one small all-reduce sums [the shard's squared norm, the ranks' non-finite losses, which
      parameters have a gradient]: the clip coefficient comes from the global norm of the mean
@@ -15,8 +16,9 @@ group only,
      the gradient multiplier (the mean over ranks);
   4. the group's weights are all-gathered in place into one flat buffer and copied back.
 About 1/K of a DDP step's traffic (K groups), in three collectives. Gradients are reduced in
-fp32 whatever the weights' dtype (bf16 weights: twice the bytes of a bf16 reduction, and no sum
-of N ranks' gradients rounded to 8 bits). On CUDA the all-gather (on nccl's stream) and the state's
+fp32 by default whatever the weights' dtype (no sum of N ranks' gradients rounded to 8 bits);
+reduce_dtype="bf16" halves the reduce-scatter's bytes, rounding each partial sum as DDP does for
+a bf16 model, and the update widens the bf16 shard as it widens bf16 gradients. On CUDA the all-gather (on nccl's stream) and the state's
 copy-out (on the swapper's) both follow the update and run side by side, and the state's
 copy-in was started before the forward. Not overlapped: the reduce-scatter waits for the whole
 backward (DDP's buckets start during it), and a step reads one small tensor on the host (which
@@ -141,9 +143,11 @@ class Traffic:
 class DataParallel:
     """The collectives of one HiftAdamW on the default process group (see the module docstring)."""
 
-    def __init__(self, sizes_of_groups: list[list[int]], block: int, device: torch.device):
+    def __init__(self, sizes_of_groups: list[list[int]], block: int, device: torch.device,
+                 reduce_dtype: torch.dtype = torch.float32):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device
+        self.reduce_dtype = reduce_dtype  # of the gradients' reduce-scatter (Config.reduce_dtype)
         self.block = block
         self.layouts = [GroupLayout.of(sizes, self.world, block) for sizes in sizes_of_groups]
         self.traffic = Traffic()
@@ -198,7 +202,7 @@ class DataParallel:
         norm, the skip flag and which parameters any rank reached. Returns the check (its
         grad_scale folds in 1/world: the mean) and, per parameter, whether it has a gradient."""
         layout = self.layouts[g]
-        flat = torch.empty(layout.numel, dtype=torch.float32, device=self.device)
+        flat = torch.empty(layout.numel, dtype=self.reduce_dtype, device=self.device)
         for lo, hi in layout.gaps():
             flat[lo:hi].zero_()
         has_grad = [p.grad is not None for p in params]
@@ -209,7 +213,7 @@ class DataParallel:
                 flat[start : start + n].copy_(p.grad.reshape(-1))
                 p.grad = None
         has_grad = torch.tensor(has_grad, dtype=torch.float32).to(self.device, non_blocking=True)
-        shard = torch.empty(layout.shard, dtype=torch.float32, device=self.device)
+        shard = torch.empty(layout.shard, dtype=self.reduce_dtype, device=self.device)
         self._run(_reduce_scatter, shard, flat)
         self.traffic.reduce_scatter += flat.numel() * flat.element_size()
         del flat

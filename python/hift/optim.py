@@ -45,7 +45,7 @@ from hift.state import OptimizerState, StateFormat, chunk_numel
 # the Config fields that make the optimizer (the rest belong to fit's loop)
 OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "group_size", "order", "units", "seed",
            "precision", "moment_dtype", "master_format", "state_store", "state_dir", "offload", "prefetch",
-           "pin_memory", "state_chunk_mib", "loss_scale", "loss_scale_growth_interval")
+           "pin_memory", "state_chunk_mib", "loss_scale", "loss_scale_growth_interval", "reduce_dtype")
 
 
 @dataclass
@@ -149,7 +149,8 @@ class HiftAdamW(torch.optim.Optimizer):
                  seed: int = 0, precision: str = "auto", moment_dtype: str = "fp32", master_format: str = "auto",
                  state_store: str = "host", state_dir: Optional[str] = None, offload: Optional[bool] = None,
                  prefetch: bool = True, pin_memory: bool = True, state_chunk_mib: Optional[float] = None,
-                 loss_scale: float = 2.0**16, loss_scale_growth_interval: int = 2000, example_batch=None):
+                 loss_scale: float = 2.0**16, loss_scale_growth_interval: int = 2000, reduce_dtype: str = "fp32",
+                 example_batch=None):
         options = dict(locals())
         cfg = Config.build(**{name: options[name] for name in OPTIONS})
         self._setup(model, cfg, example_batch)
@@ -192,7 +193,7 @@ class HiftAdamW(torch.optim.Optimizer):
         shard = None
         if distributed.active():
             self.dp = distributed.DataParallel([[p.numel() for p in g.params] for g in groups], state_format.block,
-                                               device)
+                                               device, {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.reduce_dtype])
             self.dp.broadcast_model(model)
             shard = self.dp.chunks(chunk_numel(state_format, cfg.state_chunk_mib))
             if state_dir is not None:
