@@ -498,6 +498,19 @@ def test_a_raising_rank_ends_every_rank_within_the_timeout(tmp_path):
         assert float(ended_at) - failed_at < TIMEOUT_S + 10, f"rank {r} waited {float(ended_at) - failed_at:.1f} s"
 
 
+def wait_for_ranks(context, seconds):
+    """Until every spawned rank has exited (killed ones included); a rank still alive after
+    `seconds` is killed and the test fails."""
+    deadline = time.monotonic() + seconds
+    while any(p.is_alive() for p in context.processes):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGKILL)
+            pytest.fail("a rank hung")
+        time.sleep(0.5)
+
+
 def _killed_mid_save(rank, world, root):
     """Rank 1 is killed (SIGKILL) while it writes its shard of the second checkpoint."""
     root = Path(root)
@@ -526,14 +539,7 @@ def test_a_rank_killed_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
     world = 2
     context = mp.start_processes(_killed_mid_save, args=(world, str(tmp_path)), nprocs=world, join=False,
                                  start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not all(not p.is_alive() for p in context.processes):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    os.kill(process.pid, signal.SIGKILL)
-            pytest.fail("a rank hung")
-        time.sleep(0.5)
+    wait_for_ranks(context, 120)
     assert context.processes[1].exitcode == -signal.SIGKILL
     assert (tmp_path / "rank-0.txt").read_text().startswith("RankFailedError")
     saved = checkpoint.latest(tmp_path / "ckpt")
@@ -573,14 +579,7 @@ def test_a_killed_job_resumes_in_fresh_processes_exactly(tmp_path):
     world = 2
     killed = mp.start_processes(_killed_and_resumed, args=(world, str(tmp_path), "kill"), nprocs=world,
                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while any(p.is_alive() for p in killed.processes):
-        if time.monotonic() > deadline:
-            for process in killed.processes:
-                if process.is_alive():
-                    os.kill(process.pid, signal.SIGKILL)
-            pytest.fail("a rank hung")
-        time.sleep(0.5)
+    wait_for_ranks(killed, 300)
     assert [p.exitcode for p in killed.processes] == [-signal.SIGKILL] * world
     assert checkpoint.latest(tmp_path / "ckpt").name == "step-00000006"
     for mode in ("resume", "straight"):
