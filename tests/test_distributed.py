@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 import tiny_models as tm
 from hift import HiftAdamW, checkpoint, fit
+from hift.batches import BatchError
 from hift.checkpoint import CheckpointError
 from hift.distributed import GroupLayout, shard_chunks
 
@@ -333,7 +334,7 @@ def test_one_group_equals_ddp_with_torch_adamw(ranks):
             assert_close_as_adam(out["ddp"]["hift"][key], value, f"rank {rank}, {key}")
 
 
-def test_sharded_checkpoint_resumes_exactly_and_only_with_its_world_size(ranks):
+def test_sharded_checkpoint_resumes_exactly(ranks):
     world, root, outs = ranks
     if world != 2:
         pytest.skip("run with 2 ranks")
@@ -346,7 +347,8 @@ def test_sharded_checkpoint_resumes_exactly_and_only_with_its_world_size(ranks):
     for rank in range(world):
         assert f"state/rank-{rank:05d}/rank.json" in files
         assert any(f.startswith(f"state/rank-{rank:05d}/chunk-") for f in files)
-    with pytest.raises(CheckpointError, match=r"saved by 2 rank\(s\) and this run has 1"):
+    # one process could take the state (tests/test_reshard.py), but not a list's position
+    with pytest.raises(BatchError, match=r"saved by 2 rank\(s\).*only through a DistributedSampler"):
         fit(tm.llama(layers=2), global_batches(1), max_steps=STEPS, resume_from=str(saved), **QUIET,
             order="random", seed=2, precision="bf16", moment_dtype="bf16", max_grad_norm=0.5, offload=True,
             state_chunk_mib=0.002, accum_steps=ACCUM)
@@ -592,3 +594,93 @@ def test_a_killed_job_resumes_in_fresh_processes_exactly(tmp_path):
         assert len(straight["losses"]) == 10 and resumed["losses"] == straight["losses"]
         for name, value in straight["weights"].items():
             assert torch.equal(resumed["weights"][name], value), f"rank {rank}, {name}"
+
+
+# ------------------------------------------------------------------- another number of ranks
+
+GLOBAL_BATCH, PASS = 6, 24  # samples per step (over all ranks) and per pass
+ACROSS = dict(QUIET, order="random", seed=4, max_grad_norm=0.5, weight_decay=0.05, offload=True,
+              state_chunk_mib=0.002, max_steps=8, save_every=3, keep_last=5)
+
+
+def shared_loader(world, rank, batch_size=None):
+    """A shuffling DistributedSampler over one dataset: the global batch is the same whatever
+    the number of ranks."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    samples = [{k: v[0] for k, v in b.items()} for b in tm.lm_batches(PASS, batch=1, seed=8)]
+    sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=7)
+    return DataLoader(samples, batch_size=batch_size or GLOBAL_BATCH // world, sampler=sampler)
+
+
+def across(rank, world, save_dir, resume_from=None):
+    model = tm.llama(layers=2)
+    result = fit(model, shared_loader(world, rank), save_dir=save_dir, resume_from=resume_from, **ACROSS)
+    return dict(weights=weights(model), losses=result.losses)
+
+
+def _across_worlds(rank, world, root):
+    """2 ranks: a run that saves, and one resumed from one process's checkpoint; 3 ranks: one
+    resumed from the 2 ranks' checkpoint."""
+    root = Path(root)
+    _init(rank, world, root / f"store-{world}")
+    if world == 2:
+        out = dict(straight=across(rank, world, str(root / "two")),
+                   from_one=across(rank, world, str(root / "two-from-one"), str(root / "one" / "step-00000003")))
+    else:
+        out = dict(from_two=across(rank, world, str(root / "three"), str(root / "two" / "step-00000006")))
+    torch.save(out, root / f"across-{world}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def assert_same_run(run, reference, where):
+    assert run["losses"] == pytest.approx(reference["losses"], rel=1e-5), where
+    for key, value in reference["weights"].items():
+        assert_close_as_adam(run["weights"][key], value, f"{where}, {key}")
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    root = tmp_path_factory.mktemp("across")
+    one = across(0, 1, str(root / "one"))
+    mp.spawn(_across_worlds, args=(2, str(root)), nprocs=2, join=True)
+    return root, one, [torch.load(root / f"across-2-{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks(one_and_two):
+    """2 ranks -> 1 process and 1 process -> 2 ranks, with the same global batch: the run of
+    one process that went straight (the state re-cut, the pass continued after the samples
+    taken), to the tolerance of fp32 sums in another order."""
+    root, one, twos = one_and_two
+    for rank, two in enumerate(twos):
+        assert_same_run(two["straight"], one, f"2 ranks, rank {rank}")
+        assert_same_run(two["from_one"], one, f"1 -> 2 ranks, rank {rank}")
+    resumed = across(0, 1, str(root / "one-from-two"), str(root / "two" / "step-00000006"))
+    assert_same_run(resumed, one, "2 ranks -> 1")
+    # the same global batch as 2 micro-batches of 3: the pass goes on at batch 4, not 2
+    model = tm.llama(layers=2)
+    result = fit(model, shared_loader(1, 0, batch_size=3), save_dir=str(root / "one-accum"),
+                 resume_from=str(root / "two" / "step-00000006"), **dict(ACROSS, accum_steps=2))
+    assert_same_run(dict(weights=weights(model), losses=result.losses), one, "2 ranks -> 1, accumulating 2")
+
+
+def test_another_number_of_ranks_needs_batches_that_end_where_the_ranks_stopped(one_and_two):
+    root, *_ = one_and_two
+    saved = root / "two" / "step-00000006"  # pass 1, 12 samples taken
+    with pytest.raises(BatchError, match="divides 12"):
+        fit(tm.llama(layers=2), shared_loader(1, 0, batch_size=5), save_dir=str(root / "refused"),
+            resume_from=str(saved), **ACROSS)
+    other = shared_loader(1, 0)
+    other.sampler.seed = 8
+    with pytest.raises(BatchError, match="seed: 7 there, 8 here"):
+        fit(tm.llama(layers=2), other, save_dir=str(root / "refused"), resume_from=str(saved), **ACROSS)
+    checkpoint.verify(saved)  # refusals leave the checkpoint as it was
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_ranks_resumes_on_three(one_and_two):
+    root, one, _ = one_and_two
+    mp.spawn(_across_worlds, args=(3, str(root)), nprocs=3, join=True)
+    for rank in range(3):
+        assert_same_run(torch.load(root / f"across-3-{rank}.pt", weights_only=False)["from_two"], one,
+                        f"2 -> 3 ranks, rank {rank}")

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -400,3 +401,14 @@ def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
     saved = checkpoint.latest(out)
     assert saved.name == "step-00000010"
     assert {p.name for p in (saved / "state").iterdir()} >= {"rank-00000", "rank-00001"}
+
+    # the two ranks' step 5 resumed in one process, their global batch as 2 micro-batches of 4:
+    # each micro-batch is a rank's batch, so the run again ends where one process does
+    back = tmp_path / "back"
+    shutil.copytree(out, back)
+    shutil.rmtree(back / "step-00000010")
+    resumed = train_run.run(args(model_dir, data, back, *common, "--accum-steps", 2, "--resume"))
+    assert resumed.result.steps == 10
+    got = final_weights(back)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (back / "metrics.jsonl").read_text() == (tmp_path / "one" / "metrics.jsonl").read_text()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -192,7 +192,10 @@ class BatchStream:
                 stacklevel=2)
         generators = self._generators()
         meta = {"epoch": self.epoch, "position": self.position, "generators": len(generators),
-                "last_batch": None if self._last is None else batch_fingerprint(self._last)}
+                "last_batch": None if self._last is None else batch_fingerprint(self._last),
+                # what another number of ranks needs to continue this pass (resume_by_samples)
+                "batch_size": getattr(self.loader, "batch_size", None), "batches_per_pass": _length(self.loader),
+                "sampler": self._sharing()}
         tensors = {"rng_epoch_cpu": self.epoch_rng}
         for i, (g, at_epoch) in enumerate(zip(generators, self.epoch_generator_states)):
             tensors[f"rng_epoch_generator{i}"] = at_epoch
@@ -209,6 +212,54 @@ class BatchStream:
                 f"the loader is a one-pass iterator ({type(self.loader).__name__}: iter(loader) is "
                 f"loader), so it cannot be replayed to batch {position} of pass {epoch}, where the "
                 "checkpoint was saved; resume with a DataLoader or a list of the same batches")
+        self._replay(meta, tensors, position)
+        saved_last = meta.get("last_batch")
+        if saved_last is not None and batch_fingerprint(self._last) != saved_last:
+            raise BatchError(
+                f"the loader does not yield the same batches as in the run that saved the checkpoint "
+                f"(batch {position} of pass {epoch} differs), so the run would continue on other data. "
+                "Resume with the same data, batch size and sampler, any torch.Generator seeded as "
+                "before, and no randomness in the loader beyond torch's generators; or start afresh.")
+
+    def resume_by_samples(self, meta: dict, tensors: dict[str, torch.Tensor], saved_ranks: int) -> None:
+        """Continue a pass that `saved_ranks` ranks were in (one rank's state_dict(): every rank
+        was at the same batch), on this loader's number of ranks. A DistributedSampler deals a
+        pass's one order out in turn (rank r takes samples r, r + N, ...), so after b batches of
+        B samples on N ranks the ranks together have taken the order's first b*B*N samples,
+        whatever N: this rank goes on after that many, divided among the new ranks."""
+        ours, theirs = self._sharing(), meta.get("sampler")
+        fix = ("resume with a DataLoader(dataset, batch_size=..., sampler=DistributedSampler(dataset, "
+               "num_replicas=<ranks>, rank=<rank>, seed=..., shuffle=...)) on the same dataset, as saved")
+        if ours is None or theirs is None:
+            which = "this run's loader" if ours is None else "the loader that saved it"
+            raise BatchError(
+                f"the checkpoint was saved by {saved_ranks} rank(s) and this run has another number; the data "
+                f"position carries over between them only through a DistributedSampler, and {which} has none "
+                f"(its batch_size and sampler decide which samples each rank takes): {fix} (one process: "
+                "num_replicas=1, rank=0); or resume with the number of ranks that saved it")
+        differ = [k for k in ("samples", "shuffle", "seed", "drop_last") if ours[k] != theirs[k]]
+        if differ:
+            raise BatchError("the DistributedSampler differs from the one that saved the checkpoint ("
+                             + ", ".join(f"{k}: {theirs[k]} there, {ours[k]} here" for k in differ)
+                             + "), so the pass would continue in another order: " + fix)
+        batch, per_pass = self.loader.batch_size, _length(self.loader)
+        taken = meta["position"] * meta["batch_size"] * saved_ranks
+        if meta["position"] == meta["batches_per_pass"]:  # the pass was over: so it is here
+            position = per_pass
+        elif taken % (batch * ours["num_replicas"]):
+            raise BatchError(
+                f"the ranks that saved the checkpoint had taken {taken} samples of pass {meta['epoch']}, which "
+                f"{ours['num_replicas']} rank(s) with batch_size {batch} cannot end a batch on: resume with a "
+                f"batch_size per rank that divides {taken // ours['num_replicas']} (the saving run's global "
+                f"batch, {meta['batch_size'] * saved_ranks}, over the number of ranks keeps every step's data)")
+        else:
+            position = taken // (batch * ours["num_replicas"])
+        self._replay(meta, tensors, position)
+
+    def _replay(self, meta: dict, tensors: dict[str, torch.Tensor], position: int) -> None:
+        """Make pass meta["epoch"]'s iterator again from the generator states it began with and
+        consume `position` batches of it."""
+        epoch = meta["epoch"]
         generators = self._generators()
         if len(generators) != meta.get("generators", 0):
             raise BatchError(
@@ -228,15 +279,24 @@ class BatchStream:
                 raise BatchError(f"the loader now has fewer than {position} batches per pass; resume "
                                  "with the loader the checkpoint was made with") from None
         self.position = position
-        saved_last = meta.get("last_batch")
-        if saved_last is not None and batch_fingerprint(self._last) != saved_last:
-            raise BatchError(
-                f"the loader does not yield the same batches as in the run that saved the checkpoint "
-                f"(batch {position} of pass {epoch} differs), so the run would continue on other data. "
-                "Resume with the same data, batch size and sampler, any torch.Generator seeded as "
-                "before, and no randomness in the loader beyond torch's generators; or start afresh.")
         for i, g in enumerate(generators):
             g.set_state(tensors[f"rng_generator{i}"])
+
+    def _sharing(self) -> Optional[dict]:
+        """How a DistributedSampler shares the passes out (None: the loader has none, or no
+        batch_size to count samples by)."""
+        sampler = next((s for s in self._samplers() if hasattr(s, "num_replicas") and hasattr(s, "seed")), None)
+        if sampler is None or getattr(self.loader, "batch_size", None) is None:
+            return None
+        return {"num_replicas": sampler.num_replicas, "samples": len(sampler.dataset), "shuffle": sampler.shuffle,
+                "seed": sampler.seed, "drop_last": sampler.drop_last}
+
+
+def _length(loader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def batch_fingerprint(batch: Any) -> str:

@@ -11,8 +11,11 @@ Data parallel (hift.distributed): each rank writes its own shard under state/ran
 chunks, rank.safetensors with its RNG and data-stream tensors, rank.json with its stream's
 position); rank 0 writes the files above. Every rank fsyncs its files, then rank 0, once it has
 heard from all (the collective is the barrier), writes manifest.json over every rank's files
-and renames the directory into place: no rank's files count before all are written. A
-checkpoint resumes only with the world size that saved it (each rank holds its own shard).
+and renames the directory into place: no rank's files count before all are written.
+Each checkpoint records how its state was cut into chunks (state_layout: trainer.json, or each
+rank's rank.json), so it resumes on another number of ranks or with another state_chunk_mib:
+each rank assembles its chunks from the saved ones (hift.reshard), and its data stream goes on
+after the samples the saving ranks took (BatchStream.resume_by_samples).
 It is written into a hidden temporary directory, flushed to disk, then renamed into place:
 a process killed mid-save leaves the previous checkpoint untouched, and a checkpoint without a
 manifest that matches its files is refused. Only safetensors and JSON are read back, never
@@ -34,6 +37,8 @@ from typing import Callable, Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
+
+from hift import reshard
 
 # 2: the data stream keeps its own state (data.* tensors); 3: state chunks are raw bytes in
 # their formats (hift.formats), not fp32
@@ -264,22 +269,46 @@ def save_run(root, model: torch.nn.Module, optimizer, stream, history: dict, kee
         "data": data_meta,
         "history": history,
     }
-    if dp is not None:  # each rank's RNG and data position are its own
+    # how the state was cut into chunks: another layout can read them (hift.reshard)
+    layout = optimizer.group_state.layout()
+    if dp is not None:  # each rank's RNG, data position and chunks are its own
         rank_tensors = {k: v for k, v in tensors.items() if k != "steps"}
-        return save_sharded(root, history["steps"], model, tensors, meta, dp, rank_tensors, {"data": data_meta},
-                            keep_last=keep_last, write_state=optimizer.save_chunks)
+        return save_sharded(root, history["steps"], model, tensors, meta, dp, rank_tensors,
+                            {"data": data_meta, "state_layout": layout}, keep_last=keep_last,
+                            write_state=optimizer.save_chunks)
+    meta["state_layout"] = layout
     return save(root, history["steps"], model, tensors, meta, keep_last=keep_last, write_state=optimizer.save_chunks)
 
 
+def saved_world(meta: dict) -> int:
+    """How many ranks saved a checkpoint (1: one process)."""
+    return int(meta["run"].get("world_size", 1))
+
+
+def saved_layouts(path: Path, meta: dict) -> Optional[list[list]]:
+    """Per saving rank, how its state was cut into chunks (OptimizerState.layout()); None where
+    the checkpoint does not say (written by a hift before re-sharding)."""
+    if saved_world(meta) == 1:
+        return [meta["state_layout"]] if "state_layout" in meta else None
+    layouts = [_rank_meta(path, rank).get("state_layout") for rank in range(saved_world(meta))]
+    return None if None in layouts else layouts
+
+
 def check_resumable(path: Path, meta: dict, optimizer) -> None:
-    """Refuse a checkpoint of another format or another run before anything is loaded."""
+    """Refuse a checkpoint of another format or another run before anything is loaded. Another
+    number of ranks or another state_chunk_mib is this run, where the checkpoint records its
+    layout (the state is re-cut as it loads: hift.reshard)."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {meta.get('format')}; this hift reads {FORMAT}")
-    differ = optimizer.differences(meta["run"])
+    differ = optimizer.differences(meta["run"], any_layout=saved_layouts(path, meta) is not None)
     if differ:
         raise CheckpointError(
             f"{path} was made by another run ({differ}); resume with the same model, group_size, "
             "precision, state_chunk_mib, order and seed as the run that saved it")
+
+
+def _rank_meta(path: Path, rank: int) -> dict:
+    return json.loads((Path(path) / rank_dir(rank) / "rank.json").read_text())
 
 
 def _rank_tensors(path: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -287,16 +316,41 @@ def _rank_tensors(path: Path, rank: int) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def resume_stream(path: Path, meta: dict, stream, rank: Optional[int] = None) -> None:
+def resume_stream(path: Path, meta: dict, stream, rank: int = 0, world: int = 1) -> None:
     """Bring the batch stream to where the checkpoint was saved; this checks that the loader
     yields the same batches, so it runs before the model is cast or loaded. A data-parallel
-    rank resumes its own stream."""
-    if rank is not None:
-        data_meta = json.loads((Path(path) / rank_dir(rank) / "rank.json").read_text())["data"]
-        tensors = {k[len("data."):]: v for k, v in _rank_tensors(path, rank).items() if k.startswith("data.")}
+    rank resumes its own stream; on another number of ranks, the pass goes on after the
+    samples the saving ranks took (BatchStream.resume_by_samples)."""
+    saved = saved_world(meta)
+    if saved == 1:
+        data_meta, tensors = meta["data"], load_tensors(path, prefix="data.", strip=True)
+    else:  # the ranks' streams stood at the same batch; a rank that did not save takes one's RNG
+        data_meta = _rank_meta(path, rank % saved)["data"]
+        tensors = {k[len("data."):]: v for k, v in _rank_tensors(path, rank % saved).items() if k.startswith("data.")}
+    if saved == world:
         stream.load_state_dict(data_meta, tensors)
-        return
-    stream.load_state_dict(meta["data"], load_tensors(path, prefix="data.", strip=True))
+    else:
+        stream.resume_by_samples(data_meta, tensors, saved)
+
+
+def _chunk_reader(path: Path, meta: dict, optimizer, rank: int, world: int) -> Callable[[int], torch.Tensor]:
+    """read(c): this rank's state chunk c from the checkpoint: the saved file itself where this
+    rank saved it in this layout, else assembled from the saved chunks (hift.reshard)."""
+    state, saved, layouts = optimizer.group_state, saved_world(meta), saved_layouts(path, meta)
+    if layouts is None or (saved == world and layouts[rank] == state.layout()):
+        return lambda c: load_chunk(path, c, rank if saved > 1 else None)
+    files = [(Path(path) / chunk_file(c, r if saved > 1 else None), entry)
+             for r, layout in enumerate(layouts) for c, entry in enumerate(layout)]
+    source = reshard.SavedState(files, state.format)
+
+    def assemble(c: int) -> torch.Tensor:
+        try:
+            return source.assemble(state.chunks[c])
+        except reshard.LayoutError as err:
+            raise CheckpointError(f"{path} was saved from a different model ({err}); resume with the model it "
+                                  "was made from") from None
+
+    return assemble
 
 
 def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer) -> dict:
@@ -305,12 +359,12 @@ def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer) -> di
     tensors = load_tensors(path)
     history = meta["history"]
     dp = getattr(optimizer, "dp", None)
-    rank = None if dp is None else dp.rank
-    if rank is not None:
-        tensors.update(_rank_tensors(path, rank))  # this rank's RNG
+    rank, world, saved = (0, 1, saved_world(meta)) if dp is None else (dp.rank, dp.world, saved_world(meta))
+    if saved > 1:
+        tensors.update(_rank_tensors(path, rank % saved))  # this rank's RNG (or a saving rank's)
+    read_chunk = _chunk_reader(path, meta, optimizer, rank, world)
     optimizer.load_method_state(steps=tensors["steps"], order=meta["order"], scaler=meta["scaler"],
-                                steps_taken=history["steps"], read_chunk=lambda c: load_chunk(path, c, rank),
-                                skipped=history["skipped_steps"])
+                                steps_taken=history["steps"], read_chunk=read_chunk, skipped=history["skipped_steps"])
     torch.set_rng_state(tensors["rng_cpu"])
     if "rng_cuda" in tensors and optimizer.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng_cuda"], optimizer.device)

@@ -152,8 +152,9 @@ class _Loop:
         and the restore."""
         if resume is not None:
             checkpoint.check_resumable(*resume, self.optimizer)
-            rank = self.optimizer.dp.rank if self.optimizer.dp is not None else None
-            checkpoint.resume_stream(*resume, self.stream, rank=rank)  # the loader replays to the saved batch, or refuses
+            dp = self.optimizer.dp
+            # the loader replays to the saved batch, or refuses
+            checkpoint.resume_stream(*resume, self.stream, *((dp.rank, dp.world) if dp is not None else ()))
         self.optimizer.cast_model()
         if resume is not None:
             history = checkpoint.restore_run(*resume, self.model, self.optimizer)

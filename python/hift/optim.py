@@ -353,11 +353,15 @@ class HiftAdamW(torch.optim.Optimizer):
             run.update(self.dp.fingerprint(chunk_numel(state.format, self.config.state_chunk_mib)))
         return run
 
-    def differences(self, theirs: dict) -> Optional[str]:
-        """How a saved fingerprint differs from this optimizer's, in words (None: it does not)."""
+    def differences(self, theirs: dict, any_layout: bool = False) -> Optional[str]:
+        """How a saved fingerprint differs from this optimizer's, in words (None: it does not).
+        any_layout: the saved state can be re-cut (a checkpoint that records its layout), so
+        another number of ranks or state_chunk_mib is no difference."""
         ours = self.fingerprint()
         world = (theirs.get("world_size", 1), ours.get("world_size", 1))
-        if world[0] != world[1]:
+        if any_layout:
+            ours = {k: v for k, v in ours.items() if k not in ("world_size", "state_chunks")}
+        elif world[0] != world[1]:
             return (f"it was saved by {world[0]} rank(s) and this run has {world[1]}: each rank holds its "
                     f"own shard of the optimizer state, so resume with {world[0]} rank(s) (torchrun "
                     f"--nproc_per_node {world[0]} on one node)")

@@ -158,6 +158,45 @@ def split_into_chunks(group: Group, max_numel: Optional[int], block: int = 1) ->
     return [Chunk(group.index, pieces) for pieces in cut_into_chunks([p.numel() for p in group.params], max_numel, block)]
 
 
+@dataclass
+class Section:
+    """One section of a chunk's buffer (hift.state's byte layout): where it starts and its bytes,
+    its dtype (None: absent in this format), and where each piece's elements start in it and how
+    many there are (scales: so many per int8 block of the piece)."""
+
+    start: int
+    nbytes: int
+    dtype: Optional[torch.dtype]
+    per_block: Optional[int]  # None: one element per parameter element
+    starts: list[int]
+    sizes: list[int]
+
+    def span(self, piece: Piece, j: int, lo: int, hi: int) -> tuple[int, int]:
+        """The bytes [first, last) that hold elements [lo, hi) of piece j (its parameter's
+        numbering); with scales, lo is a block boundary of the piece and hi one or its end."""
+        if self.per_block is None:
+            at, n = self.starts[j] + lo - piece.lo, hi - lo
+        else:
+            at, n = self.starts[j] + (lo - piece.lo) // formats.INT8_BLOCK * self.per_block, \
+                formats.int8_blocks(hi - lo) * self.per_block
+        size = self.dtype.itemsize
+        return self.start + at * size, self.start + (at + n) * size
+
+
+def chunk_sections(format: StateFormat, pieces: list[Piece]) -> list[Section]:
+    """The sections of a chunk of these pieces, in buffer order."""
+    numel = sum(p.numel for p in pieces)
+    blocks = sum(formats.int8_blocks(p.numel) for p in pieces)
+    per_block = [None, None, None, *formats.INT8_SCALES.values()]
+    sections, start = [], 0
+    for dtype, nbytes, k in zip(format.dtypes, format.section_bytes(numel, blocks), per_block):
+        sizes = [p.numel if k is None else formats.int8_blocks(p.numel) * k for p in pieces]
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        sections.append(Section(start, nbytes, dtype, k, starts, sizes))
+        start += nbytes
+    return sections
+
+
 def chunk_bytes(chunk: Chunk, format: StateFormat) -> int:
     """The bytes of one chunk's buffer."""
     return sum(format.section_bytes(chunk.numel, chunk.blocks))
@@ -259,21 +298,14 @@ class OptimizerState:
         return self.store.resting(c)
 
     def _views(self, c: int, flat: Tensor) -> StateViews:
-        chunk = self.chunks[c]
         raw = flat.view(torch.uint8)
-        per_part, start = [], 0
-        sizes = self.format.section_elements(chunk.numel, chunk.blocks)
-        per_block = [None, None, None, *formats.INT8_SCALES.values()]  # scales: so many per block
-        for dtype, nbytes, n, k in zip(self.format.dtypes, self.format.section_bytes(chunk.numel, chunk.blocks),
-                                       sizes, per_block):
-            section = raw[start : start + nbytes].view(dtype)[:n] if dtype is not None else None
-            start += nbytes
-            views, offset = [], 0
-            for piece in chunk.pieces if section is not None else []:
-                size = piece.numel if k is None else formats.int8_blocks(piece.numel) * k
-                views.append(section[offset : offset + size])
-                offset += size
-            per_part.append(views)
+        per_part = []
+        for section in chunk_sections(self.format, self.chunks[c].pieces):
+            if section.dtype is None:
+                per_part.append([])
+                continue
+            data = raw[section.start : section.start + section.nbytes].view(section.dtype)
+            per_part.append([data[at : at + n] for at, n in zip(section.starts, section.sizes)])
         return StateViews(*per_part)
 
     def read_ahead(self, g: int) -> None:
@@ -340,6 +372,11 @@ class OptimizerState:
         self.synchronize()
         for c in range(len(self.chunks)):
             write(c, self.store.resting(c).cpu().view(torch.uint8))
+
+    def layout(self) -> list:
+        """Each chunk's group and pieces, as JSON ([group, [[param, lo, hi], ...]]): what a
+        checkpoint records so that another layout can read it (hift.reshard)."""
+        return [[chunk.group, [[p.param, p.lo, p.hi] for p in chunk.pieces]] for chunk in self.chunks]
 
     def load_chunks(self, read: Callable[[int], Tensor]) -> None:
         """Overwrite each chunk's resting bytes with read(c)."""

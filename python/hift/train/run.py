@@ -138,14 +138,11 @@ def _run(a, options, output_dir: Path, fit_options: dict, cfg, ranks: Ranks, dev
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id  # where a classifier finds each sequence's last token
     collate = ex.Collate(pad_id)
-    if ranks.world > 1:  # each rank its share of every pass; fit tells the sampler each pass
-        sampler = DistributedSampler(train_examples, num_replicas=ranks.world, rank=ranks.rank, shuffle=a.shuffle,
-                                     seed=cfg.seed)
-        train_loader = DataLoader(train_examples, batch_size=a.batch_size, sampler=sampler, collate_fn=collate)
-    else:
-        order = torch.Generator().manual_seed(cfg.seed) if a.shuffle else None
-        train_loader = DataLoader(train_examples, batch_size=a.batch_size, shuffle=a.shuffle, generator=order,
-                                  collate_fn=collate)
+    # each rank its share of every pass (fit tells the sampler each pass); one process too, so
+    # that a checkpoint resumes on any number of ranks (the pass goes on after the samples taken)
+    sampler = DistributedSampler(train_examples, num_replicas=ranks.world, rank=ranks.rank, shuffle=a.shuffle,
+                                 seed=cfg.seed)
+    train_loader = DataLoader(train_examples, batch_size=a.batch_size, sampler=sampler, collate_fn=collate)
     eval_loader = None if eval_examples is None else DataLoader(
         eval_examples, batch_size=a.eval_batch_size or a.batch_size, collate_fn=collate)
 

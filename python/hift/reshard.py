@@ -1,0 +1,80 @@
+"""Optimizer state saved in one layout, read into another: a data-parallel checkpoint resumed on
+another number of ranks (each rank's shard is cut elsewhere), one process's checkpoint resumed
+on several ranks or the reverse, or another state_chunk_mib.
+
+A checkpoint records the pieces of every chunk it saved (OptimizerState.layout(), per rank under
+data parallel). The state of an element does not depend on the chunk it rests in: stochastic
+rounding draws by the element's index in its group, and every cut falls on a multiple of an int8
+block of its parameter, so each block keeps its own scales. A chunk of the new layout is then
+assembled by copying, section by section (hift.state.chunk_sections), the byte ranges of the
+saved chunks that hold its elements: the saved bits, nothing decoded. Saved chunks are read by
+byte range (safetensors slices the file in place), so memory holds one new chunk at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from hift import formats
+from hift.state import Chunk, Piece, Section, StateFormat, chunk_bytes, chunk_sections
+
+
+@dataclass
+class SavedChunk:
+    file: Path
+    group: int
+    pieces: list[Piece]
+    sections: list[Section]
+
+
+class LayoutError(ValueError):
+    """Saved chunks that do not hold every element this run's layout asks for."""
+
+
+class SavedState:
+    """Every chunk a checkpoint saved, indexed by the parameters its pieces hold."""
+
+    def __init__(self, saved: list[tuple[Path, list]], format: StateFormat):
+        """saved: each saved chunk's file and layout entry ([group, [[param, lo, hi], ...]])."""
+        self.format = format
+        self._holders: dict[tuple[int, int], list[tuple[SavedChunk, int]]] = {}
+        for file, (group, raw) in saved:
+            pieces = [Piece(*piece) for piece in raw]
+            chunk = SavedChunk(Path(file), group, pieces, chunk_sections(format, pieces))
+            for k, piece in enumerate(pieces):
+                self._holders.setdefault((group, piece.param), []).append((chunk, k))
+
+    def assemble(self, chunk: Chunk) -> torch.Tensor:
+        """The bytes of `chunk` (this run's layout) from the saved chunks that hold its elements."""
+        out = torch.zeros(chunk_bytes(chunk, self.format), dtype=torch.uint8)
+        sections = chunk_sections(self.format, chunk.pieces)
+        # per saved file: (piece j of chunk, the saved chunk, its piece k, elements [lo, hi))
+        reads: dict[Path, list[tuple[int, SavedChunk, int, int, int]]] = {}
+        for j, piece in enumerate(chunk.pieces):
+            covered = 0
+            for saved, k in self._holders.get((chunk.group, piece.param), []):
+                theirs = saved.pieces[k]
+                lo, hi = max(piece.lo, theirs.lo), min(piece.hi, theirs.hi)
+                if lo < hi:
+                    # every layout cuts a parameter at multiples of its int8 blocks
+                    block = formats.INT8_BLOCK if self.format.int8 else 1
+                    assert (lo - piece.lo) % block == (lo - theirs.lo) % block == 0
+                    reads.setdefault(saved.file, []).append((j, saved, k, lo, hi))
+                    covered += hi - lo
+            if covered != piece.numel:
+                raise LayoutError(
+                    f"the saved state holds {covered} of the {piece.numel} elements [{piece.lo}:{piece.hi}] of "
+                    f"parameter {piece.param} of group {chunk.group}")
+        for file, parts in reads.items():
+            with safe_open(str(file), framework="pt") as f:
+                data = f.get_slice("bytes")
+                for j, saved, k, lo, hi in parts:
+                    for mine, theirs in zip(sections, saved.sections):
+                        if mine.dtype is not None:
+                            first, last = mine.span(chunk.pieces[j], j, lo, hi)
+                            source_first, source_last = theirs.span(saved.pieces[k], k, lo, hi)
+                            out[first:last] = data[source_first:source_last]
+        return out

@@ -1,0 +1,141 @@
+"""Optimizer state saved in one layout and read into another (hift.reshard): the byte mapping on
+random layouts and formats, and a run resumed with another state_chunk_mib that equals the run
+that went straight, bit for bit. Another number of ranks: tests/test_distributed.py."""
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tiny_models as tm
+from hift import checkpoint, fit, formats
+from hift.distributed import GroupLayout, shard_chunks
+from hift.reshard import LayoutError, SavedState
+from hift.state import Chunk, Piece, StateFormat, chunk_bytes, chunk_sections, cut_into_chunks
+
+FORMATS = [StateFormat("none", "fp32"), StateFormat("remainder", "bf16"), StateFormat("fp32", "int8"),
+           StateFormat("remainder", "int8")]
+
+
+def random_layout(rng: random.Random, sizes: list[int], block: int) -> list[list]:
+    """Every element of one group, cut as one process (whole, or chunks of some size) or as the
+    ranks of a data-parallel run cut it, as a list of chunks' pieces."""
+    chunk = rng.choice([None, block, 3 * block, max(block, 1000 + rng.randrange(2000))])
+    world = rng.choice([1, 2, 3, 5])
+    if world == 1:
+        return cut_into_chunks(sizes, chunk, block)
+    layout = GroupLayout.of(sizes, world, block)
+    return [pieces for rank in range(world) for pieces in shard_chunks(layout, rank, chunk, block) if pieces]
+
+
+def logical_bytes(rng: torch.Generator, format: StateFormat, sizes: list[int]) -> list[list[torch.Tensor]]:
+    """Per section, per parameter: random bytes for every element (or block scale) it holds."""
+    out = []
+    for section in chunk_sections(format, [Piece(i, 0, n) for i, n in enumerate(sizes)]):
+        if section.dtype is None:
+            out.append(None)
+            continue
+        out.append([torch.randint(0, 256, (n * section.dtype.itemsize,), dtype=torch.uint8, generator=rng)
+                    for n in section.sizes])
+    return out
+
+
+def element_bytes(section, logical, piece):
+    """The logical bytes of a piece of a parameter in one section."""
+    size = section.dtype.itemsize
+    if section.per_block is None:
+        return logical[piece.param][piece.lo * size : piece.hi * size]
+    first = piece.lo // formats.INT8_BLOCK * section.per_block
+    return logical[piece.param][first * size : (first + formats.int8_blocks(piece.numel) * section.per_block) * size]
+
+
+def write_chunk(format, pieces, logical) -> torch.Tensor:
+    out = torch.zeros(chunk_bytes(Chunk(0, pieces), format), dtype=torch.uint8)
+    for section, values in zip(chunk_sections(format, pieces), logical):
+        if values is None:
+            continue
+        for j, piece in enumerate(pieces):
+            first, last = section.span(piece, j, piece.lo, piece.hi)
+            out[first:last] = element_bytes(section, values, piece)
+    return out
+
+
+@pytest.mark.parametrize("format", FORMATS, ids=lambda f: f"{f.master}-{f.moments}")
+def test_any_layout_reads_the_bits_of_any_other(tmp_path, format):
+    seed = random.randrange(2**31)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(6):
+        sizes = [rng.choice([1, 7, 255, 256, 257, 513, 1000, 3001]) + rng.randrange(300)
+                 for _ in range(rng.randrange(1, 6))]
+        logical = logical_bytes(gen, format, sizes)
+        saved_layout = random_layout(rng, sizes, format.block)
+        files = []
+        for c, pieces in enumerate(saved_layout):
+            path = tmp_path / f"t{trial}-chunk-{c}.safetensors"
+            save_file({"bytes": write_chunk(format, pieces, logical)}, str(path))
+            files.append((path, [0, [[p.param, p.lo, p.hi] for p in pieces]]))
+        source = SavedState(files, format)
+        for pieces in random_layout(rng, sizes, format.block):
+            got = source.assemble(Chunk(0, pieces))
+            assert torch.equal(got, write_chunk(format, pieces, logical)), f"seed {seed}, trial {trial}"
+
+
+def test_saved_state_that_misses_elements_is_refused(tmp_path):
+    format = FORMATS[0]
+    pieces = cut_into_chunks([300, 40], None)[0]
+    logical = logical_bytes(torch.Generator().manual_seed(0), format, [300, 40])
+    save_file({"bytes": write_chunk(format, pieces[:1], logical)}, str(tmp_path / "c.safetensors"))
+    source = SavedState([(tmp_path / "c.safetensors", [0, [[0, 0, 300]]])], format)
+    with pytest.raises(LayoutError, match="holds 0 of the 40 elements"):
+        source.assemble(Chunk(0, pieces))
+
+
+# ------------------------------------------------------------------------- a whole run
+
+OPTIONS = dict(progress=False, lr=3e-3, order="random", seed=3, precision="bf16", moment_dtype="int8",
+               max_grad_norm=0.5, offload=True, log_every=2)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("saved_mib, resumed", [(0.003, dict(state_chunk_mib=None)),
+                                                (None, dict(state_chunk_mib=0.001)),
+                                                (0.002, dict(state_chunk_mib=0.005, state_store="disk"))])
+def test_a_run_resumes_with_another_state_chunk_mib_bit_for_bit(tmp_path, saved_mib, resumed):
+    """The state of an element does not depend on its chunk (stochastic rounding by element,
+    int8 blocks whole), so re-cut state continues exactly as the state that was never re-cut."""
+    batches = tm.lm_batches(9, batch=2, seed=5)
+    straight = tm.llama(layers=2)
+    fit(straight, batches, max_steps=9, state_chunk_mib=saved_mib, **OPTIONS)
+    fit(tm.llama(layers=2), batches, max_steps=4, state_chunk_mib=saved_mib, save_dir=str(tmp_path / "ckpt"), **OPTIONS)
+    resumed_model = tm.llama(layers=2)
+    if resumed.get("state_store") == "disk":
+        resumed = dict(resumed, state_dir=str(tmp_path / "state"))
+    result = fit(resumed_model, batches, max_steps=9, resume_from=str(tmp_path / "ckpt"), **{**OPTIONS, **resumed})
+    assert result.steps == 9
+    for key, value in weights(straight).items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+
+
+def test_a_checkpoint_that_does_not_record_its_layout_needs_its_chunking(tmp_path):
+    """Checkpoints of a hift before re-sharding: resumed with their own chunking, refused in
+    words with another."""
+    batches = tm.lm_batches(6, batch=2, seed=5)
+    fit(tm.llama(layers=2), batches, max_steps=3, state_chunk_mib=0.003, save_dir=str(tmp_path), **OPTIONS)
+    saved = checkpoint.latest(tmp_path)
+    meta = json.loads((saved / "trainer.json").read_text())
+    del meta["state_layout"]
+    (saved / "trainer.json").write_text(json.dumps(meta))
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["trainer.json"] = {"bytes": (saved / "trainer.json").stat().st_size,
+                                "sha256": checkpoint._sha256(saved / "trainer.json")}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CheckpointError, match="state_chunks"):
+        fit(tm.llama(layers=2), batches, max_steps=6, resume_from=str(saved), state_chunk_mib=None, **OPTIONS)
+    result = fit(tm.llama(layers=2), batches, max_steps=6, resume_from=str(saved), state_chunk_mib=0.003, **OPTIONS)
+    assert result.steps == 6
