@@ -124,3 +124,53 @@ def test_trainer_under_torchrun_resumes_with_every_ranks_shard(tmp_path):
     for rank, out in enumerate(outs):
         assert "rank(s) 1 were given another rank's shard" in out["refused"], out["refused"]
         assert f"this is rank {rank}" in out["refused"] and "hift.TrainerShards()" in out["refused"]
+
+
+# ------------------------------------------------------------- another number of ranks
+
+def run_same_samples(output_dir, resume=None, distributed=False):
+    """Every sample the same (so every batch is, whatever the number of ranks), a checkpoint at
+    step 4 with TrainerShards."""
+    sample = {k: v[0] for k, v in tm.lm_batches(1, batch=1, seed=3)[0].items()}
+    model = tm.llama(layers=2)
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=STEPS,
+                             save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0, logging_steps=1,
+                             ddp_backend="gloo" if distributed else None)
+    opt = HiftAdamW(model, lr=3e-3, order="random", seed=1, moment_dtype="int8", state_chunk_mib=0.003)
+    trainer = Trainer(model=model, args=args, train_dataset=[sample] * 8, optimizers=(opt, None),
+                      callbacks=[TrainerShards()])
+    try:
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    finally:
+        opt.close()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _across_rank(rank, world, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    root = Path(root)
+    out = dict(straight=run_same_samples(root / "two", distributed=True),
+               from_one=run_same_samples(root / "one-to-two", resume=root / "one" / "checkpoint-4", distributed=True))
+    torch.save(out, root / f"across-rank-{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_trainer_checkpoints_resume_on_another_number_of_ranks(tmp_path):
+    """1 process -> 2 ranks (each cuts its share out of optimizer.pt, the whole state) and
+    2 ranks -> 1 process (TrainerShards cuts it out of both ranks' shards): on equal batches,
+    the weights of the one process that went straight, bit for bit (int8 moments, chunked)."""
+    one = run_same_samples(tmp_path / "one")
+    mp.spawn(_across_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    back = run_same_samples(tmp_path / "two", resume=tmp_path / "two" / "checkpoint-4")
+    runs = {"2 ranks -> 1": back}
+    for rank in range(2):
+        out = torch.load(tmp_path / f"across-rank-{rank}.pt", weights_only=False)
+        runs.update({f"2 ranks, rank {rank}": out["straight"], f"1 -> 2 ranks, rank {rank}": out["from_one"]})
+    for where, weights in runs.items():
+        for name, value in one.items():
+            assert torch.equal(weights[name], value), f"{where}, {name}"

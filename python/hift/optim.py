@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from hift import distributed, formats
+from hift import distributed, formats, reshard
 from hift.batches import probe, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
@@ -175,6 +175,7 @@ class HiftAdamW(torch.optim.Optimizer):
         self._ready = False
         self._shard_of_rank: Optional[int] = None  # another rank's shard was handed to load_state_dict
         self._loaded = False  # a state_dict was loaded since the last step
+        self._saved_world = 1  # how many ranks saved the state_dict loaded last
         super().__init__([{"params": list(zip(g.names, g.params))} for g in groups],
                          dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay))
         self._ready = True
@@ -426,9 +427,11 @@ class HiftAdamW(torch.optim.Optimizer):
             ranks = ", ".join(str(r) for r, m in enumerate(missing) if m)
             raise ValueError(
                 f"rank(s) {ranks} were given another rank's shard of the optimizer state to load, and never their "
-                f"own (this is rank {rank}): each rank holds its own shard. A 🤗 Trainer saves optimizer.pt from "
-                "rank 0 alone; pass callbacks=[hift.TrainerShards()] to the Trainer, which saves every rank's shard "
-                "in each checkpoint and loads it on resume. Elsewhere, save and load state_dict() on every rank")
+                f"own (this is rank {rank}; the state was saved by {self._saved_world} rank(s)): each rank holds its "
+                "own shard. A 🤗 Trainer saves optimizer.pt from rank 0 alone; pass callbacks=[hift.TrainerShards()] "
+                "to the Trainer, which saves every rank's shard in each checkpoint and loads this rank's share on "
+                "resume, on any number of ranks. Elsewhere, load each rank's own state_dict(), or every rank's "
+                "with load_sharded_state_dicts()")
 
     def state_dict(self) -> dict[str, Any]:
         saved = super().state_dict()
@@ -445,28 +448,72 @@ class HiftAdamW(torch.optim.Optimizer):
             "chunks": [state.storage(c).view(torch.uint8) for c in range(len(state.chunks))]
             if self.steps_taken else None,
             "rank": self.dp.rank if self.dp is not None else 0,  # whose shard the chunks are
+            "layout": state.layout(),  # how they are cut (another layout re-cuts them: hift.reshard)
         }
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict() of this run: this rank's own shard, or one process's whole state
+        on any number of ranks or state_chunk_mib (each rank cuts its share out). Another rank's
+        shard loads all but the chunks (a 🤗 Trainer hands every rank rank 0's optimizer.pt), and
+        step() refuses until this rank's own arrive: load_state_dict(its own), or
+        load_sharded_state_dicts(every saving rank's) where the number of ranks changed."""
+        method = self._method_of(state_dict)
+        rank, world = (self.dp.rank, self.dp.world) if self.dp is not None else (0, 1)
+        saved_world = method["run"].get("world_size", 1)
+        chunks = method["chunks"]
+        read_chunk, foreign = None, False
+        if chunks is not None and saved_world == world and method.get("rank", 0) == rank \
+                and method.get("layout", self.group_state.layout()) == self.group_state.layout():
+            read_chunk = chunks.__getitem__
+        elif chunks is not None and saved_world == 1 and "layout" in method:  # the whole state
+            read_chunk = self._recut([method])
+        elif chunks is not None:
+            # all but the chunks is the same on every rank and is loaded, so that the ranks
+            # train the same group; step() refuses until this rank's share arrives
+            foreign = True
+        self._shard_of_rank = method.get("rank", 0) if foreign else None
+        self._saved_world = saved_world
+        self._loaded = True
+        self._load_method(state_dict, method, read_chunk, chunks_follow=foreign)
+
+    def load_sharded_state_dicts(self, state_dicts: Sequence[dict[str, Any]]) -> None:
+        """Load every rank's state_dict() of a data-parallel run (in rank order; torch.load them
+        with mmap=True, so that only what this rank takes is read) on any number of ranks: this
+        rank's share is cut out of their shards."""
+        methods = [self._method_of(sd) for sd in state_dicts]
+        saved_world = methods[0]["run"].get("world_size", 1)
+        if sorted(m.get("rank", 0) for m in methods) != list(range(saved_world)) or any(
+                "layout" not in m or m["chunks"] is None for m in methods):
+            raise ValueError(f"pass every rank's state_dict of the run, each saved after its first step by a hift "
+                             f"that records its layout: {saved_world} rank(s) saved it, "
+                             f"{len(methods)} were given")
+        methods = sorted(methods, key=lambda m: m.get("rank", 0))
+        self._shard_of_rank = None
+        self._loaded = True
+        self._load_method(state_dicts[0], methods[0], self._recut(methods), chunks_follow=False)
+
+    def _method_of(self, state_dict: dict[str, Any]) -> dict:
         method = state_dict.get("hift")
         if method is None:
             raise ValueError("this state_dict is not a HiftAdamW's (it has no 'hift' entry)")
-        differ = self.differences(method["run"])
+        differ = self.differences(method["run"], any_layout="layout" in method)
         if differ:
             raise ValueError(f"this state_dict was saved by a HiftAdamW of another run ({differ}); load it "
                              "into one made with the same model, group_size, precision, state formats, "
-                             "state_chunk_mib, order and seed")
-        rank = self.dp.rank if self.dp is not None else 0
-        self._loaded = True
-        foreign = method.get("rank", 0) != rank and method["chunks"] is not None
-        # Another rank's shard (a 🤗 Trainer hands every rank rank 0's optimizer.pt): all but the
-        # chunks is the same on every rank and is loaded, so that the ranks train the same group;
-        # the chunks are not, and step() refuses until this rank's own are (hift.TrainerShards).
-        self._shard_of_rank = method["rank"] if foreign else None
-        chunks = None if foreign else method["chunks"]
+                             "order and seed")
+        return method
+
+    def _recut(self, methods: list[dict]) -> Callable[[int], Tensor]:
+        """read(c): this optimizer's chunk c, assembled from the saved ranks' chunks."""
+        state = self.group_state
+        source = reshard.SavedState([(chunk, entry) for m in methods for chunk, entry in zip(m["chunks"], m["layout"])],
+                                    state.format)
+        return lambda c: source.assemble(state.chunks[c])
+
+    def _load_method(self, state_dict: dict, method: dict, read_chunk, chunks_follow: bool) -> None:
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         self.load_method_state(
             steps=method["steps"], order=method["order"], scaler=method["scaler"],
             steps_taken=method["steps_taken"], cycle_lrs=method["cycle_lrs"], skipped=method["skipped"],
-            read_chunk=None if chunks is None else chunks.__getitem__, chunks_follow=foreign)
+            read_chunk=read_chunk, chunks_follow=chunks_follow)

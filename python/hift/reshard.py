@@ -8,12 +8,15 @@ rounding draws by the element's index in its group, and every cut falls on a mul
 block of its parameter, so each block keeps its own scales. A chunk of the new layout is then
 assembled by copying, section by section (hift.state.chunk_sections), the byte ranges of the
 saved chunks that hold its elements: the saved bits, nothing decoded. Saved chunks are read by
-byte range (safetensors slices the file in place), so memory holds one new chunk at a time.
+byte range (safetensors slices the file in place; state_dicts are torch.load-ed with mmap), so
+memory holds one new chunk at a time.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Union
 
 import torch
 from safetensors import safe_open
@@ -24,7 +27,7 @@ from hift.state import Chunk, Piece, Section, StateFormat, chunk_bytes, chunk_se
 
 @dataclass
 class SavedChunk:
-    file: Path
+    source: Union[Path, torch.Tensor]  # its safetensors file ("bytes"), or its bytes in memory
     group: int
     pieces: list[Piece]
     sections: list[Section]
@@ -37,13 +40,15 @@ class LayoutError(ValueError):
 class SavedState:
     """Every chunk a checkpoint saved, indexed by the parameters its pieces hold."""
 
-    def __init__(self, saved: list[tuple[Path, list]], format: StateFormat):
-        """saved: each saved chunk's file and layout entry ([group, [[param, lo, hi], ...]])."""
+    def __init__(self, saved: list[tuple[Union[Path, torch.Tensor], list]], format: StateFormat):
+        """saved: each saved chunk's source (its safetensors file, or its bytes: a uint8 tensor)
+        and layout entry ([group, [[param, lo, hi], ...]])."""
         self.format = format
         self._holders: dict[tuple[int, int], list[tuple[SavedChunk, int]]] = {}
-        for file, (group, raw) in saved:
+        for source, (group, raw) in saved:
             pieces = [Piece(*piece) for piece in raw]
-            chunk = SavedChunk(Path(file), group, pieces, chunk_sections(format, pieces))
+            source = source if isinstance(source, torch.Tensor) else Path(source)
+            chunk = SavedChunk(source, group, pieces, chunk_sections(format, pieces))
             for k, piece in enumerate(pieces):
                 self._holders.setdefault((group, piece.param), []).append((chunk, k))
 
@@ -51,8 +56,8 @@ class SavedState:
         """The bytes of `chunk` (this run's layout) from the saved chunks that hold its elements."""
         out = torch.zeros(chunk_bytes(chunk, self.format), dtype=torch.uint8)
         sections = chunk_sections(self.format, chunk.pieces)
-        # per saved file: (piece j of chunk, the saved chunk, its piece k, elements [lo, hi))
-        reads: dict[Path, list[tuple[int, SavedChunk, int, int, int]]] = {}
+        # per saved chunk: (piece j of chunk, the saved chunk, its piece k, elements [lo, hi))
+        reads: dict[int, list[tuple[int, SavedChunk, int, int, int]]] = {}
         for j, piece in enumerate(chunk.pieces):
             covered = 0
             for saved, k in self._holders.get((chunk.group, piece.param), []):
@@ -62,15 +67,14 @@ class SavedState:
                     # every layout cuts a parameter at multiples of its int8 blocks
                     block = formats.INT8_BLOCK if self.format.int8 else 1
                     assert (lo - piece.lo) % block == (lo - theirs.lo) % block == 0
-                    reads.setdefault(saved.file, []).append((j, saved, k, lo, hi))
+                    reads.setdefault(id(saved), []).append((j, saved, k, lo, hi))
                     covered += hi - lo
             if covered != piece.numel:
                 raise LayoutError(
                     f"the saved state holds {covered} of the {piece.numel} elements [{piece.lo}:{piece.hi}] of "
                     f"parameter {piece.param} of group {chunk.group}")
-        for file, parts in reads.items():
-            with safe_open(str(file), framework="pt") as f:
-                data = f.get_slice("bytes")
+        for parts in reads.values():
+            with _bytes_of(parts[0][1].source) as data:
                 for j, saved, k, lo, hi in parts:
                     for mine, theirs in zip(sections, saved.sections):
                         if mine.dtype is not None:
@@ -78,3 +82,13 @@ class SavedState:
                             source_first, source_last = theirs.span(saved.pieces[k], k, lo, hi)
                             out[first:last] = data[source_first:source_last]
         return out
+
+
+@contextmanager
+def _bytes_of(source: Union[Path, torch.Tensor]) -> Iterator:
+    """A saved chunk's bytes to slice: in memory, or read by range from its file."""
+    if isinstance(source, torch.Tensor):
+        yield source.view(torch.uint8).reshape(-1)
+        return
+    with safe_open(str(source), framework="pt") as f:
+        yield f.get_slice("bytes")
