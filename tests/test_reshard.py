@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import tiny_models as tm
 from hift import checkpoint, fit, formats
+from hift.batches import BatchStream
 from hift.distributed import GroupLayout, shard_chunks
 from hift.reshard import LayoutError, SavedState
 from hift.state import Chunk, Piece, StateFormat, chunk_bytes, chunk_sections, cut_into_chunks
@@ -139,3 +140,46 @@ def test_a_checkpoint_that_does_not_record_its_layout_needs_its_chunking(tmp_pat
         fit(tm.llama(layers=2), batches, max_steps=6, resume_from=str(saved), state_chunk_mib=None, **OPTIONS)
     result = fit(tm.llama(layers=2), batches, max_steps=6, resume_from=str(saved), state_chunk_mib=0.003, **OPTIONS)
     assert result.steps == 6
+
+
+# ------------------------------------------------------------------------- the data side
+
+def sampled(world, rank, batch_size, samples=25):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(list(range(samples)), num_replicas=world, rank=rank, shuffle=True, seed=11)
+    return BatchStream(DataLoader(list(range(samples)), batch_size=batch_size, sampler=sampler))
+
+
+@pytest.mark.parametrize("taken_batches", [1, 2, 4, 5, 7])
+@pytest.mark.parametrize("saved_world, old_batch, new_world, new_batch", [(2, 3, 1, 2), (1, 6, 3, 1), (2, 3, 3, 2),
+                                                                          (1, 4, 2, 1)])
+def test_a_pass_goes_on_after_the_samples_the_saving_ranks_took(taken_batches, saved_world, old_batch, new_world,
+                                                                new_batch):
+    """A DistributedSampler deals one order out among the ranks (padded with its first samples
+    to a multiple of them): the new ranks take exactly what the saving ranks had not. A pass that
+    was over (25 samples: the last batch short) goes on with the next."""
+    order = torch.randperm(25, generator=torch.Generator().manual_seed(11)).tolist()  # the sampler's, pass 0
+    padded = lambda world: order + order[: -len(order) % world]
+    taken, states = [], []
+    for rank in range(saved_world):
+        stream = sampled(saved_world, rank, old_batch)
+        taken += [int(i) for _ in range(min(taken_batches, len(stream.loader))) for i in next(stream)]
+        states.append(stream.state_dict())
+    count = min(taken_batches * old_batch * saved_world, len(padded(saved_world)))
+    assert sorted(taken) == sorted(padded(saved_world)[:count])
+    over = count == len(padded(saved_world))
+    rest = []
+    for rank in range(new_world):
+        stream = sampled(new_world, rank, new_batch)
+        meta, tensors = states[rank % saved_world]
+        stream.resume_by_samples(meta, tensors, saved_world)
+        left = len(stream.loader) - stream.position
+        assert left == 0 if over else left > 0
+        rest += [int(i) for _ in range(left) for i in next(stream)]
+        assert stream.epoch == 0
+        if over:
+            next(stream)
+            assert (stream.epoch, stream.position) == (1, 1)  # the next pass
+    if not over:
+        assert sorted(rest) == sorted(padded(new_world)[count:])
