@@ -177,3 +177,14 @@ def test_host_memory_does_not_grow_over_300_steps():
     ids = torch.randint(0, 512, (2, 32))
     fit(model, [{"input_ids": ids, "labels": ids}], max_steps=300, on_step=record, progress=False)
     assert peaks[300] <= peaks[50] * 1.02, peaks
+
+
+@pytest.mark.parametrize("threshold, shown", [(1, True), (checkpoint.PROGRESS_BYTES, False)])
+def test_loading_much_state_shows_a_progress_bar(tmp_path, monkeypatch, capsys, threshold, shown):
+    """A large model's state takes minutes to load: a bar over its bytes, where there are many."""
+    monkeypatch.setattr(checkpoint, "PROGRESS_BYTES", threshold)
+    batches = tm.lm_batches(4, batch=2)
+    fit(tm.llama(layers=2), batches, max_steps=2, save_dir=str(tmp_path), **QUIET)
+    capsys.readouterr()
+    fit(tm.llama(layers=2), batches, max_steps=4, resume_from=str(tmp_path), **dict(QUIET, progress=True))
+    assert ("hift: loading optimizer state" in capsys.readouterr().err) == shown

@@ -353,8 +353,31 @@ def _chunk_reader(path: Path, meta: dict, optimizer, rank: int, world: int) -> C
     return assemble
 
 
-def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer) -> dict:
-    """Load the model, the optimizer's method state and the global RNG; return the history."""
+PROGRESS_BYTES = 1 << 30  # less state loads in seconds: no bar
+
+
+def _counted(read: Callable[[int], torch.Tensor], state, progress: bool) -> Callable[[int], torch.Tensor]:
+    """read, advancing a progress bar by each chunk's bytes (closed after the last chunk)."""
+    total = sum(state.numels) * 4
+    if not progress or total < PROGRESS_BYTES:
+        return read
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="hift: loading optimizer state")
+
+    def counted(c: int) -> torch.Tensor:
+        data = read(c)
+        bar.update(data.numel() * data.element_size())
+        if c == len(state.numels) - 1:
+            bar.close()
+        return data
+
+    return counted
+
+
+def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer, progress: bool = False) -> dict:
+    """Load the model, the optimizer's method state and the global RNG; return the history.
+    progress: a bar over the state's bytes where they are many (a large model's take minutes)."""
     load_weights(path, model)
     tensors = load_tensors(path)
     history = meta["history"]
@@ -362,7 +385,7 @@ def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer) -> di
     rank, world, saved = (0, 1, saved_world(meta)) if dp is None else (dp.rank, dp.world, saved_world(meta))
     if saved > 1:
         tensors.update(_rank_tensors(path, rank % saved))  # this rank's RNG (or a saving rank's)
-    read_chunk = _chunk_reader(path, meta, optimizer, rank, world)
+    read_chunk = _counted(_chunk_reader(path, meta, optimizer, rank, world), optimizer.group_state, progress)
     optimizer.load_method_state(steps=tensors["steps"], order=meta["order"], scaler=meta["scaler"],
                                 steps_taken=history["steps"], read_chunk=read_chunk, skipped=history["skipped_steps"])
     torch.set_rng_state(tensors["rng_cpu"])

@@ -157,7 +157,7 @@ class _Loop:
             checkpoint.resume_stream(*resume, self.stream, *((dp.rank, dp.world) if dp is not None else ()))
         self.optimizer.cast_model()
         if resume is not None:
-            history = checkpoint.restore_run(*resume, self.model, self.optimizer)
+            history = checkpoint.restore_run(*resume, self.model, self.optimizer, progress=self.cfg.progress)
             r = self.result
             r.steps, r.losses, r.lrs = history["steps"], history["losses"], history["lrs"]
             r.groups, r.skipped_steps = history["groups"], history["skipped_steps"]
