@@ -10,8 +10,10 @@ or as an optimizer in any loop or trainer:
 from hift.config import Config
 from hift.engine import FitResult, NonFiniteError, StepEvent, fit
 from hift.optim import HiftAdamW
+from hift.shards import load_shards, save_shard
 
-__all__ = ["Config", "FitResult", "HiftAdamW", "NonFiniteError", "StepEvent", "TrainerShards", "fit"]
+__all__ = ["Config", "FitResult", "HiftAdamW", "NonFiniteError", "StepEvent", "TrainerShards", "fit", "load_shards",
+           "save_shard"]
 __version__ = "0.1.0"
 
 

@@ -430,8 +430,9 @@ class HiftAdamW(torch.optim.Optimizer):
                 f"own (this is rank {rank}; the state was saved by {self._saved_world} rank(s)): each rank holds its "
                 "own shard. A 🤗 Trainer saves optimizer.pt from rank 0 alone; pass callbacks=[hift.TrainerShards()] "
                 "to the Trainer, which saves every rank's shard in each checkpoint and loads this rank's share on "
-                "resume, on any number of ranks. Elsewhere, load each rank's own state_dict(), or every rank's "
-                "with load_sharded_state_dicts()")
+                "resume, on any number of ranks. Elsewhere (accelerate's save_state, your own loop), call "
+                "hift.save_shard(opt, folder) on every rank when you save and hift.load_shards(opt, folder) when "
+                "you load")
 
     def state_dict(self) -> dict[str, Any]:
         saved = super().state_dict()
