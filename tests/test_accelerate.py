@@ -4,8 +4,6 @@ optimizer's state from rank 0 alone; hift.save_shard / hift.load_shards keep eve
 beside it, and a run resumed on the same or another number of ranks ends on the weights of one
 that went straight. Every sample is the same, so every batch is, whatever the ranks: the mean
 over ranks is exact and the runs must agree bit for bit."""
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tiny_models as tm
+from torchrun_like import become_rank, free_port
 
 pytest.importorskip("accelerate")
 
@@ -50,20 +49,12 @@ def train(folder, resume_from=None):
 
 
 def _rank(rank, world, port, root):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     root = Path(root)
     out = dict(straight=train(root / "two"), resumed=train(None, root / "two"), from_one=train(None, root / "one"))
     torch.save(out, root / f"rank-{rank}.pt")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

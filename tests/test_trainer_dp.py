@@ -7,8 +7,6 @@ Trainer wrapping the model in DDP as it does.
 - Resume: with hift.TrainerShards each checkpoint holds every rank's shard, and a run resumed
   mid-cycle ends on the weights of one that went straight; without it, the resumed run is
   refused in words at its first step (the Trainer hands every rank rank 0's optimizer.pt)."""
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tiny_models as tm
+from torchrun_like import become_rank, free_port
 from hift import HiftAdamW, TrainerShards
 
 pytest.importorskip("transformers")
@@ -46,19 +45,11 @@ def train(output_dir, distributed=False):
 
 
 def _rank(rank, world, port, root):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     weights, resting, wrapped = train(Path(root) / "out", distributed=True)
     torch.save(dict(weights=weights, resting=resting, wrapped=wrapped), Path(root) / f"rank-{rank}.pt")
     if torch.distributed.is_initialized():  # (accelerate may have ended it)
         torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -75,9 +66,7 @@ def test_trainer_under_torchrun_trains_as_one_process(tmp_path):
 
 
 def _resume_rank(rank, world, port, root):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     root = Path(root)
     samples = [{k: v[0] for k, v in b.items()} for b in tm.lm_batches(12, batch=1, seed=5)]
 
@@ -148,9 +137,7 @@ def run_same_samples(output_dir, resume=None, distributed=False):
 
 
 def _across_rank(rank, world, port, root):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     root = Path(root)
     out = dict(straight=run_same_samples(root / "two", distributed=True),
                from_one=run_same_samples(root / "one-to-two", resume=root / "one" / "checkpoint-4", distributed=True))
