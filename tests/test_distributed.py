@@ -113,6 +113,7 @@ def _run_cases(rank, world, root):
             fit(model, rank_share(global_batches(1), 0), max_steps=STEPS, accum_steps=ACCUM, **QUIET, **options)
             out[name] = dict(weights=weights(model))
         out["resting"] = _resting_state(rank, world)
+        out["planned"] = _what_the_planner_predicts(rank, world)
         out["skip"] = _one_rank_overflows(rank, world)
         if world == 2:
             out["ddp"] = _k1_against_ddp(rank, world)
@@ -158,6 +159,33 @@ def _reduce_bytes(rank, world):
         model(**rank_share(global_batches(world), rank)[0]).loss.backward()
         opt.step()
         out[dtype] = opt.dp.traffic.reduce_scatter
+        opt.close()
+    return out
+
+
+PLANNED = [dict(precision="fp32", moment_dtype="fp32", reduce_dtype="fp32", group_size=1),
+           dict(precision="bf16", moment_dtype="int8", reduce_dtype="fp32", group_size=2),
+           dict(precision="bf16", moment_dtype="bf16", reduce_dtype="bf16", group_size=1)]
+
+
+def _what_the_planner_predicts(rank, world):
+    """What `hift plan --ranks N` predicts, as a rank has it: its resting state's bytes and, per
+    step (every group once), the bytes it hands to the reduce-scatter and the all-gather."""
+    out = []
+    for options in PLANNED:
+        model = tm.llama(layers=2)
+        if options["precision"] == "bf16":
+            model = model.to(torch.bfloat16)
+        batches = rank_share(global_batches(world), rank)
+        opt = HiftAdamW(model, lr=3e-3, example_batch=batches[0], offload=True,
+                        **{k: v for k, v in options.items() if k != "precision"})
+        handed = []
+        for batch in batches[: len(opt.groups)]:
+            before = opt.dp.traffic.reduce_scatter + opt.dp.traffic.all_gather
+            model(**batch).loss.backward()
+            opt.step()
+            handed.append(opt.dp.traffic.reduce_scatter + opt.dp.traffic.all_gather - before)
+        out.append(dict(state=sum(opt.group_state.numels) * 4, handed=handed))
         opt.close()
     return out
 
@@ -684,3 +712,22 @@ def test_a_checkpoint_of_two_ranks_resumes_on_three(one_and_two):
     for rank in range(3):
         assert_same_run(torch.load(root / f"across-3-{rank}.pt", weights_only=False)["from_two"], one,
                         f"2 -> 3 ranks, rank {rank}")
+
+
+@pytest.mark.parametrize("case", range(len(PLANNED)))
+def test_the_planner_predicts_each_ranks_state_and_collectives(ranks, case):
+    """hift plan --ranks N: rank 0's resting state (no rank holds more) and the largest step's
+    bytes handed to collectives, as the ranks measured them, to the byte."""
+    from hift import planner
+
+    world, _, outs = ranks
+    options = PLANNED[case]
+    batch = global_batches(world)[0]["input_ids"]
+    model = planner.meta_model(tm.llama(layers=2).config, options["precision"])
+    trace, _ = planner.trace_units(model, PER_RANK, batch.shape[1])
+    plan = planner.plan_hift(trace, options["precision"], options["group_size"], offload=True, ranks=world,
+                             moment_dtype=options["moment_dtype"], reduce_dtype=options["reduce_dtype"])
+    measured = [out["planned"][case] for out in outs]
+    assert plan.host == measured[0]["state"] == max(m["state"] for m in measured)
+    assert sum(m["state"] for m in measured) <= plan.host * world
+    assert plan.network_per_step == max(measured[0]["handed"])

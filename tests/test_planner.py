@@ -385,3 +385,19 @@ def test_plan_refuses_a_path_that_is_no_model_in_words(tmp_path, capsys):
     with pytest.raises(SystemExit):
         planner.main(["--model", str(tmp_path / "nothing-here")])
     assert "model directory with a config.json" in capsys.readouterr().err
+
+
+def test_plan_ranks_shows_one_ranks_share_against_ddp(capsys):
+    """hift plan --ranks 8: a rank rests 1/8 of the state (up to its shard's padding) and hands
+    1/K of DDP's bytes to collectives; LOMO, which has no data parallel, is left out."""
+    assert planner.main(["--model", "llama-2-7b", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert planner.main(["--model", "llama-2-7b", "--ranks", "8", "--json"]) == 0
+    eight = json.loads(capsys.readouterr().out)
+    assert set(eight) == {"hift", "adamw"} and eight["hift"]["ranks"] == 8
+    assert one["hift"]["host"] / 8 <= eight["hift"]["host"] <= one["hift"]["host"] / 8 * 1.001
+    assert eight["adamw"]["network_per_step"] == eight["adamw"]["weights"]  # every bf16 gradient
+    assert 0 < eight["hift"]["network_per_step"] < eight["adamw"]["network_per_step"] / 10
+    with pytest.raises(SystemExit):
+        planner.main(["--model", "llama-2-7b", "--ranks", "0"])
+    assert "--ranks takes a number of ranks" in capsys.readouterr().err

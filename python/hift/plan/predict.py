@@ -42,6 +42,14 @@ from and written to its files (disk store). Reported for the largest group, and 
 parameter (2 x the bytes per element: 24 B with the fp32 master, 20 with the remainder, 12
 with bf16 moments).
 
+Data parallel (ranks > 1, hift.distributed): one rank's share, rank 0's (no rank holds more): its
+shard of every group's state, cut as GroupLayout and shard_chunks cut it, and the bytes it hands
+to the active group's reduce-scatter and all-gather (both held to what ranks have, to the byte,
+in tests/test_distributed.py). The update's extra device buffers (the flat gradient buffer, the
+reduced shard, the flat buffer the weights are gathered into) come from that code's
+allocations and are not yet measured. AdamW under DDP: all of the state on every rank, and an
+all-reduce of every gradient per step.
+
 Full AdamW: weights + grads of every weight + exp_avg and exp_avg_sq (and an fp32 master for
 bf16/fp16: the usual mixed-precision recipe) + activations. LOMO: weights + activations + the
 one gradient alive at a time (fused SGD in backward: each gradient is applied and freed when
@@ -57,6 +65,7 @@ from typing import Optional
 import torch
 
 from hift import formats
+from hift.distributed import GroupLayout, shard_chunks
 from hift.plan.trace import DTYPES, UnitTrace, block_input_bytes, meta_model, trace_units
 from hift.state import Chunk, StateFormat, chunk_bytes, chunk_numel, cut_into_chunks
 
@@ -83,6 +92,10 @@ class Breakdown:
     host: int = 0
     disk: int = 0  # the state's files (disk store)
     pcie_per_step: int = 0  # state copied to the device and back in the largest group's step
+    # data parallel: bytes this rank hands to collectives in that step (hift: the group's
+    # reduce-scatter and all-gather; DDP: the all-reduce of every gradient), as Traffic counts them
+    network_per_step: int = 0
+    ranks: int = 1
     disk_io_per_step: int = 0  # state read from and written to disk in that step
     step_params: int = 0  # the parameters that step trains
     device: str = "cuda"
@@ -117,6 +130,7 @@ class Breakdown:
                     host=self.host, total=self.total, above_model=self.above_model,
                     host_ram=self.host_ram, disk=self.disk, pcie_per_step=self.pcie_per_step,
                     pcie_per_param=self.pcie_per_param, disk_io_per_step=self.disk_io_per_step,
+                    network_per_step=self.network_per_step, ranks=self.ranks,
                     device=self.device, state_format=self.state_format, notes=self.notes)
 
 
@@ -183,49 +197,75 @@ def describe_format(fmt: StateFormat) -> str:
 
 
 def state_chunk_bytes(group_param_numels: list[list[int]], fmt: StateFormat,
-                      chunk_mib: Optional[float] = None) -> list[list[int]]:
+                      chunk_mib: Optional[float] = None, ranks: int = 1) -> list[list[int]]:
     """Each group's state chunks, in bytes, as hift.state.OptimizerState cuts and lays them out
     from its parameters' sizes: whole groups, or chunks of chunk_mib MiB (int8 moments cut a
-    parameter between blocks), each with its 16-byte aligned sections."""
+    parameter between blocks), each with its 16-byte aligned sections. With ranks > 1, rank 0's
+    shard as hift.distributed cuts it (no rank holds more)."""
     max_numel = chunk_numel(fmt, chunk_mib)
-    return [[chunk_bytes(Chunk(g, pieces), fmt) for pieces in cut_into_chunks(sizes, max_numel, fmt.block)]
-            for g, sizes in enumerate(group_param_numels)]
+    if ranks == 1:
+        cuts = [cut_into_chunks(sizes, max_numel, fmt.block) for sizes in group_param_numels]
+    else:
+        cuts = [shard_chunks(GroupLayout.of(sizes, ranks, fmt.block), 0, max_numel, fmt.block)
+                for sizes in group_param_numels]
+    return [[chunk_bytes(Chunk(g, pieces), fmt) for pieces in chunks] for g, chunks in enumerate(cuts)]
 
 
 def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, prefetch: bool = True,
               offload: bool = True, state_chunk_mib: Optional[float] = None,
               recompute_boundary: Optional[int] = None, *, moment_dtype: str = "fp32",
-              master_format: str = "auto", state_store: str = "host", device: str = "cuda") -> Breakdown:
+              master_format: str = "auto", state_store: str = "host", device: str = "cuda", ranks: int = 1,
+              reduce_dtype: str = "fp32") -> Breakdown:
     """recompute_boundary: the bytes of one block's input (batch x seq x hidden x weight
     bytes) when recompute_activations is on, else None. moment_dtype, master_format,
-    state_store and state_chunk_mib as fit() takes them; device "cuda" or "cpu"."""
+    state_store, state_chunk_mib and reduce_dtype as fit() takes them; device "cuda" or "cpu";
+    ranks: data parallel (hift.distributed), one rank's share (rank 0's)."""
     if state_store not in STATE_STORES:
         raise ValueError(f"state_store must be one of {STATE_STORES}, got {state_store!r}")
     wbytes = DTYPES[precision].itemsize
+    fmt = state_format(precision, moment_dtype, master_format)
     groups = make_group_ranges(len(trace.numels), group_size)
     group_numels = [sum(trace.numels[u] for u in g) for g in groups]
+    group_param_numels = [[n for u in g for n in trace.param_numels[u]] for g in groups]
     grad_of = [n * wbytes for n in trace.numels]
     temporaries = update_temporaries(trace, groups)
-    best = None
+    best, network = None, [0] * len(groups)
     for g, units in enumerate(groups):
         trainable = [u in units for u in range(len(trace.numels))]
         peak, acts, grads = sweep(trace, trainable, grad_of, units.start, recompute_boundary)
         # the update: every gradient of the group alive (activations gone), plus what the
         # update allocates for itself
         all_grads = sum(grad_of[u] for u in units)
-        if all_grads + temporaries[g] > peak:
-            peak, acts, grads = all_grads + temporaries[g], temporaries[g], all_grads
+        update = [(all_grads + temporaries[g], temporaries[g], all_grads)]
+        if ranks > 1:
+            # hift.distributed: the flat buffer the gradients are copied into (each freed as
+            # it is copied), the rank's reduced shard through the update, then the flat buffer
+            # the weights are all-gathered into (counted as gradients: they are the reduction's)
+            layout = GroupLayout.of(group_param_numels[g], ranks, fmt.block)
+            flat, shard = layout.numel * DTYPES[reduce_dtype].itemsize, layout.shard * DTYPES[reduce_dtype].itemsize
+            gathered = layout.numel * wbytes
+            network[g] = flat + gathered
+            update = [(all_grads + flat, 0, all_grads + flat), (shard + temporaries[g], temporaries[g], shard),
+                      (shard + gathered, 0, shard + gathered)]
+        for total, update_acts, update_grads in update:
+            if total > peak:
+                peak, acts, grads = total, update_acts, update_grads
         if best is None or peak > best[0]:
             best = (peak, acts, grads, g)
     _, acts, grads, g_peak = best
-    fmt = state_format(precision, moment_dtype, master_format)
     out = Breakdown("hift", weights=sum(trace.numels) * wbytes, gradients=grads, activations=acts,
-                    device=device, state_format=describe_format(fmt))
-    group_param_numels = [[n for u in g for n in trace.param_numels[u]] for g in groups]
-    _place_state(out, state_chunk_bytes(group_param_numels, fmt, state_chunk_mib), group_numels,
-                 offload, state_store, prefetch)
+                    device=device, state_format=describe_format(fmt), ranks=ranks)
+    chunks = state_chunk_bytes(group_param_numels, fmt, state_chunk_mib, ranks)
+    _place_state(out, chunks, group_numels, offload, state_store, prefetch)
+    out.network_per_step = max(network)
     out.notes.append(f"peak while training group {g_peak} of {len(groups)} "
                      f"({', '.join(trace.kinds[u] for u in groups[g_peak])})")
+    if ranks > 1:
+        everyone = sum(map(sum, chunks)) * ranks
+        out.notes.append(f"data parallel, {ranks} ranks (rank 0's share shown, no rank holds more): each rests "
+                         f"1/{ranks} of every group's state, {everyone / GB:.2f} GB on all ranks together; in the "
+                         f"largest group's step a rank hands {out.network_per_step / GB:.2f} GB to its "
+                         f"reduce-scatter ({reduce_dtype} gradients) and all-gather (the weights)")
     return out
 
 
@@ -272,7 +312,7 @@ def _place_state(out: Breakdown, chunks: list[list[int]], group_numels: list[int
         out.notes.append(where + "offload off: every group's state is resident")
 
 
-def plan_adamw(trace: UnitTrace, precision: str = "bf16") -> Breakdown:
+def plan_adamw(trace: UnitTrace, precision: str = "bf16", ranks: int = 1) -> Breakdown:
     wbytes = DTYPES[precision].itemsize
     n = sum(trace.numels)
     grad_of = [x * wbytes for x in trace.numels]
@@ -282,6 +322,11 @@ def plan_adamw(trace: UnitTrace, precision: str = "bf16") -> Breakdown:
     out = Breakdown("adamw", weights=n * wbytes, gradients=grads, activations=acts,
                     optimizer_resident=8 * n + masters)
     out.notes.append("exp_avg + exp_avg_sq fp32" + ("" if precision == "fp32" else " + fp32 master"))
+    if ranks > 1:
+        out.ranks, out.network_per_step = ranks, n * wbytes
+        out.notes.append(f"DDP, {ranks} ranks: every rank holds all of the state; per step it all-reduces every "
+                         f"gradient ({out.network_per_step / GB:.2f} GB); DDP's buckets (not in this total) "
+                         "hold one more copy of the gradients")
     return out
 
 
@@ -308,22 +353,28 @@ def plan_lomo(trace: UnitTrace, precision: str = "bf16") -> Breakdown:
 def plan(config, batch: int, seq: int, precision: str = "bf16", group_size: int = 1,
          prefetch: bool = True, offload: bool = True, state_chunk_mib: Optional[float] = None,
          recompute: bool = False, *, moment_dtype: str = "fp32", master_format: str = "auto",
-         state_store: str = "host", device: str = "cuda") -> dict[str, Breakdown]:
+         state_store: str = "host", device: str = "cuda", ranks: int = 1,
+         reduce_dtype: str = "fp32") -> dict[str, Breakdown]:
     model = meta_model(config, precision)
     trace, _ = trace_units(model, batch, seq)
     boundary = block_input_bytes(model, batch, seq, precision) if recompute else None
     return plans_from_trace(trace, boundary, precision, group_size, prefetch, offload, state_chunk_mib,
                             moment_dtype=moment_dtype, master_format=master_format,
-                            state_store=state_store, device=device)
+                            state_store=state_store, device=device, ranks=ranks, reduce_dtype=reduce_dtype)
 
 
 def plans_from_trace(trace: UnitTrace, recompute_boundary: Optional[int], precision: str,
                      group_size: int, prefetch: bool, offload: bool, state_chunk_mib: Optional[float],
                      **state) -> dict[str, Breakdown]:
-    """hift, full AdamW and LOMO from one trace; `state`: hift's state options and the device."""
+    """hift, full AdamW and LOMO from one trace; `state`: hift's state options, the device and
+    the ranks (data parallel: AdamW under DDP; LOMO has no data parallel of its own and is left
+    out)."""
+    ranks = state.get("ranks", 1)
     plans = {"hift": plan_hift(trace, precision, group_size, prefetch, offload, state_chunk_mib,
                                recompute_boundary, **state),
-             "adamw": plan_adamw(trace, precision), "lomo": plan_lomo(trace, precision)}
+             "adamw": plan_adamw(trace, precision, ranks)}
+    if ranks == 1:
+        plans["lomo"] = plan_lomo(trace, precision)
     for b in plans.values():
         b.device = state["device"]
     return plans

@@ -45,7 +45,7 @@ FORMAT_HEADER = ("| master | moments | store | state B/param | state on device |
 
 def formats_table(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, prefetch: bool = True,
                   state_chunk_mib: Optional[float] = None, recompute_boundary: Optional[int] = None,
-                  device: str = "cuda", name: Optional[str] = None) -> str:
+                  device: str = "cuda", name: Optional[str] = None, ranks: int = 1, reduce_dtype: str = "fp32") -> str:
     """hift's prediction per state format and store (GB = 1e9 bytes; per step: the largest
     group's, its state copied in and out)."""
     lines, seen, by_row = [FORMAT_HEADER], set(), {}
@@ -57,12 +57,12 @@ def formats_table(trace: UnitTrace, precision: str = "bf16", group_size: int = 1
         # the host store as fit uses it by default: offload on a GPU, resident on a CPU
         h = plan_hift(trace, precision, group_size, prefetch, device != "cpu", state_chunk_mib,
                       recompute_boundary, moment_dtype=moments, master_format=master, state_store=store,
-                      device=device)
+                      device=device, ranks=ranks, reduce_dtype=reduce_dtype)
         by_row[master, moments, store] = h
         lines.append(f"| {fmt.master} | {moments} | {store} | {fmt.bytes_per_element:.4g} | {h.optimizer / GB:.2f} "
                      f"| **{h.total / GB:.2f}** | **{h.host_ram / GB:.2f}** | {h.disk / GB:.2f} "
                      f"| {h.pcie_per_step / GB:.2f} | {h.pcie_per_param:.1f} | {h.disk_io_per_step / GB:.2f} |")
-    if name == "llama-2-7b" and precision == "bf16" and device == "cuda":
+    if name == "llama-2-7b" and precision == "bf16" and device == "cuda" and ranks == 1:
         met = []
         for (moments, store), target in HOST_RAM_TARGETS_7B.items():
             got = by_row["auto", moments, store].host_ram / GB

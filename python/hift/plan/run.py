@@ -42,10 +42,16 @@ def main(argv=None) -> int:
                    help="predict fit(..., master_format=...) (auto: the remainder for bf16 weights)")
     p.add_argument("--state-store", default="host", choices=STATE_STORES,
                    help="predict fit(..., state_store=...): host RAM, or files under state_dir")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="predict data parallel on N ranks (torchrun --nproc_per_node N): one rank's share")
+    p.add_argument("--reduce-dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="predict fit(..., reduce_dtype=...) under --ranks")
     p.add_argument("--cpu", action="store_true", help="predict a CPU run (offload off: every group's "
                    "state resident, unless it rests on disk; the total above the model is the process's growth)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.ranks < 1:
+        p.error(f"--ranks takes a number of ranks, 1 or more; got {args.ranks}")
     if args.model is None and args.config is None:
         print(published_table(args.batch, args.seq, args.group_size, args.prefetch))
         return 0
@@ -60,16 +66,18 @@ def main(argv=None) -> int:
     plans = plans_from_trace(trace, boundary, args.precision, args.group_size, args.prefetch,
                              not args.cpu, args.state_chunk_mib, moment_dtype=args.moment_dtype,
                              master_format=args.master_format, state_store=args.state_store,
-                             device=device)
+                             device=device, ranks=args.ranks, reduce_dtype=args.reduce_dtype)
     if args.json:
         print(json.dumps({k: v.as_dict() for k, v in plans.items()}, indent=1))
         return 0
     print(f"{config}: batch {args.batch}, seq {args.seq}, {args.precision}, group size {args.group_size}, "
           f"prefetch {'on' if args.prefetch else 'off'}, {'CPU (offload off)' if args.cpu else 'offload on'}, "
-          f"{args.state_store} store (GB = 1e9 bytes)\n")
+          f"{args.state_store} store" + (f", {args.ranks} ranks (per rank)" if args.ranks > 1 else "")
+          + " (GB = 1e9 bytes)\n")
     print(HEADER)
     for name, b in plans.items():
-        print(breakdown_row(name, b, None if args.cpu else PUBLISHED.get((args.model, name, args.precision))))
+        published = None if args.cpu or args.ranks > 1 else PUBLISHED.get((args.model, name, args.precision))
+        print(breakdown_row(name, b, published))
     print()
     for name, b in plans.items():
         for note in b.notes:
@@ -77,10 +85,13 @@ def main(argv=None) -> int:
     h = plans["hift"]
     print(f"hift: host RAM {h.host_ram / GB:.2f} GB, disk {h.disk / GB:.2f} GB, per step (largest group) "
           f"PCIe {h.pcie_per_step / GB:.2f} GB ({h.pcie_per_param:.1f} B/param), disk I/O "
-          f"{h.disk_io_per_step / GB:.2f} GB")
-    print(f"\nhift by state format and store ({args.precision}):\n")
+          f"{h.disk_io_per_step / GB:.2f} GB"
+          + (f", collectives {h.network_per_step / GB:.2f} GB (DDP + AdamW: {plans['adamw'].network_per_step / GB:.2f})"
+             if args.ranks > 1 else ""))
+    print(f"\nhift by state format and store ({args.precision}"
+          + (f", one of {args.ranks} ranks" if args.ranks > 1 else "") + "):\n")
     print(formats_table(trace, args.precision, args.group_size, args.prefetch, args.state_chunk_mib, boundary,
-                        device, name=args.model))
+                        device, name=args.model, ranks=args.ranks, reduce_dtype=args.reduce_dtype))
     print("\n" + formats_notes())
     return 0
 
