@@ -401,3 +401,54 @@ def test_plan_ranks_shows_one_ranks_share_against_ddp(capsys):
     with pytest.raises(SystemExit):
         planner.main(["--model", "llama-2-7b", "--ranks", "0"])
     assert "--ranks takes a number of ranks" in capsys.readouterr().err
+
+
+# Predicted vs measured, data parallel on the CPU: 2 gloo ranks, each in a fresh spawned process
+# with THREADS threads and the same malloc settings as above. One case where the activations
+# set the peak, one (a large vocabulary, a short batch) where the embedding group's update does:
+# the gradients, the flat buffer they are reduced in, gloo's staged copy of it, the shard.
+DP_CASES = [
+    [dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+          intermediate_size=688, max_position_embeddings=256), 2, 128],
+    [dict(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+          intermediate_size=688, max_position_embeddings=256), 1, 32],
+]
+
+
+def _measure_rank(rank, world, store, out, case):
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from bench.planner_measure import measure
+
+    torch.set_num_threads(THREADS)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    config, batch, seq = case
+    measure(TINY_WARMUP, 1, 16, steps=2, offload=False)
+    measured = measure(config, batch, seq, steps=5, offload=False)["peak_above_model"]
+    trace, _ = planner.trace_units(planner.meta_model(config, "fp32"), batch, seq)
+    predicted = planner.plan_hift(trace, "fp32", 1, offload=False, device="cpu", ranks=world).above_model
+    Path(out, f"rank-{rank}.json").write_text(json.dumps([predicted, measured]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset VmHWM")
+@pytest.mark.parametrize("case", range(len(DP_CASES)), ids=["activations", "update"])
+def test_predicted_vs_measured_data_parallel_cpu_peak_within_10_percent(tmp_path, monkeypatch, case):
+    import torch.multiprocessing as mp
+
+    root = Path(__file__).resolve().parents[1]
+    for key, value in dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", MALLOC_ARENA_MAX="2",
+                           PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(THREADS)).items():
+        monkeypatch.setenv(key, value)  # read by each spawned rank's interpreter as it starts
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root / "python"), str(root), str(root / "tests"),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    mp.spawn(_measure_rank, args=(2, str(tmp_path / "store"), str(tmp_path), DP_CASES[case]), nprocs=2, join=True)
+    for rank in range(2):
+        predicted, measured = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert 0.9 <= predicted / measured <= 1.1, (f"rank {rank}: predicted {predicted / 2**20:.1f} MiB, "
+                                                    f"measured {measured / 2**20:.1f} MiB")

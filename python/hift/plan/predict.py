@@ -47,7 +47,9 @@ shard of every group's state, cut as GroupLayout and shard_chunks cut it, and th
 to the active group's reduce-scatter and all-gather (both held to what ranks have, to the byte,
 in tests/test_distributed.py). The update's extra device buffers (the flat gradient buffer, the
 reduced shard, the flat buffer the weights are gathered into) come from that code's
-allocations and are not yet measured. AdamW under DDP: all of the state on every rank, and an
+allocations; on a CPU, gloo also stages a copy of the flat buffer in each collective. Measured on
+the CPU with 2 gloo ranks (tests/test_planner.py, within 10% as the one-process cases).
+AdamW under DDP: all of the state on every rank, and an
 all-reduce of every gradient per step.
 
 Full AdamW: weights + grads of every weight + exp_avg and exp_avg_sq (and an fp32 master for
@@ -245,8 +247,13 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
             flat, shard = layout.numel * DTYPES[reduce_dtype].itemsize, layout.shard * DTYPES[reduce_dtype].itemsize
             gathered = layout.numel * wbytes
             network[g] = flat + gathered
-            update = [(all_grads + flat, 0, all_grads + flat), (shard + temporaries[g], temporaries[g], shard),
-                      (shard + gathered, 0, shard + gathered)]
+            # gloo (the CPU's backend) stages a whole copy of the flat buffer in each of the two
+            # collectives (measured: tests/test_planner.py); nccl's buffers are its own, outside
+            # the caching allocator
+            staged = 2 if device == "cpu" else 1
+            held = [all_grads + flat, staged * flat + shard, shard + temporaries[g], shard + staged * gathered]
+            update = [(b, temporaries[g] if k == 2 else 0, b - (temporaries[g] if k == 2 else 0))
+                      for k, b in enumerate(held)]
         for total, update_acts, update_grads in update:
             if total > peak:
                 peak, acts, grads = total, update_acts, update_grads
