@@ -300,11 +300,13 @@ def check_resumable(path: Path, meta: dict, optimizer) -> None:
     layout (the state is re-cut as it loads: hift.reshard)."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {meta.get('format')}; this hift reads {FORMAT}")
-    differ = optimizer.differences(meta["run"], any_layout=saved_layouts(path, meta) is not None)
+    any_layout = saved_layouts(path, meta) is not None
+    differ = optimizer.differences(meta["run"], any_layout=any_layout)
     if differ:
         raise CheckpointError(
             f"{path} was made by another run ({differ}); resume with the same model, group_size, "
-            "precision, state_chunk_mib, order and seed as the run that saved it")
+            "precision, state formats, order and seed as the run that saved it"
+            + ("" if any_layout else ", and its state_chunk_mib (it predates re-sharding)"))
 
 
 def _rank_meta(path: Path, rank: int) -> dict:
