@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 
 from hift import reshard
+from hift.optim import world_of
 
 # 2: the data stream keeps its own state (data.* tensors); 3: state chunks are raw bytes in
 # their formats (hift.formats), not fp32
@@ -282,7 +283,7 @@ def save_run(root, model: torch.nn.Module, optimizer, stream, history: dict, kee
 
 def saved_world(meta: dict) -> int:
     """How many ranks saved a checkpoint (1: one process)."""
-    return int(meta["run"].get("world_size", 1))
+    return world_of(meta["run"])
 
 
 def saved_layouts(path: Path, meta: dict) -> Optional[list[list]]:
@@ -383,8 +384,7 @@ def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer, progr
     load_weights(path, model)
     tensors = load_tensors(path)
     history = meta["history"]
-    dp = getattr(optimizer, "dp", None)
-    rank, world, saved = (0, 1, saved_world(meta)) if dp is None else (dp.rank, dp.world, saved_world(meta))
+    (rank, world), saved = optimizer.rank_and_world, saved_world(meta)
     if saved > 1:
         tensors.update(_rank_tensors(path, rank % saved))  # this rank's RNG (or a saving rank's)
     read_chunk = _counted(_chunk_reader(path, meta, optimizer, rank, world), optimizer.group_state, progress)

@@ -152,9 +152,8 @@ class _Loop:
         and the restore."""
         if resume is not None:
             checkpoint.check_resumable(*resume, self.optimizer)
-            dp = self.optimizer.dp
             # the loader replays to the saved batch, or refuses
-            checkpoint.resume_stream(*resume, self.stream, *((dp.rank, dp.world) if dp is not None else ()))
+            checkpoint.resume_stream(*resume, self.stream, *self.optimizer.rank_and_world)
         self.optimizer.cast_model()
         if resume is not None:
             history = checkpoint.restore_run(*resume, self.model, self.optimizer, progress=self.cfg.progress)

@@ -111,6 +111,11 @@ def build_groups(model: nn.Module, cfg: Config, example_batch, device: torch.dev
     return make_groups(units, cfg.group_size)
 
 
+def world_of(run: dict) -> int:
+    """How many ranks made a run, from its fingerprint (HiftAdamW.fingerprint())."""
+    return int(run.get("world_size", 1))
+
+
 class HiftAdamW(torch.optim.Optimizer):
     """AdamW that updates one group of the model's units per step; see the module docstring.
 
@@ -221,6 +226,11 @@ class HiftAdamW(torch.optim.Optimizer):
     def active_group(self) -> int:
         """The group the next step() updates; only its parameters require grad."""
         return self.order.current
+
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        """This process's rank and the number of ranks (data parallel), else (0, 1)."""
+        return (self.dp.rank, self.dp.world) if self.dp is not None else (0, 1)
 
     @property
     def cycle(self) -> int:
@@ -359,7 +369,7 @@ class HiftAdamW(torch.optim.Optimizer):
         any_layout: the saved state can be re-cut (a checkpoint that records its layout), so
         another number of ranks or state_chunk_mib is no difference."""
         ours = self.fingerprint()
-        world = (theirs.get("world_size", 1), ours.get("world_size", 1))
+        world = (world_of(theirs), world_of(ours))
         if any_layout:
             ours = {k: v for k, v in ours.items() if k not in ("world_size", "state_chunks")}
         elif world[0] != world[1]:
@@ -460,12 +470,12 @@ class HiftAdamW(torch.optim.Optimizer):
         step() refuses until this rank's own arrive: load_state_dict(its own), or
         load_sharded_state_dicts(every saving rank's) where the number of ranks changed."""
         method = self._method_of(state_dict)
-        rank, world = (self.dp.rank, self.dp.world) if self.dp is not None else (0, 1)
-        saved_world = method["run"].get("world_size", 1)
-        chunks = method["chunks"]
+        rank, world = self.rank_and_world
+        saved_world = world_of(method["run"])
+        chunks, layout = method["chunks"], self.group_state.layout()
         read_chunk, foreign = None, False
         if chunks is not None and saved_world == world and method.get("rank", 0) == rank \
-                and method.get("layout", self.group_state.layout()) == self.group_state.layout():
+                and method.get("layout", layout) == layout:
             read_chunk = chunks.__getitem__
         elif chunks is not None and saved_world == 1 and "layout" in method:  # the whole state
             read_chunk = self._recut([method])
@@ -483,7 +493,7 @@ class HiftAdamW(torch.optim.Optimizer):
         with mmap=True, so that only what this rank takes is read) on any number of ranks: this
         rank's share is cut out of their shards."""
         methods = [self._method_of(sd) for sd in state_dicts]
-        saved_world = methods[0]["run"].get("world_size", 1)
+        saved_world = world_of(methods[0]["run"])
         if sorted(m.get("rank", 0) for m in methods) != list(range(saved_world)) or any(
                 "layout" not in m or m["chunks"] is None for m in methods):
             raise ValueError(f"pass every rank's state_dict of the run, each saved after its first step by a hift "

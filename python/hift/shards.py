@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from hift.optim import HiftAdamW
+from hift.optim import HiftAdamW, world_of
 
 SHARD_FILE = "hift_optimizer_rank{rank:05d}.pt"
 
@@ -36,16 +36,12 @@ def _of(optimizer) -> HiftAdamW:
     return opt
 
 
-def _rank_and_world(opt: HiftAdamW) -> tuple[int, int]:
-    return (opt.dp.rank, opt.dp.world) if opt.dp is not None else (0, 1)
-
-
 def save_shard(optimizer, folder) -> Path:
     """Write this rank's state_dict() into folder (every rank calls it); returns the file."""
     opt = _of(optimizer)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / SHARD_FILE.format(rank=_rank_and_world(opt)[0])
+    path = folder / SHARD_FILE.format(rank=opt.rank_and_world[0])
     partial = path.with_name(path.name + ".partial")
     torch.save(opt.state_dict(), partial)
     os.replace(partial, path)  # a kill mid-write leaves no truncated shard under the real name
@@ -57,14 +53,14 @@ def load_shards(optimizer, folder) -> None:
     as many ranks saved it, else cut out of every rank's file (each mapped, not read whole)."""
     opt = _of(optimizer)
     folder = Path(folder)
-    rank, world = _rank_and_world(opt)
+    rank, world = opt.rank_and_world
     saved = sorted(folder.glob(SHARD_FILE.replace("{rank:05d}", "*")))
     if not saved:
         raise FileNotFoundError(f"no shard of the optimizer state in {folder} (no {SHARD_FILE.format(rank=0)}): "
                                 "resume from a checkpoint that every rank saved its shard into (hift.save_shard, "
                                 "or callbacks=[hift.TrainerShards()] with a Trainer)")
     first = torch.load(saved[0], map_location="cpu", weights_only=False, mmap=True)
-    saved_world = first["hift"]["run"].get("world_size", 1)
+    saved_world = world_of(first["hift"]["run"])
     paths = [folder / SHARD_FILE.format(rank=r) for r in range(saved_world)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
