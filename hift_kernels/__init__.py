@@ -9,7 +9,8 @@ these kernels and the twins.
 """
 import torch
 
-from .norm import grad_norm_sq, reference_grad_norm_sq
+from .norm import (NORM_BLOCK, block_sq_sums, fold_sum, grad_norm_sq, norm_blocks,
+                   reference_block_sq_sums, reference_grad_norm_sq)
 from .unscale import HAS_TRITON, INTERPRETER, reference_unscale, unscale
 
 __all__ = ["runs_on", "unscale", "grad_norm_sq", "reference_unscale", "reference_grad_norm_sq",

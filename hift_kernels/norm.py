@@ -1,90 +1,132 @@
-"""Deterministic squared L2 norm of a list of grads, for gradient clipping.
+"""Squared L2 norm of a group's gradients whose bits do not depend on how the group is cut.
 
-Two stages and no atomics, so the same grads give the same bits on every run: stage 1 gives
-each chunk of CHUNK elements (the chunk table of unscale.py: one launch per input dtype) its
-own fp32 sum of squares in a partials buffer; stage 2, one program, adds the partials in a
-fixed order. Chunks follow the grads' sizes and dtypes alone, so equal grads give equal bits
-wherever they lie in memory. Everything accumulates in fp32. The result stays on the device
-(0-d fp32): no .item(), no host synchronization.
+The norm sets every parameter's clip coefficient, so one process, N data-parallel ranks (each
+holding a contiguous shard of the group) and any chunking must agree on it to the bit, on every
+machine. A floating-point sum's bits depend on its order, so the order is fixed by the group's
+element numbering alone:
+  1. each parameter is cut into blocks of NORM_BLOCK elements from its first element (the last
+     block padded with zeros); a block's sum of squares is a fixed binary tree: square each
+     element, then fold the halves together (x[:h] + x[h:]) until one value is left;
+  2. the blocks' sums, in the group's order, are folded the same way (`fold_sum`; padded with
+     zeros to a power of two).
+Each operation is one IEEE fp32 multiply or add, which every CPU ISA, CUDA and the Triton
+interpreter round alike (the kernel is compiled without fp fusion, so no multiply-add is
+contracted), and adding a zero is exact: the zero blocks that pad a data-parallel layout, and
+the zero halves that pad a tree, change no bit. Data parallel: a rank computes its shard's block
+sums into its slots of one vector of the whole group's blocks; summed over ranks, every slot is
+one rank's value plus zeros (exact), and every rank folds the same vector.
+
+Stage 1 (`block_sq_sums`, the one pass over the gradients) is a Triton kernel on GPUs; stage 2
+works on 1/NORM_BLOCK as many values and is plain torch everywhere. Everything is fp32 and stays
+on the device (no .item(), no host synchronization).
 """
+import contextlib
+
 import torch
 from torch import Tensor
 
-from .unscale import HAS_TRITON, NUM_WARPS, check_grads, chunk_tables, register_op, triton, tl
+from .unscale import HAS_TRITON, check_grads, register_op, triton, tl
 
-if HAS_TRITON:
-    from .unscale import chunk_of  # the same table row reader as unscale's kernel
-
-BLOCK = 4096  # stage 1: elements per loop step
-SUM_BLOCK = 1024  # stage 2: partials per loop step
-
-
-def reference_grad_norm_sq(grads: list[Tensor]) -> Tensor:
-    """The squared L2 norm of all `grads` together, accumulated in fp32, as a 0-d tensor."""
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-    for g in grads:
-        g = g.float()
-        total += torch.dot(g.reshape(-1), g.reshape(-1))
-    return total
+NORM_BLOCK = 256  # elements per block (as int8 moments'); data-parallel shards start on multiples of it
+_LOG2_BLOCK = NORM_BLOCK.bit_length() - 1
+ROWS = 16  # blocks per program of the Triton kernel
+NUM_WARPS = 4
+_SLICE = 1 << 22  # elements the reference squares at a time (bounds its fp32 temporaries)
 
 
-if HAS_TRITON:
-
-    @triton.jit
-    def _sum_squares_partials_kernel(table_ptr, n_chunks, base_ptr, partials_ptr,
-                                     SRC_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-        src, _, length = chunk_of(table_ptr, n_chunks, base_ptr, SRC_ALIGN)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        full = length // BLOCK * BLOCK  # whole blocks unmasked, so loads can be vectorized
-        for start in range(0, full, BLOCK):
-            x = tl.load(src + start + tl.arange(0, BLOCK)).to(tl.float32)
-            acc += x * x
-        if full < length:
-            offs = full + tl.arange(0, BLOCK)
-            x = tl.load(src + offs, mask=offs < length, other=0.0).to(tl.float32)
-            acc += x * x
-        tl.store(partials_ptr + tl.program_id(0), tl.sum(acc, axis=0))
-
-    @triton.jit
-    def _sum_partials_kernel(partials_ptr, n_partials, out_ptr, BLOCK: tl.constexpr):
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_partials, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            acc += tl.load(partials_ptr + offs, mask=offs < n_partials, other=0.0)
-        tl.store(out_ptr, tl.sum(acc, axis=0))
+def norm_blocks(numel: int) -> int:
+    """How many blocks (block sums) a tensor of numel elements has."""
+    return -(-numel // NORM_BLOCK)
 
 
-def _grad_norm_sq(grads: list[Tensor]) -> Tensor:
-    check_grads(grads, "grad_norm_sq")
-    device = grads[0].device
-    grads = [g.contiguous() for g in grads]
-    out = torch.empty((), dtype=torch.float32, device=device)
-    tables = chunk_tables(grads)
-    n_partials = sum(t.n_chunks for t in tables)
-    if n_partials == 0:
-        return out.zero_()
-    partials = torch.empty(n_partials, dtype=torch.float32, device=device)
-    base = 0
-    for t in tables:
-        _sum_squares_partials_kernel[(t.n_chunks,)](t.table, t.n_chunks, grads[t.base_index],
-                                                    partials[base:], SRC_ALIGN=t.src_align,
-                                                    BLOCK=BLOCK, num_warps=NUM_WARPS)
-        base += t.n_chunks
-    _sum_partials_kernel[(1,)](partials, n_partials, out, BLOCK=SUM_BLOCK, num_warps=4)
+def _fold_rows(x: Tensor) -> Tensor:
+    """Each row of x (width a power of two) folded to one value: halves added until one is left."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def reference_block_sq_sums(t: Tensor) -> Tensor:
+    """The sums of squares of t's blocks (t flattened), each a fixed tree: fp32, norm_blocks long."""
+    flat = t.reshape(-1)
+    out = torch.empty(norm_blocks(flat.numel()), dtype=torch.float32, device=t.device)
+    for lo in range(0, flat.numel(), _SLICE):
+        x = flat[lo : lo + _SLICE].float()
+        x = x * x
+        pad = norm_blocks(x.numel()) * NORM_BLOCK - x.numel()
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad)])
+        out[lo // NORM_BLOCK : lo // NORM_BLOCK + x.numel() // NORM_BLOCK] = _fold_rows(x.view(-1, NORM_BLOCK))
     return out
 
 
-def _grad_norm_sq_fake(grads: list[Tensor]) -> Tensor:
-    return grads[0].new_empty((), dtype=torch.float32)
+def fold_sum(x: Tensor) -> Tensor:
+    """The sum of a 1-d fp32 tensor as a fixed tree (padded with zeros to a power of two), 0-d.
+    Trailing zeros change no bit of it."""
+    n = x.numel()
+    if n == 0:
+        return x.new_zeros(())
+    width = 1 << (n - 1).bit_length()
+    if width > n:
+        x = torch.cat([x, x.new_zeros(width - n)])
+    return _fold_rows(x.view(1, width))[0]
 
 
-_grad_norm_sq_op = register_op("grad_norm_sq", _grad_norm_sq, _grad_norm_sq_fake) \
+def reference_grad_norm_sq(grads: list[Tensor]) -> Tensor:
+    """The squared L2 norm of `grads` together (each a parameter's, in group order) as a 0-d fp32
+    tensor: fold_sum of their block sums."""
+    return fold_sum(torch.cat([reference_block_sq_sums(g) for g in grads]))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _block_sq_sums_kernel(x_ptr, numel, out_ptr, n_blocks, ROWS: tl.constexpr,
+                              BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+        x = x * x
+        # the reference's tree: fold each row's halves together. A sum over an axis of two is
+        # one add, whatever the compiler's reduction order.
+        for k in tl.static_range(LOG2_BLOCK):
+            x = tl.sum(tl.reshape(x, (ROWS, 2, BLOCK >> (k + 1))), axis=1)
+        tl.store(out_ptr + rows, tl.reshape(x, (ROWS,)), mask=rows < n_blocks)
+
+
+def _block_sq_sums(t: Tensor) -> Tensor:
+    check_grads([t], "block_sq_sums")
+    flat = t.contiguous().view(-1)  # (a strided 1-d view reshapes to itself)
+    n_blocks = norm_blocks(flat.numel())
+    out = torch.empty(n_blocks, dtype=torch.float32, device=t.device)
+    if n_blocks:
+        # the launch goes to the current device: make it t's (a model on cuda:1 while 0 is current)
+        with torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext():
+            _block_sq_sums_kernel[(triton.cdiv(n_blocks, ROWS),)](
+                flat, flat.numel(), out, n_blocks, ROWS=ROWS, BLOCK=NORM_BLOCK, LOG2_BLOCK=_LOG2_BLOCK,
+                num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return out
+
+
+def _block_sq_sums_fake(t: Tensor) -> Tensor:
+    return t.new_empty(norm_blocks(t.numel()), dtype=torch.float32)
+
+
+_block_sq_sums_op = register_op("block_sq_sums", _block_sq_sums, _block_sq_sums_fake) \
     if HAS_TRITON else None
 
 
+def block_sq_sums(t: Tensor) -> Tensor:
+    """reference_block_sq_sums in one pass over t (fp32, fp16 or bf16; any shape and strides),
+    the same bits. No host synchronization."""
+    if _block_sq_sums_op is None:
+        raise RuntimeError("hift_kernels.block_sq_sums needs triton; use reference_block_sq_sums")
+    return _block_sq_sums_op(t)
+
+
 def grad_norm_sq(grads: list[Tensor]) -> Tensor:
-    """The squared L2 norm of all `grads` (fp32, fp16 or bf16, any shapes) together, as a 0-d
-    fp32 tensor on their device; the same bits on every run for the same grads. No sync."""
-    if _grad_norm_sq_op is None:
-        raise RuntimeError("hift_kernels.grad_norm_sq needs triton; use reference_grad_norm_sq")
-    return _grad_norm_sq_op(list(grads))
+    """reference_grad_norm_sq with the Triton block sums: the same bits. No sync."""
+    if not grads:
+        raise ValueError("grad_norm_sq of no gradients")
+    return fold_sum(torch.cat([block_sq_sums(g) for g in grads]))

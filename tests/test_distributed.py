@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tiny_models as tm
-from hift import HiftAdamW, checkpoint, fit
+from torchrun_like import reference_threads
+from hift import HiftAdamW, checkpoint, fit, ops
 from hift.batches import BatchError
 from hift.checkpoint import CheckpointError
 from hift.distributed import GroupLayout, shard_chunks
@@ -279,7 +280,8 @@ def ranks(request, tmp_path_factory):
 
 def single_process(options, batches):
     model = tm.llama(layers=2)
-    result = fit(model, batches, max_steps=STEPS, accum_steps=ACCUM, **QUIET, **options)
+    with reference_threads():
+        result = fit(model, batches, max_steps=STEPS, accum_steps=ACCUM, **QUIET, **options)
     return weights(model), result.groups
 
 
@@ -321,7 +323,10 @@ def test_each_rank_rests_its_share_of_the_state(ranks):
     total = sum(p.numel() for p in model.parameters())
     held = [sum(hi - lo for group in out["resting"] for (_, lo, hi), *_ in group) for out in outs]
     assert sum(held) == total
-    assert max(held) <= math.ceil(total / world) + len(opt.groups)  # 1/N, up to padding
+    # 1/N, up to the padding that starts each parameter, and cuts each shard, on a norm block
+    padding = sum(len(g.params) * (ops.NORM_BLOCK - 1) + world * ops.NORM_BLOCK for g in opt.groups)
+    assert max(held) <= math.ceil((total + padding) / world)
+    assert min(held) > 0
     for g in range(len(opt.groups)):
         full = single.param_state(g)
         covered = [torch.zeros(p.numel(), dtype=torch.int32) for p in opt.groups[g].params]
@@ -716,7 +721,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_three(one_and_two):
 
 @pytest.mark.parametrize("case", range(len(PLANNED)))
 def test_the_planner_predicts_each_ranks_state_and_collectives(ranks, case):
-    """hift plan --ranks N: rank 0's resting state (no rank holds more) and the largest step's
+    """hift plan --ranks N: the largest rank's resting state and the largest step's
     bytes handed to collectives, as the ranks measured them, to the byte."""
     from hift import planner
 
@@ -728,6 +733,6 @@ def test_the_planner_predicts_each_ranks_state_and_collectives(ranks, case):
     plan = planner.plan_hift(trace, options["precision"], options["group_size"], offload=True, ranks=world,
                              moment_dtype=options["moment_dtype"], reduce_dtype=options["reduce_dtype"])
     measured = [out["planned"][case] for out in outs]
-    assert plan.host == measured[0]["state"] == max(m["state"] for m in measured)
+    assert plan.host == max(m["state"] for m in measured)
     assert sum(m["state"] for m in measured) <= plan.host * world
     assert plan.network_per_step == max(measured[0]["handed"])

@@ -24,6 +24,7 @@ from hift.train import examples as ex
 from hift.train import options as opts
 from hift.train import records as rec
 from hift.train import run as train_run
+from torchrun_like import reference_threads
 
 WORDS = ("the cat sat on mat dog ran to park a red blue green is what color sky grass good bad "
          "movie great awful loved hated it").split()
@@ -375,6 +376,7 @@ def test_the_format_is_detected_from_the_first_record():
 
 
 @pytest.mark.slow
+@pytest.mark.bitwise
 def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
     """`torchrun --nproc_per_node 2 -m hift.cli train`: two gloo ranks, each a share of every pass.
     Every record is the same, so every rank's batch is too and the mean over ranks is exact: the
@@ -385,7 +387,8 @@ def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
     held = write_jsonl(tmp_path / "dev.jsonl", [record] * 4)
     common = ["--eval-data", held, "--eval-every", 4, "--max-steps", 10, "--save-every", 5, "--order", "random",
               "--moment-dtype", "int8"]
-    train_run.run(args(model_dir, data, tmp_path / "one", *common))
+    with reference_threads():
+        train_run.run(args(model_dir, data, tmp_path / "one", *common))
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -407,7 +410,8 @@ def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
     back = tmp_path / "back"
     shutil.copytree(out, back)
     shutil.rmtree(back / "step-00000010")
-    resumed = train_run.run(args(model_dir, data, back, *common, "--accum-steps", 2, "--resume"))
+    with reference_threads():
+        resumed = train_run.run(args(model_dir, data, back, *common, "--accum-steps", 2, "--resume"))
     assert resumed.result.steps == 10
     got = final_weights(back)
     assert all(torch.equal(expected[k], got[k]) for k in expected)

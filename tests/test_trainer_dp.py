@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tiny_models as tm
-from torchrun_like import become_rank, free_port
+from torchrun_like import become_rank, free_port, reference_threads
 from hift import HiftAdamW, TrainerShards
 
 pytest.importorskip("transformers")
@@ -53,10 +53,12 @@ def _rank(rank, world, port, root):
 
 
 @pytest.mark.slow
+@pytest.mark.bitwise
 def test_trainer_under_torchrun_trains_as_one_process(tmp_path):
     world = 2
     mp.spawn(_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
-    one, resting_one, _ = train(tmp_path / "single")
+    with reference_threads():
+        one, resting_one, _ = train(tmp_path / "single")
     for rank in range(world):
         out = torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False)
         assert out["wrapped"] == "DistributedDataParallel"  # the Trainer's own wrapping, left as it is
@@ -99,6 +101,7 @@ def _resume_rank(rank, world, port, root):
 
 
 @pytest.mark.slow
+@pytest.mark.bitwise
 def test_trainer_under_torchrun_resumes_with_every_ranks_shard(tmp_path):
     world = 2
     mp.spawn(_resume_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
@@ -147,13 +150,16 @@ def _across_rank(rank, world, port, root):
 
 
 @pytest.mark.slow
+@pytest.mark.bitwise
 def test_trainer_checkpoints_resume_on_another_number_of_ranks(tmp_path):
     """1 process -> 2 ranks (each cuts its share out of optimizer.pt, the whole state) and
     2 ranks -> 1 process (TrainerShards cuts it out of both ranks' shards): on equal batches,
     the weights of the one process that went straight, bit for bit (int8 moments, chunked)."""
-    one = run_same_samples(tmp_path / "one")
+    with reference_threads():
+        one = run_same_samples(tmp_path / "one")
     mp.spawn(_across_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    back = run_same_samples(tmp_path / "two", resume=tmp_path / "two" / "checkpoint-4")
+    with reference_threads():
+        back = run_same_samples(tmp_path / "two", resume=tmp_path / "two" / "checkpoint-4")
     runs = {"2 ranks -> 1": back}
     for rank in range(2):
         out = torch.load(tmp_path / f"across-rank-{rank}.pt", weights_only=False)

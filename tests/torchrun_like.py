@@ -1,5 +1,6 @@
 """Ranks spawned by a test that look to a framework as if torchrun had started them: the 🤗
 Trainer and accelerate join the process group from the environment."""
+import contextlib
 import os
 import socket
 
@@ -17,3 +18,19 @@ def become_rank(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+
+
+# A one-process run that a test holds bit for bit to ranks (one thread each) runs on this many
+# threads, on every machine: a second thread count, fixed, so that a result that depends on how
+# a kernel splits its work among threads shows here, not only on machines with more cores.
+REFERENCE_THREADS = 2
+
+
+@contextlib.contextmanager
+def reference_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(REFERENCE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

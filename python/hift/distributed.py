@@ -7,10 +7,11 @@ group only,
   1. its gradients are laid end to end in one flat buffer (GroupLayout; fp32, or bf16 with
      Config.reduce_dtype) and
      reduce-scattered (summed): rank r receives elements [r*S, (r+1)*S) of the sum;
-  2. one small all-reduce sums [the shard's squared norm, the ranks' non-finite losses, which
-     parameters have a gradient]: the clip coefficient comes from the global norm of the mean
-     gradient and the skip flag is the same on every rank (every rank skips together, and one
-     loss scale stays the same everywhere);
+  2. one small all-reduce sums [the group's norm blocks' sums of squares (each rank fills the
+     slots of its shard's blocks), the ranks' non-finite losses, which parameters have a
+     gradient]: the clip coefficient comes from the global norm of the mean gradient, with the
+     bits one process computes (hift_kernels/norm.py), and the skip flag is the same on every
+     rank (every rank skips together, and one loss scale stays the same everywhere);
   3. each rank updates its shard of the weights from its shard of the state (OptimizerState
      built over the rank's Pieces: the fused update works on flat pieces), with 1/N folded into
      the gradient multiplier (the mean over ranks);
@@ -37,6 +38,7 @@ here bounds it) or when the raising process exits, and raise RankFailedError wit
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -87,7 +89,11 @@ class GroupLayout:
     world: int
 
     @classmethod
-    def of(cls, sizes: list[int], world: int, align: int = 1) -> "GroupLayout":
+    def of(cls, sizes: list[int], world: int, block: int = 1) -> "GroupLayout":
+        """Parameters start, and shards cut, on multiples of both `block` (where a state chunk may
+        cut: int8 moments keep blocks whole) and ops.NORM_BLOCK (each norm block lies in one
+        shard, so the ranks' block sums are a single process's)."""
+        align = math.lcm(block, ops.NORM_BLOCK)
         starts, at = [], 0
         for n in sizes:
             starts.append(at)
@@ -218,13 +224,18 @@ class DataParallel:
         self.traffic.reduce_scatter += flat.numel() * flat.element_size()
         del flat
         bad_loss = (~torch.isfinite(loss.float())).float().view(1) if loss is not None else has_grad.new_zeros(1)
-        stats = torch.cat([ops.grad_norm_sq([shard]).view(1), bad_loss, has_grad])
+        # [the group's block sums | bad loss | has grad]: the rank fills its own blocks' slots,
+        # so the sum over ranks is exact and every rank folds the norm a single process would
+        blocks, own = layout.numel // ops.NORM_BLOCK, layout.shard // ops.NORM_BLOCK
+        stats = torch.zeros(blocks + 1 + len(params), dtype=torch.float32, device=self.device)
+        stats[self.rank * own : (self.rank + 1) * own] = ops.block_sq_sums(shard)
+        stats[blocks:].copy_(torch.cat([bad_loss, has_grad]))
         self._run(dist.all_reduce, stats)
         self.traffic.all_reduce += stats.numel() * stats.element_size()
-        reached = [bool(r) for r in (stats[2:] > 0).tolist()]  # the one host sync of a step
+        reached = [bool(r) for r in (stats[blocks + 1 :] > 0).tolist()]  # the one host sync of a step
         # the sum's squared norm over world**2: the mean gradient's
-        agreed_loss = torch.where(stats[1] > 0, float("nan"), 0.0) if loss is not None else None
-        check = check_grads([], agreed_loss, scaler, max_grad_norm, norm_sq=stats[0] / self.world**2)
+        agreed_loss = torch.where(stats[blocks] > 0, float("nan"), 0.0) if loss is not None else None
+        check = check_grads(ops.fold_sum(stats[:blocks]) / self.world**2, agreed_loss, scaler, max_grad_norm)
         mean = torch.full((), 1.0 / self.world, dtype=torch.float32, device=self.device)
         check.grad_scale = mean if check.grad_scale is None else check.grad_scale * mean
         self._reduced = (g, shard, reached)

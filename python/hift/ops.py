@@ -186,7 +186,7 @@ def _as_tensor(x, device) -> Tensor:
 
 
 # The twins live beside their kernels; they import without triton.
-from hift_kernels.norm import reference_grad_norm_sq  # noqa: E402
+from hift_kernels.norm import NORM_BLOCK, fold_sum, norm_blocks, reference_block_sq_sums  # noqa: E402,F401
 from hift_kernels.unscale import reference_unscale  # noqa: E402
 
 
@@ -197,8 +197,20 @@ def unscale(grads: list[Tensor], inv_scale: Tensor, found_inf: Tensor) -> list[T
     return reference_unscale(grads, inv_scale, found_inf)
 
 
-def grad_norm_sq(grads: list[Tensor]) -> Tensor:
-    """Squared L2 norm of a group's gradients (0-d fp32 tensor on their device, no sync)."""
-    if _triton_runs_on(grads):
-        return _TRITON.grad_norm_sq(grads)
-    return reference_grad_norm_sq(grads)
+def block_sq_sums(t: Tensor) -> Tensor:
+    """The sums of squares of t's blocks of NORM_BLOCK elements, each a fixed tree (fp32, on t's
+    device, no sync): the first stage of the gradient norm (hift_kernels/norm.py)."""
+    if _triton_runs_on([t]):
+        return _TRITON.block_sq_sums(t)
+    return reference_block_sq_sums(t)
+
+
+def grad_norm_sq(grads: Sequence[Optional[Tensor]], numels: Optional[Sequence[int]] = None) -> Tensor:
+    """Squared L2 norm of a group's gradients (0-d fp32 on their device, no sync), with the same
+    bits however the group is cut (one process, data-parallel shards: hift_kernels/norm.py).
+    grads in the group's parameter order; None for a parameter without a gradient, which counts
+    as zeros of numels[i] elements (numels is needed only then)."""
+    device = next(g.device for g in grads if g is not None)
+    sums = [block_sq_sums(g) if g is not None else torch.zeros(norm_blocks(numels[i]), device=device)
+            for i, g in enumerate(grads)]
+    return fold_sum(torch.cat(sums))

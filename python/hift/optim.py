@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from hift import distributed, formats, reshard
+from hift import distributed, formats, ops, reshard
 from hift.batches import probe, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
@@ -299,9 +299,11 @@ class HiftAdamW(torch.optim.Optimizer):
             reached = any(has_grad)
             grad_of = self.dp.grad_of(g)
         else:
-            grads = [p.grad for p in group.params if p.grad is not None]
-            check = check_grads(grads, loss.float() if loss is not None else None, self.scaler, self.max_grad_norm)
-            reached = bool(grads)
+            grads = [p.grad for p in group.params]
+            reached = any(grad is not None for grad in grads)
+            norm_sq = (ops.grad_norm_sq(grads, [p.numel() for p in group.params]) if reached
+                       else torch.zeros((), device=self.device))
+            check = check_grads(norm_sq, loss.float() if loss is not None else None, self.scaler, self.max_grad_norm)
         self._prefetched = None
         if reached:  # a batch that reaches none of g's parameters leaves g as it was
             step_count = self.group_state.steps.select(0, g)

@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from hift import ops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -72,23 +71,21 @@ class GradCheck:
     grad_scale: Optional[Tensor]  # what the fused update multiplies every grad by, or None for 1
 
 
-def check_grads(grads: list[Tensor], loss: Optional[Tensor], scaler: LossScaler,
-                max_grad_norm: Optional[float], norm_sq: Optional[Tensor] = None) -> GradCheck:
+def check_grads(norm_sq: Tensor, loss: Optional[Tensor], scaler: LossScaler,
+                max_grad_norm: Optional[float]) -> GradCheck:
     """The one non-finite flag and the one gradient multiplier of a step, for every precision
-    and clipping setting, from a single read of the gradients (their squared norm).
+    and clipping setting, from a single read of the gradients: their squared norm `norm_sq`
+    (ops.grad_norm_sq; data parallel: of the mean gradient, over every rank's shard).
 
     inf or nan anywhere in the grads makes their squared norm non-finite (fp16 squares cannot
     overflow an fp32 sum), so the norm pass both detects and measures. The loss is checked too:
     a non-finite loss with finite grads (a nan multiplied into a term that does not reach this
     group) is no state to train on. The multiplier folds the inverse loss scale and the clip
     coefficient into one tensor, which the fused update applies as it reads each grad. A loss of
-    None (an optimizer step that was not given it) counts as finite. norm_sq, when given, is the
-    gradients' squared norm measured elsewhere (data parallel: over every rank's shard).
+    None (an optimizer step that was not given it) counts as finite.
     """
     device = scaler.scale.device
     loss_finite = torch.isfinite(loss) if loss is not None else torch.ones((), dtype=torch.bool, device=device)
-    if norm_sq is None:
-        norm_sq = ops.grad_norm_sq(grads) if grads else torch.zeros((), device=device)
     found_inf = (~(torch.isfinite(norm_sq) & loss_finite)).float()
     grad_scale = scaler.inv_scale() if scaler.enabled else None
     if max_grad_norm:

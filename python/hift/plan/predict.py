@@ -42,7 +42,7 @@ from and written to its files (disk store). Reported for the largest group, and 
 parameter (2 x the bytes per element: 24 B with the fp32 master, 20 with the remainder, 12
 with bf16 moments).
 
-Data parallel (ranks > 1, hift.distributed): one rank's share, rank 0's (no rank holds more): its
+Data parallel (ranks > 1, hift.distributed): one rank's share, the largest: its
 shard of every group's state, cut as GroupLayout and shard_chunks cut it, and the bytes it hands
 to the active group's reduce-scatter and all-gather (both held to what ranks have, to the byte,
 in tests/test_distributed.py). The update's extra device buffers (the flat gradient buffer, the
@@ -202,15 +202,17 @@ def state_chunk_bytes(group_param_numels: list[list[int]], fmt: StateFormat,
                       chunk_mib: Optional[float] = None, ranks: int = 1) -> list[list[int]]:
     """Each group's state chunks, in bytes, as hift.state.OptimizerState cuts and lays them out
     from its parameters' sizes: whole groups, or chunks of chunk_mib MiB (int8 moments cut a
-    parameter between blocks), each with its 16-byte aligned sections. With ranks > 1, rank 0's
-    shard as hift.distributed cuts it (no rank holds more)."""
+    parameter between blocks), each with its 16-byte aligned sections. With ranks > 1, the shard
+    of the rank that rests the most, as hift.distributed cuts it (shards are equal up to the
+    padding that starts each parameter on a norm block, so that may be any rank)."""
     max_numel = chunk_numel(fmt, chunk_mib)
     if ranks == 1:
-        cuts = [cut_into_chunks(sizes, max_numel, fmt.block) for sizes in group_param_numels]
-    else:
-        cuts = [shard_chunks(GroupLayout.of(sizes, ranks, fmt.block), 0, max_numel, fmt.block)
-                for sizes in group_param_numels]
-    return [[chunk_bytes(Chunk(g, pieces), fmt) for pieces in chunks] for g, chunks in enumerate(cuts)]
+        return [[chunk_bytes(Chunk(g, pieces), fmt) for pieces in cut_into_chunks(sizes, max_numel, fmt.block)]
+                for g, sizes in enumerate(group_param_numels)]
+    layouts = [GroupLayout.of(sizes, ranks, fmt.block) for sizes in group_param_numels]
+    shares = [[[chunk_bytes(Chunk(g, pieces), fmt) for pieces in shard_chunks(layout, rank, max_numel, fmt.block)]
+               for g, layout in enumerate(layouts)] for rank in range(ranks)]
+    return max(shares, key=lambda share: sum(map(sum, share)))
 
 
 def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, prefetch: bool = True,
@@ -221,7 +223,7 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
     """recompute_boundary: the bytes of one block's input (batch x seq x hidden x weight
     bytes) when recompute_activations is on, else None. moment_dtype, master_format,
     state_store, state_chunk_mib and reduce_dtype as fit() takes them; device "cuda" or "cpu";
-    ranks: data parallel (hift.distributed), one rank's share (rank 0's)."""
+    ranks: data parallel (hift.distributed), one rank's share (the largest)."""
     if state_store not in STATE_STORES:
         raise ValueError(f"state_store must be one of {STATE_STORES}, got {state_store!r}")
     wbytes = DTYPES[precision].itemsize
@@ -269,7 +271,7 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
                      f"({', '.join(trace.kinds[u] for u in groups[g_peak])})")
     if ranks > 1:
         everyone = sum(map(sum, chunks)) * ranks
-        out.notes.append(f"data parallel, {ranks} ranks (rank 0's share shown, no rank holds more): each rests "
+        out.notes.append(f"data parallel, {ranks} ranks (the largest rank's share shown): each rests "
                          f"1/{ranks} of every group's state, {everyone / GB:.2f} GB on all ranks together; in the "
                          f"largest group's step a rank hands {out.network_per_step / GB:.2f} GB to its "
                          f"reduce-scatter ({reduce_dtype} gradients) and all-gather (the weights)")
