@@ -6,6 +6,9 @@ that went straight. Every sample is the same, so every batch is, whatever the ra
 over ranks is exact and the runs must agree bit for bit."""
 from pathlib import Path
 
+import os
+import pickle
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -86,3 +89,34 @@ def test_load_shards_names_what_is_missing(tmp_path):
     with pytest.raises(TypeError, match="not a HiftAdamW"):
         hift.save_shard(torch.optim.SGD(tm.llama(layers=2).parameters(), lr=1e-3), tmp_path)
     opt.close()
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile shard file could hold: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_shard_file_that_holds_a_pickled_object_is_refused_before_it_runs(tmp_path):
+    """Shard files are state_dicts (tensors, numbers, strings, lists, dicts): they load with
+    weights_only=True, so a file planted in a shared checkpoint folder cannot run code."""
+    import hift
+
+    model = tm.llama(layers=2)
+    batch = tm.lm_batches(1)[0]
+    opt = hift.HiftAdamW(model, lr=1e-3, example_batch=batch)
+    model(**batch).loss.backward()
+    opt.step()
+    path = hift.save_shard(opt, tmp_path)
+    hift.load_shards(opt, tmp_path)  # its own file loads
+    state = torch.load(path, weights_only=True)
+    marker = tmp_path / "ran"
+    state["hift"]["planted"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(state, path)
+    with pytest.raises(pickle.UnpicklingError):
+        hift.load_shards(opt, tmp_path)
+    assert not marker.exists()

@@ -59,7 +59,7 @@ def load_shards(optimizer, folder) -> None:
         raise FileNotFoundError(f"no shard of the optimizer state in {folder} (no {SHARD_FILE.format(rank=0)}): "
                                 "resume from a checkpoint that every rank saved its shard into (hift.save_shard, "
                                 "or callbacks=[hift.TrainerShards()] with a Trainer)")
-    first = torch.load(saved[0], map_location="cpu", weights_only=False, mmap=True)
+    first = torch.load(saved[0], map_location="cpu", weights_only=True, mmap=True)
     saved_world = world_of(first["hift"]["run"])
     paths = [folder / SHARD_FILE.format(rank=r) for r in range(saved_world)]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -67,8 +67,8 @@ def load_shards(optimizer, folder) -> None:
         raise FileNotFoundError(f"the shards of the optimizer state at {', '.join(missing)} are missing (it was "
                                 f"saved by {saved_world} rank(s), and rank {rank} of {world} needs all of them)")
     if saved_world == world:
-        opt.load_state_dict(torch.load(paths[rank], map_location="cpu", weights_only=False))
+        opt.load_state_dict(torch.load(paths[rank], map_location="cpu", weights_only=True))
         if opt._shard_of_rank is None:
             return
     # another number of ranks (or another state_chunk_mib)
-    opt.load_sharded_state_dicts([torch.load(p, map_location="cpu", weights_only=False, mmap=True) for p in paths])
+    opt.load_sharded_state_dicts([torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths])
