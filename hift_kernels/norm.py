@@ -40,24 +40,29 @@ def norm_blocks(numel: int) -> int:
 
 
 def _fold_rows(x: Tensor) -> Tensor:
-    """Each row of x (width a power of two) folded to one value: halves added until one is left."""
+    """Each row of x (width a power of two) folded to one value: halves added until one is left.
+    In place (x is scratch)."""
     while x.shape[-1] > 1:
         half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
+        x[..., :half].add_(x[..., half:])
+        x = x[..., :half]
     return x[..., 0]
 
 
 def reference_block_sq_sums(t: Tensor) -> Tensor:
     """The sums of squares of t's blocks (t flattened), each a fixed tree: fp32, norm_blocks long."""
     flat = t.reshape(-1)
-    out = torch.empty(norm_blocks(flat.numel()), dtype=torch.float32, device=t.device)
+    n_blocks = norm_blocks(flat.numel())
+    out = torch.empty(n_blocks, dtype=torch.float32, device=t.device)
+    scratch = torch.empty(min(_SLICE, n_blocks * NORM_BLOCK), dtype=torch.float32, device=t.device)
     for lo in range(0, flat.numel(), _SLICE):
-        x = flat[lo : lo + _SLICE].float()
-        x = x * x
-        pad = norm_blocks(x.numel()) * NORM_BLOCK - x.numel()
-        if pad:
-            x = torch.cat([x, x.new_zeros(pad)])
-        out[lo // NORM_BLOCK : lo // NORM_BLOCK + x.numel() // NORM_BLOCK] = _fold_rows(x.view(-1, NORM_BLOCK))
+        piece = flat[lo : lo + _SLICE]
+        rows = norm_blocks(piece.numel())
+        x = scratch[: rows * NORM_BLOCK]
+        x[: piece.numel()].copy_(piece)
+        x[piece.numel() :].zero_()
+        x.mul_(x)
+        out[lo // NORM_BLOCK : lo // NORM_BLOCK + rows] = _fold_rows(x.view(rows, NORM_BLOCK))
     return out
 
 
@@ -68,9 +73,9 @@ def fold_sum(x: Tensor) -> Tensor:
     if n == 0:
         return x.new_zeros(())
     width = 1 << (n - 1).bit_length()
-    if width > n:
-        x = torch.cat([x, x.new_zeros(width - n)])
-    return _fold_rows(x.view(1, width))[0]
+    padded = x.new_zeros(width)
+    padded[:n] = x
+    return _fold_rows(padded.view(1, width))[0]
 
 
 def reference_grad_norm_sq(grads: list[Tensor]) -> Tensor:
