@@ -176,9 +176,11 @@ def cpu_kernel_isa() -> str:
 
 
 def _as_tensor(x, device) -> Tensor:
+    # A fill on the device, whose value travels as a kernel argument: torch.tensor(x, device=cuda)
+    # copies from pageable host memory and waits for the device, a hidden sync per call.
     if isinstance(x, Tensor):
         return x
-    return torch.tensor(float(x), dtype=torch.float32, device=device)
+    return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
 # --------------------------------------------------------------------------------------------
