@@ -55,8 +55,15 @@ struct Hyper {
   uint32_t seed;
 };
 
-// Kernel arguments are limited to 32764 bytes (Volta and later, CUDA 12.1+); the table is most of
-// them (about 22 KB).
+// Kernel arguments may take 32764 bytes only from CUDA 12.1 on and on sm_70 and later (before: 4096
+// bytes); the table is most of them (27216 bytes at kMaxTensors = 320: 85 per tensor). setup.py
+// refuses older toolkits and archs in words; these catch a build that goes around it.
+#if defined(CUDART_VERSION) && CUDART_VERSION < 12010
+#error "hift's fused AdamW passes a 27 KB __grid_constant__ table: it needs CUDA 12.1 or later"
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#error "hift's fused AdamW needs sm_70 or later (__grid_constant__, large kernel arguments)"
+#endif
 static_assert(sizeof(TensorTable) + 4 * sizeof(void*) + sizeof(Hyper) <= 32764,
               "TensorTable is over the kernel argument limit: lower kMaxTensors");
 

@@ -15,6 +15,7 @@ calls. inv_scale is read inside the kernel; nothing here calls .item() or synchr
 
 Also home of the Triton import guard and the chunk tables, which norm.py shares.
 """
+import contextlib
 import os
 from collections import OrderedDict
 from typing import NamedTuple, Optional
@@ -137,6 +138,13 @@ def chunk_tables(tensors: list[Tensor], out_offsets: Optional[list[int]] = None,
     return tables
 
 
+def on_device(device: torch.device):
+    """The context a launch on `device` needs: Triton launches on the current CUDA device and its
+    stream, so tensors on cuda:1 while the current device is 0 would be read from the wrong
+    device (an illegal address). Nothing to do off CUDA (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def check_grads(grads: list[Tensor], what: str) -> None:
     for g in grads:
         if g.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -206,10 +214,11 @@ def _unscale_flat(grads: list[Tensor], inv_scale: Tensor, found_inf: Tensor) -> 
     out_offsets, total = output_layout([g.numel() for g in grads])
     out = torch.empty(total, dtype=torch.float32, device=device)
     inv_scale = inv_scale.to(device=device, dtype=torch.float32)
-    for t in chunk_tables(grads, out_offsets):
-        _unscale_kernel[(t.n_chunks,)](t.table, t.n_chunks, grads[t.base_index], out, inv_scale,
-                                       found_inf, SRC_ALIGN=t.src_align, BLOCK=BLOCK,
-                                       OUT_SLOT=OUT_SLOT_ELEMS, num_warps=NUM_WARPS)
+    with on_device(device):
+        for t in chunk_tables(grads, out_offsets):
+            _unscale_kernel[(t.n_chunks,)](t.table, t.n_chunks, grads[t.base_index], out, inv_scale,
+                                           found_inf, SRC_ALIGN=t.src_align, BLOCK=BLOCK,
+                                           OUT_SLOT=OUT_SLOT_ELEMS, num_warps=NUM_WARPS)
     return out
 
 

@@ -79,6 +79,14 @@ def state_bytes_per_element(master: str, moment_dtype: str) -> float:
     return master_bytes + moment_bytes_per_element(moment_dtype)
 
 
+def divide(x: Tensor, divisor: float) -> Tensor:
+    """x / divisor, correctly rounded on every device, as the kernels (and the CPU) divide.
+    torch turns `cuda_tensor / number` (a divisor that is a CPU scalar) into x * (1 / divisor),
+    two roundings (ATen's div_true_kernel_cuda); a 0-d divisor on x's own device is divided by
+    everywhere. new_full fills on the device, so this makes no host-to-device copy."""
+    return x / x.new_full((), divisor)
+
+
 def int8_blocks(numel: int) -> int:
     """How many int8 blocks a tensor of numel elements has (its last one may be short)."""
     return -(-numel // INT8_BLOCK)
@@ -196,7 +204,7 @@ def encode_exp_avg(m: Tensor) -> tuple[Tensor, Tensor]:
     # (a tensor numerator: `127.0 / t` is t.reciprocal() * 127 in torch, rounded twice)
     inv_scale = torch.where(absmax > 0, torch.full_like(absmax, 127.0) / torch.where(absmax > 0, absmax, 1.0), 0.0)
     q = torch.round(rows * inv_scale[:, None])
-    return q.clamp_(-127, 127).to(torch.int8).reshape(-1)[: m.numel()].view(m.shape), absmax / 127.0
+    return q.clamp_(-127, 127).to(torch.int8).reshape(-1)[: m.numel()].view(m.shape), divide(absmax, 127.0)
 
 
 def decode_exp_avg(q: Tensor, scales: Tensor) -> Tensor:
@@ -210,7 +218,7 @@ def _code_steps(lo_hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     reciprocal (0 when the range is; only a first guess is made with it)."""
     bits = lo_hi.contiguous().view(torch.int32).to(torch.int64).view(-1, 2)
     lo, span = bits[:, 0], bits[:, 1] - bits[:, 0]
-    step = span.to(torch.float32) / 254.0
+    step = divide(span.to(torch.float32), 254.0)
     inv_step = torch.where(span > 0, torch.ones_like(step) / torch.where(span > 0, step, 1.0), 0.0)
     return lo, span, step, inv_step
 

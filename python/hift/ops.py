@@ -124,7 +124,7 @@ def reference_adamw_(
         master.mul_(1.0 - lr * weight_decays[i])
         m.lerp_(g, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = formats.divide(v.sqrt(), bias_correction2_sqrt).add_(eps)
         master.addcdiv_(m, denom, value=-step_size)
         if remainder is not None:
             weight, low = formats.split_master(master)
@@ -176,9 +176,11 @@ def cpu_kernel_isa() -> str:
 
 
 def _as_tensor(x, device) -> Tensor:
+    # A fill on the device, whose value travels as a kernel argument: torch.tensor(x, device=cuda)
+    # copies from pageable host memory and waits for the device, a hidden sync per call.
     if isinstance(x, Tensor):
         return x
-    return torch.tensor(float(x), dtype=torch.float32, device=device)
+    return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
 # --------------------------------------------------------------------------------------------
