@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = ("tests", "fused_update", "pcie", "overlap", "peak", "methods")
 
 
+@pytest.mark.slow  # about 45 s on two cores: the whole dry run, six items in fresh processes
 def test_dry_run_writes_every_items_table_and_one_verdict_each(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
