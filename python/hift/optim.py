@@ -302,8 +302,8 @@ class HiftAdamW(torch.optim.Optimizer):
             grads = [p.grad for p in group.params if p.grad is not None]
             check = check_grads(grads, loss.float() if loss is not None else None, self.scaler, self.max_grad_norm)
             reached = bool(grads)
-        self._prefetched = None
         if reached:  # a batch that reaches none of g's parameters leaves g as it was
+            self._prefetched = None  # update_group acquires and releases it
             step_count = self.group_state.steps.select(0, g)
             step_count.add_(1.0 - check.found_inf)
             self.group_state.update_group(
@@ -312,6 +312,8 @@ class HiftAdamW(torch.optim.Optimizer):
                 grad_scale=check.grad_scale, found_inf=check.found_inf, grad_of=grad_of)
             if self.dp is not None:
                 self.dp.gather_weights(g, group.params)
+        else:  # the prefetched chunk holds a device slot (and a staging slot): give it back
+            self._release_prefetch()
         for p in group.params:
             p.grad = None
             p.requires_grad_(False)
@@ -416,8 +418,9 @@ class HiftAdamW(torch.optim.Optimizer):
         self._arm()
 
     def _release_prefetch(self) -> None:
-        """A chunk prefetched into a device slot would keep its old bytes across a load: copy it
-        back out (the bytes it came with) and free the slot first."""
+        """Give back the slot a prefetched chunk holds, copied back out with the bytes it came
+        with: before a load (it would keep its old bytes) and after a step that did not update
+        its group (the next _arm needs the slot)."""
         if self._prefetched is not None:
             self.group_state.acquire(self._prefetched)
             self.group_state.release(self._prefetched)
