@@ -327,8 +327,9 @@ class OptimizerState:
     def update_group(self, g: int, *, lr: Tensor, step: Tensor, betas: tuple[float, float], eps: float,
                      weight_decays: list[float], grad_scale: Optional[Tensor], found_inf: Tensor,
                      grad_of: Optional[Callable[[Piece], Optional[Tensor]]] = None) -> None:
-        """The fused AdamW over group g from its parameters' grads, one state chunk at a time
-        (the next chunk's copy-in overlaps this one's update). grad_of(piece): a piece's flat
+        """The fused AdamW over group g from its parameters' grads, one state chunk at a time:
+        acquire k, launch its update, release k, then prefetch k+1 (its copy-in overlaps
+        update k, which no wait for k+1 delays). grad_of(piece): a piece's flat
         gradient, None where its parameter has none (data parallel: the reduced shard); by
         default the piece of its parameter's .grad."""
         params = self.groups[g].params
@@ -337,9 +338,7 @@ class OptimizerState:
         chunks = self.chunks_of[g]
         seed = formats.group_seed(self.seed, g)
         for k, c in enumerate(chunks):
-            if k + 1 < len(chunks):
-                self.prefetch(chunks[k + 1])
-            views = self.acquire(c)
+            views = self.acquire(c)  # (its copy-in began during the previous chunk's update)
             # A parameter the loss did not reach has no grad: like torch's AdamW, it is not updated.
             grads = [grad_of(piece) for piece in self.chunks[c].pieces]
             keep = [j for j, grad in enumerate(grads) if grad is not None]
@@ -357,6 +356,10 @@ class OptimizerState:
                 exp_avg_sq_scales=pick(views.exp_avg_sq_scales) if views.exp_avg_sq_scales else [],
             )
             self.release(c)
+            # Only now, with update k launched: the next chunk's copy-in runs beside it, and the
+            # disk store's wait for the next chunk's file cannot hold the update back.
+            if k + 1 < len(chunks):
+                self.prefetch(chunks[k + 1])
 
     def synchronize(self) -> None:
         """Wait for every copy and write in flight, so resting state can be read (checkpoints)."""
