@@ -476,12 +476,16 @@ class HiftAdamW(torch.optim.Optimizer):
         rank, world = self.rank_and_world
         saved_world = world_of(method["run"])
         chunks, layout = method["chunks"], self.group_state.layout()
+        own = saved_world == world and method.get("rank", 0) == rank
+        if "layout" not in method and own:  # before re-sharding: cut as here, pieces end to end
+            method = dict(method, layout=_pieces(layout))
+        saved_layout = method.get("layout")
         read_chunk, foreign = None, False
-        if chunks is not None and saved_world == world and method.get("rank", 0) == rank \
-                and method.get("layout", layout) == layout:
+        if chunks is not None and own and saved_layout == layout:
             read_chunk = chunks.__getitem__
-        elif chunks is not None and saved_world == 1 and "layout" in method:  # the whole state
-            read_chunk = self._recut([method])
+        elif chunks is not None and saved_layout is not None and (
+                saved_world == 1 or own and _pieces(saved_layout) == _pieces(layout)):
+            read_chunk = self._recut([method])  # the whole state, or its own laid out otherwise
         elif chunks is not None:
             # all but the chunks is the same on every rank and is loaded, so that the ranks
             # train the same group; step() refuses until this rank's share arrives
@@ -531,3 +535,8 @@ class HiftAdamW(torch.optim.Optimizer):
             steps=method["steps"], order=method["order"], scaler=method["scaler"],
             steps_taken=method["steps_taken"], cycle_lrs=method["cycle_lrs"], skipped=method["skipped"],
             read_chunk=read_chunk, chunks_follow=chunks_follow)
+
+
+def _pieces(layout: list) -> list:
+    """A layout's chunks and pieces, without how the pieces lie in the chunk buffers."""
+    return [entry[:2] for entry in layout]

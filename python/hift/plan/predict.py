@@ -201,12 +201,12 @@ def describe_format(fmt: StateFormat) -> str:
 def state_chunk_bytes(group_param_numels: list[list[int]], fmt: StateFormat,
                       chunk_mib: Optional[float] = None, ranks: int = 1) -> list[list[int]]:
     """Each group's state chunks, in bytes, as hift.state.OptimizerState cuts and lays them out
-    from its parameters' sizes: whole groups, or chunks of chunk_mib MiB (int8 moments cut a
-    parameter between blocks), each with its 16-byte aligned sections. With ranks > 1, rank 0's
+    from its parameters' sizes: whole groups, or chunks of chunk_mib MiB (a parameter cut at
+    multiples of fmt.cut), each piece 16-byte aligned in its sections. With ranks > 1, rank 0's
     shard as hift.distributed cuts it (no rank holds more)."""
     max_numel = chunk_numel(fmt, chunk_mib)
     if ranks == 1:
-        cuts = [cut_into_chunks(sizes, max_numel, fmt.block) for sizes in group_param_numels]
+        cuts = [cut_into_chunks(sizes, max_numel, fmt.cut) for sizes in group_param_numels]
     else:
         cuts = [shard_chunks(GroupLayout.of(sizes, ranks, fmt.block), 0, max_numel, fmt.block)
                 for sizes in group_param_numels]
