@@ -53,46 +53,65 @@ StateSwapper::StateSwapper(std::vector<int64_t> group_numels, c10::Device device
   for (size_t g = 0; g < numels_.size(); ++g) {
     TORCH_CHECK(numels_[g] >= 0, "StateSwapper: group ", g, " has a negative numel ", numels_[g]);
   }
-  c10::impl::VirtualGuardImpl impl(device_.type());
-  if (async_ && !device_.has_index()) device_ = impl.getDevice();
-
-  pinned_ = pin && !numels_.empty();
-  std::string why;
-  for (int64_t numel : numels_) {
-    at::Tensor buffer = at::zeros({numel}, at::TensorOptions().dtype(at::kFloat));
-    if (pinned_ && numel > 0) {
-      if (pin_in_place(buffer, why)) {
-        registered_.push_back(buffer.data_ptr());
-      } else {
-        pinned_ = false;
-      }
-    }
-    host_.push_back(std::move(buffer));
+  if (async_ && !device_.has_index()) {
+    device_ = c10::impl::VirtualGuardImpl(device_.type()).getDevice();
   }
-  if (pin && !numels_.empty() && !pinned_) {
-    for (void* ptr : registered_) unpin(ptr);
-    registered_.clear();
-    TORCH_WARN("hift StateSwapper: pinned host memory is not available (", why,
-               "); optimizer state stays in pageable memory, so copies to and from the device "
-               "are slower and not overlapped with compute.");
-  }
-
   slot_of_.assign(numels_.size(), -1);
   copied_in_.resize(numels_.size());
   host_busy_.resize(numels_.size());
-  if (!use_slots_) return;
+  // Pinning makes a context on the current device: make it this swapper's.
+  std::optional<c10::DeviceGuard> guard;
+  if (async_) guard.emplace(device_);
+  if (use_slots_) make_slots(slots);
+  make_host_buffers(pin);
+}
+
+void StateSwapper::make_slots(int64_t slots) {
   const int64_t largest =
       numels_.empty() ? 0 : *std::max_element(numels_.begin(), numels_.end());
-  c10::DeviceGuard guard(device_);
   slots_.resize(static_cast<size_t>(slots));
   for (Slot& slot : slots_) {
     slot.buffer = at::empty({largest}, at::TensorOptions().dtype(at::kFloat).device(device_));
   }
-  if (async_) {
-    copy_stream_ = impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
-    // The slots come from the current stream's pool; the copy stream uses them too, so the
-    // caching allocator must not hand their memory out again before its copies are done.
-    for (Slot& slot : slots_) slot.buffer.record_stream(*copy_stream_);
+  if (!async_) return;
+  c10::impl::VirtualGuardImpl impl(device_.type());
+  copy_in_stream_ = impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
+  copy_out_stream_ = impl.getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
+  // The slots come from the current stream's pool; the copy streams use them too, so the
+  // caching allocator must not hand their memory out again before their copies are done.
+  for (Slot& slot : slots_) {
+    slot.buffer.record_stream(*copy_in_stream_);
+    slot.buffer.record_stream(*copy_out_stream_);
+  }
+}
+
+void StateSwapper::make_host_buffers(bool pin) {
+  // A constructor that throws runs no destructor: what was pinned is unpinned here.
+  try {
+    pinned_ = pin && !numels_.empty();
+    std::string why;
+    for (int64_t numel : numels_) {
+      at::Tensor buffer = at::zeros({numel}, at::TensorOptions().dtype(at::kFloat));
+      if (pinned_ && numel > 0) {
+        if (pin_in_place(buffer, why)) {
+          registered_.push_back(buffer.data_ptr());
+        } else {
+          pinned_ = false;
+        }
+      }
+      host_.push_back(std::move(buffer));
+    }
+    if (pin && !numels_.empty() && !pinned_) {
+      for (void* ptr : registered_) unpin(ptr);
+      registered_.clear();
+      TORCH_WARN("hift StateSwapper: pinned host memory is not available (", why,
+                 "); optimizer state stays in pageable memory, so copies to and from the device "
+                 "are slower and not overlapped with compute.");
+    }
+  } catch (...) {
+    for (void* ptr : registered_) unpin(ptr);
+    registered_.clear();
+    throw;
   }
 }
 
@@ -150,11 +169,21 @@ bool StateSwapper::resident(int64_t group) const {
 at::Tensor StateSwapper::host(int64_t group) {
   check_open("host()");
   check_group(group);
-  if (host_busy_[group]) {
-    host_busy_[group]->synchronize();
-    host_busy_[group].reset();
-  }
+  wait_for_host(group);
+  std::lock_guard<std::mutex> lock(host_busy_mutex_);
+  host_busy_[group].reset();
   return host_[group];
+}
+
+void StateSwapper::wait_for_host(int64_t group) const {
+  check_open("wait_for_host()");
+  check_group(group);
+  std::shared_ptr<c10::Event> busy;
+  {
+    std::lock_guard<std::mutex> lock(host_busy_mutex_);
+    busy = host_busy_[group];
+  }
+  if (busy) busy->synchronize();  // outside the lock: the enqueuing thread is not held up
 }
 
 int64_t StateSwapper::take_free_slot(int64_t group) {
@@ -179,15 +208,18 @@ void StateSwapper::prefetch(int64_t group) {
   Slot& slot = slots_[s];
   at::Tensor dst = slot.buffer.narrow(0, 0, numels_[group]);
   if (async_) {
-    c10::StreamGuard guard(*copy_stream_);
-    // The copy stream already orders this after the slot's copy-out; the wait says so.
-    if (slot.copied_out) slot.copied_out->block(*copy_stream_);
+    c10::StreamGuard guard(*copy_in_stream_);
+    // The copy-out stream may still read the slot, or write host(group) (K=1).
+    if (slot.copied_out) slot.copied_out->block(*copy_in_stream_);
+    if (host_busy_[group]) host_busy_[group]->block(*copy_in_stream_);
     dst.copy_(host_[group], /*non_blocking=*/true);
-    copied_in_[group] = record_on(*copy_stream_);
+    copied_in_[group] = record_on(*copy_in_stream_);
+    std::lock_guard<std::mutex> lock(host_busy_mutex_);
     host_busy_[group] = copied_in_[group];
   } else {
     dst.copy_(host_[group]);
   }
+  bytes_h2d_ += static_cast<int64_t>(dst.nbytes());
   slot.copied_out.reset();
   slot.owner = group;
   slot.resident = true;
@@ -213,15 +245,18 @@ void StateSwapper::writeback(int64_t group) {
   Slot& slot = slots_[s];
   at::Tensor src = slot.buffer.narrow(0, 0, numels_[group]);
   if (async_) {
+    // (this group's copy-in is behind the update already: acquire made it wait)
     std::shared_ptr<c10::Event> computed = record_on(current_stream());
-    c10::StreamGuard guard(*copy_stream_);
-    computed->block(*copy_stream_);
+    c10::StreamGuard guard(*copy_out_stream_);
+    computed->block(*copy_out_stream_);
     host_[group].copy_(src, /*non_blocking=*/true);
-    slot.copied_out = record_on(*copy_stream_);
+    slot.copied_out = record_on(*copy_out_stream_);
+    std::lock_guard<std::mutex> lock(host_busy_mutex_);
     host_busy_[group] = slot.copied_out;
   } else {
     host_[group].copy_(src);
   }
+  bytes_d2h_ += static_cast<int64_t>(src.nbytes());
   copied_in_[group].reset();
   slot.resident = false;
   slot.freed_at = ++writebacks_;
@@ -230,7 +265,9 @@ void StateSwapper::writeback(int64_t group) {
 
 void StateSwapper::synchronize() {
   if (closed_) return;  // close() already waited for every copy
-  if (copy_stream_) copy_stream_->synchronize();
+  if (copy_in_stream_) copy_in_stream_->synchronize();
+  if (copy_out_stream_) copy_out_stream_->synchronize();
+  std::lock_guard<std::mutex> lock(host_busy_mutex_);
   for (auto& event : host_busy_) event.reset();
 }
 
@@ -238,6 +275,7 @@ void register_state_swapper(torch::Library& m) {
   m.class_<StateSwapper>("StateSwapper")
       .def(torch::init<std::vector<int64_t>, c10::Device, int64_t, bool, bool>())
       .def("host", &StateSwapper::host)
+      .def("wait_for_host", &StateSwapper::wait_for_host)
       .def("prefetch", &StateSwapper::prefetch)
       .def("acquire", &StateSwapper::acquire)
       .def("writeback", &StateSwapper::writeback)
@@ -247,7 +285,9 @@ void register_state_swapper(torch::Library& m) {
       .def("pinned", &StateSwapper::pinned)
       .def("uses_slots", &StateSwapper::uses_slots)
       .def("num_groups", &StateSwapper::num_groups)
-      .def("num_slots", &StateSwapper::num_slots);
+      .def("num_slots", &StateSwapper::num_slots)
+      .def("bytes_copied", &StateSwapper::bytes_copied)
+      .def("reset_bytes_copied", &StateSwapper::reset_bytes_copied);
 }
 
 }  // namespace hift

@@ -1,18 +1,26 @@
 // StateSwapper: each group's optimizer state as one flat fp32 host buffer (pinned where the
 // system allows), and a few device slots it is copied into for the group's update.
 //
-// Copies run on one side stream, so copies into and out of a slot are ordered among themselves;
-// the compute stream and the side stream meet only through events:
-//   prefetch(g)  side stream: H2D of host(g) into a free slot, then event in[g]
+// Copies run on two side streams, one per direction, so that the copy-out of one chunk and the
+// copy-in of another use both copy engines at once; the streams meet each other and the compute
+// stream only through events:
+//   prefetch(g)  copy-in stream waits on out[slot] and on the last copy-out into host(g), then
+//                H2D of host(g) into a free slot, then event in[g]
 //   acquire(g)   compute stream waits on in[g]
-//   writeback(g) side stream waits for the compute stream, D2H into host(g), then event out[slot];
-//                the slot is free for another group once out[slot] completes (stream order)
+//   writeback(g) copy-out stream waits for the compute stream, D2H into host(g), then event
+//                out[slot]; the slot is free for another group once out[slot] completes
 //   host(g)      the host waits for the last copy that touched host(g), if still in flight
+//   wait_for_host(g) the same wait, changing nothing: another thread (the disk store's I/O
+//                workers) may call it while this one enqueues copies
+//   bytes_copied() [H2D, D2H] bytes of the copies made (plain copies on the CPU too) since
+//                construction or reset_bytes_copied()
 //   close()      waits for every copy, then unpins the host buffers and lets go of all buffers;
 //                idempotent, and the destructor does it too. host, prefetch, acquire, writeback
 //                and resident throw after it (synchronize has nothing left to do).
 // On a CPU device the copies are plain synchronous copies; with use_slots=false acquire() hands
-// out the host buffer itself.
+// out the host buffer itself. The constructor works under the swapper's device (pinning makes a
+// context on the current one) and allocates the device slots before it pins any host memory, so
+// that running out of device memory leaves nothing pinned.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -22,6 +30,7 @@
 #include <torch/library.h>
 
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -34,6 +43,7 @@ class StateSwapper : public torch::CustomClassHolder {
   ~StateSwapper() override;
 
   at::Tensor host(int64_t group);
+  void wait_for_host(int64_t group) const;
   void prefetch(int64_t group);
   at::Tensor acquire(int64_t group);
   void writeback(int64_t group);
@@ -45,6 +55,8 @@ class StateSwapper : public torch::CustomClassHolder {
   bool uses_slots() const { return use_slots_; }
   int64_t num_groups() const { return static_cast<int64_t>(numels_.size()); }
   int64_t num_slots() const { return static_cast<int64_t>(slots_.size()); }
+  std::vector<int64_t> bytes_copied() const { return {bytes_h2d_, bytes_d2h_}; }
+  void reset_bytes_copied() { bytes_h2d_ = bytes_d2h_ = 0; }
 
  private:
   struct Slot {
@@ -55,6 +67,8 @@ class StateSwapper : public torch::CustomClassHolder {
     std::shared_ptr<c10::Event> copied_out;
   };
 
+  void make_slots(int64_t slots);
+  void make_host_buffers(bool pin);
   void check_group(int64_t group) const;
   void check_open(const char* what) const;
   int64_t take_free_slot(int64_t group);
@@ -73,8 +87,12 @@ class StateSwapper : public torch::CustomClassHolder {
   std::vector<int64_t> slot_of_;  // group -> slot while resident, else -1
   std::vector<std::shared_ptr<c10::Event>> copied_in_;
   std::vector<std::shared_ptr<c10::Event>> host_busy_;  // last copy reading or writing host(g)
-  std::optional<c10::Stream> copy_stream_;
+  mutable std::mutex host_busy_mutex_;  // host_busy_ is read by wait_for_host from other threads
+  std::optional<c10::Stream> copy_in_stream_;   // H2D
+  std::optional<c10::Stream> copy_out_stream_;  // D2H
   uint64_t writebacks_ = 0;
+  int64_t bytes_h2d_ = 0;
+  int64_t bytes_d2h_ = 0;
 };
 
 // Adds torch.classes.hift.StateSwapper to the library (called from ops.cpp).

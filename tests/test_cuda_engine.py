@@ -64,15 +64,7 @@ def test_offloaded_state_trains_as_resident_bit_for_bit(options, tmp_path):
     same_weights(model, twin)
 
 
-# On the CPU the swapper is a plain-torch twin with the same slots, so this one fails there too.
-# xfail (strict: it must be removed with the fix) until optim.py's `reached` branch releases the
-# group's chunks: "StateSwapper: cannot prefetch group N: all 2 slots hold groups that were not
-# written back".
-REACHED_BUG = pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                reason="issue #19: a step that reaches none of its group keeps its slots")
-
-
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=REACHED_BUG), pytest.param("cuda", marks=needs_gpu)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 def test_a_step_that_reaches_none_of_its_group_with_offload_on(device):
     """Step 2's loss does not reach the active group: its grads stay None, and the offloaded
     run goes on exactly as the resident one does."""

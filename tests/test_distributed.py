@@ -449,8 +449,8 @@ def test_the_ranks_shard_states_updated_in_turn_are_the_whole_state(tmp_path, wo
     max_numel = chunk_numel(state_format, options.get("state_chunk_mib"))
     ranks = []
     for rank in range(world):
-        shard = [shard_chunks(GroupLayout.of([p.numel() for p in g.params], world, state_format.block), rank,
-                              max_numel, state_format.block) for g in groups]
+        shard = [shard_chunks(GroupLayout.of([p.numel() for p in g.params], world, state_format.cut), rank,
+                              max_numel, state_format.cut) for g in groups]
         ranks.append(OptimizerState(groups, torch.device("cpu"), state_format, offload=bool(options.get("offload")),
                                     chunk_mib=options.get("state_chunk_mib"), seed=4, shard=shard,
                                     state_dir=str(tmp_path / f"rank-{rank}") if disk else None))

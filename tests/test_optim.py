@@ -246,3 +246,32 @@ def test_a_plain_module_needs_an_example_batch_or_units():
     by_units = HiftAdamW(model, units=list(model.blocks), group_size=3)
     assert len(by_units.param_groups) == 1
     by_units.close()
+
+
+@pytest.mark.parametrize("store", [
+    dict(offload=True),  # one device slot: the prefetched chunk must come back out before the next
+    dict(offload=True, precision="bf16", state_chunk_mib=0.004),  # chunks: two slots
+    dict(state_store="disk"),
+    dict(state_store="disk", precision="bf16", moment_dtype="int8", state_chunk_mib=0.003),
+], ids=["host", "host-chunks", "disk", "disk-chunks"])
+def test_steps_that_reach_none_of_the_group_release_its_prefetched_chunk(reference_ops, tmp_path, store):
+    """Batches that reach none of the active group (here: no backward at all) leave the state as
+    it was and move the rotation on. A whole cycle of them, then normal steps, trains exactly as
+    if they had never been given (the rotation is sequential and the lr constant)."""
+    if store.get("state_store") == "disk":
+        store = dict(store, state_dir=str(tmp_path / "state"))
+    model = tm.llama(layers=2)
+    twin = copy.deepcopy(model)
+    batches = tm.lm_batches(7, seed=5)
+    options = dict(lr=3e-3, order="bottom_up", **store)
+    opt = HiftAdamW(model, example_batch=batches[0], **options)
+    k = len(opt.param_groups)
+    for _ in range(2 * k):  # two cycles of steps whose batch reaches nothing
+        opt.step()
+    assert opt.active_group == 0 and opt.steps_taken == 2 * k
+    train(model, opt, batches, len(batches))
+    opt.close()
+    reference = HiftAdamW(twin, example_batch=batches[0], **dict(options, state_dir=str(tmp_path / "ref")))
+    train(twin, reference, batches, len(batches))
+    reference.close()
+    same_weights(model, twin)

@@ -73,11 +73,11 @@ def test_hift_state_and_weights_by_hand(tiny_trace):
     assert h.optimizer_resident == 8 * N and h.optimizer_in_flight == 0 and h.host == 0
 
 
-# state_chunk_mib: chunks of 872 parameters' bf16-run state with an fp32 master (12 bytes each;
-# a multiple of four elements, so each fp32 section is whole 16-byte units, as hift.state aligns
-# them); 1 MiB holds every group whole
+# state_chunk_mib: chunks of 880 parameters' bf16-run state with an fp32 master (12 bytes each;
+# a multiple of 16 elements, as hift.state cuts parameters, so each section and each piece in it
+# is whole 16-byte units, as hift.state aligns them); 1 MiB holds every group whole
 @pytest.mark.parametrize("chunk_mib,resident,in_flight", [
-    (872 * 12 / 2**20, 872 * 12, 872 * 12),  # chunk k is updated in one slot while k+1 comes in
+    (880 * 12 / 2**20, 880 * 12, 880 * 12),  # chunk k is updated in one slot while k+1 comes in
     (1.0, 12 * max(V * H, BLOCK), 0),  # every group is one chunk: one slot, as without chunks
 ])
 def test_chunked_state_by_hand_and_as_the_state_allocates_it(tiny_traced, chunk_mib, resident, in_flight):
@@ -150,8 +150,8 @@ def test_disk_store_by_hand(tiny_trace, moments, per_param):
     assert h.total == host.total
     # per step the group's state is read from its file, copied to the device and back, written
     assert h.pcie_per_step == h.disk_io_per_step == 2 * largest and h.pcie_per_param == 2 * per_param
-    # groups cut into chunks of 872 parameters: three staging buffers of one chunk, two slots
-    chunk = 872 * per_param
+    # groups cut into chunks of 880 parameters: three staging buffers of one chunk, two slots
+    chunk = 880 * per_param
     c = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk",
                           state_chunk_mib=chunk / 2**20)
     assert c.host == 3 * chunk and (c.optimizer_resident, c.optimizer_in_flight) == (chunk, chunk)

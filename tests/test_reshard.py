@@ -13,7 +13,7 @@ from hift import checkpoint, fit, formats
 from hift.batches import BatchStream
 from hift.distributed import GroupLayout, shard_chunks
 from hift.reshard import LayoutError, SavedState
-from hift.state import Chunk, Piece, StateFormat, chunk_bytes, chunk_sections, cut_into_chunks
+from hift.state import PACKED, PIECE_ALIGN, Chunk, Piece, StateFormat, chunk_bytes, chunk_sections, cut_into_chunks
 
 FORMATS = [StateFormat("none", "fp32"), StateFormat("remainder", "bf16"), StateFormat("fp32", "int8"),
            StateFormat("remainder", "int8")]
@@ -51,9 +51,9 @@ def element_bytes(section, logical, piece):
     return logical[piece.param][first * size : (first + formats.int8_blocks(piece.numel) * section.per_block) * size]
 
 
-def write_chunk(format, pieces, logical) -> torch.Tensor:
-    out = torch.zeros(chunk_bytes(Chunk(0, pieces), format), dtype=torch.uint8)
-    for section, values in zip(chunk_sections(format, pieces), logical):
+def write_chunk(format, pieces, logical, align=PIECE_ALIGN) -> torch.Tensor:
+    out = torch.zeros(chunk_bytes(Chunk(0, pieces), format, align), dtype=torch.uint8)
+    for section, values in zip(chunk_sections(format, pieces, align), logical):
         if values is None:
             continue
         for j, piece in enumerate(pieces):
@@ -76,8 +76,10 @@ def test_any_layout_reads_the_bits_of_any_other(tmp_path, format):
         files = []
         for c, pieces in enumerate(saved_layout):
             path = tmp_path / f"t{trial}-chunk-{c}.safetensors"
-            save_file({"bytes": write_chunk(format, pieces, logical)}, str(path))
-            files.append((path, [0, [[p.param, p.lo, p.hi] for p in pieces]]))
+            entry = [0, [[p.param, p.lo, p.hi] for p in pieces]]
+            align = rng.choice([PACKED, PIECE_ALIGN])  # an older hift's chunk, or this one's
+            save_file({"bytes": write_chunk(format, pieces, logical, align)}, str(path))
+            files.append((path, entry if align == PACKED else entry + [align]))
         source = SavedState(files, format)
         for pieces in random_layout(rng, sizes, format.block):
             got = source.assemble(Chunk(0, pieces))
@@ -129,13 +131,7 @@ def test_a_checkpoint_that_does_not_record_its_layout_needs_its_chunking(tmp_pat
     batches = tm.lm_batches(6, batch=2, seed=5)
     fit(tm.llama(layers=2), batches, max_steps=3, state_chunk_mib=0.003, save_dir=str(tmp_path), **OPTIONS)
     saved = checkpoint.latest(tmp_path)
-    meta = json.loads((saved / "trainer.json").read_text())
-    del meta["state_layout"]
-    (saved / "trainer.json").write_text(json.dumps(meta))
-    manifest = json.loads((saved / "manifest.json").read_text())
-    manifest["trainer.json"] = {"bytes": (saved / "trainer.json").stat().st_size,
-                                "sha256": checkpoint._sha256(saved / "trainer.json")}
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    repack_to_the_layout_before_alignment(saved, StateFormat("remainder", "int8"), drop_layout=True)
     with pytest.raises(checkpoint.CheckpointError, match="state_chunks.*its state_chunk_mib .it predates re-sharding"):
         fit(tm.llama(layers=2), batches, max_steps=6, resume_from=str(saved), state_chunk_mib=None, **OPTIONS)
     result = fit(tm.llama(layers=2), batches, max_steps=6, resume_from=str(saved), state_chunk_mib=0.003, **OPTIONS)
@@ -183,3 +179,76 @@ def test_a_pass_goes_on_after_the_samples_the_saving_ranks_took(taken_batches, s
             assert (stream.epoch, stream.position) == (1, 1)  # the next pass
     if not over:
         assert sorted(rest) == sorted(padded(new_world)[count:])
+
+
+# ------------------------------------------------------------------- alignment of each piece
+
+ALL_FORMATS = [StateFormat(master, moments) for master in ("none", "remainder", "fp32")
+               for moments in ("fp32", "bf16", "int8")]
+
+
+@pytest.mark.parametrize("format", ALL_FORMATS, ids=lambda f: f"{f.master}-{f.moments}")
+def test_every_piece_of_a_chunk_starts_16_byte_aligned(format):
+    """The CUDA kernel takes its 16-byte vector path only where every role of a tensor is 16-byte
+    aligned: each piece's view into the chunk buffer, and its weight and gradient (a cut at a
+    multiple of format.cut elements of a parameter)."""
+    from hift.groups import Group, Unit
+    from hift.state import OptimizerState
+
+    seed = random.randrange(2**31)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    for trial in range(4):
+        sizes = [rng.choice([1, 3, 7, 255, 257, 1000, 3001]) + rng.randrange(300) for _ in range(rng.randrange(1, 6))]
+        dtype = torch.float32 if format.master == "none" else torch.bfloat16
+        params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n in sizes]
+        groups = [Group(0, [Unit("block", params, [f"p{i}" for i in range(len(params))])])]
+        for chunk_mib in (None, 0.001, 0.0037, 0.01):
+            state = OptimizerState(groups, torch.device("cpu"), format, offload=False, chunk_mib=chunk_mib)
+            for c, chunk in enumerate(state.chunks):
+                for piece in chunk.pieces:
+                    assert piece.lo % 16 == 0 and piece.lo % format.block == 0, (seed, trial, chunk_mib, piece)
+                views = state.acquire(c)
+                for name in ("masters", "exp_avgs", "exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales"):
+                    for j, view in enumerate(getattr(views, name)):
+                        assert view.data_ptr() % 16 == 0, (seed, trial, chunk_mib, c, name, j)
+            state.close()
+
+
+def repack_to_the_layout_before_alignment(saved, format, drop_layout=False):
+    """Rewrite a checkpoint as a hift before piece alignment wrote it: each chunk's pieces end to
+    end in their sections, its layout without an alignment (or no layout at all: before
+    re-sharding), and the manifest's hashes to match."""
+    meta = json.loads((saved / "trainer.json").read_text())
+    layout = meta["state_layout"]
+    manifest = json.loads((saved / "manifest.json").read_text())
+    for c, entry in enumerate(layout):
+        name = checkpoint.chunk_file(c)
+        pieces = [Piece(*p) for p in entry[1]]
+        packed = SavedState([(saved / name, entry)], format).assemble(Chunk(entry[0], pieces), align=PACKED)
+        save_file({"bytes": packed}, str(saved / name))
+        manifest[name] = {"bytes": (saved / name).stat().st_size, "sha256": checkpoint._sha256(saved / name)}
+    if drop_layout:
+        del meta["state_layout"]
+    else:
+        meta["state_layout"] = [entry[:2] for entry in layout]
+    (saved / "trainer.json").write_text(json.dumps(meta))
+    manifest["trainer.json"] = {"bytes": (saved / "trainer.json").stat().st_size,
+                                "sha256": checkpoint._sha256(saved / "trainer.json")}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("drop_layout", [False, True], ids=["layout-unaligned", "no-layout"])
+def test_a_checkpoint_of_pieces_end_to_end_resumes_bit_for_bit(tmp_path, drop_layout):
+    """Checkpoints written before pieces were aligned (their layout says no alignment, or they
+    record no layout at all) still resume exactly: their bytes are re-laid as they load."""
+    batches = tm.lm_batches(9, batch=2, seed=5)
+    straight = tm.llama(layers=2)
+    fit(straight, batches, max_steps=9, state_chunk_mib=0.003, **OPTIONS)
+    fit(tm.llama(layers=2), batches, max_steps=4, state_chunk_mib=0.003, save_dir=str(tmp_path), **OPTIONS)
+    saved = checkpoint.latest(tmp_path)
+    repack_to_the_layout_before_alignment(saved, StateFormat("remainder", "int8"), drop_layout)
+    resumed = tm.llama(layers=2)
+    fit(resumed, batches, max_steps=9, resume_from=str(saved), state_chunk_mib=0.003, **OPTIONS)
+    for key, value in weights(straight).items():
+        assert torch.equal(resumed.state_dict()[key], value), key

@@ -206,7 +206,7 @@ def test_close_is_idempotent_and_use_after_it_fails_in_words(impl, gen):
     assert torch.equal(kept, expected[1] * 3.0)  # a buffer still held stays valid
     assert swapper.num_groups() == 2 and swapper.num_slots() == 1 and not swapper.pinned()
     for use in (lambda: swapper.host(0), lambda: swapper.prefetch(0), lambda: swapper.acquire(0),
-                lambda: swapper.writeback(0), lambda: swapper.resident(0)):
+                lambda: swapper.writeback(0), lambda: swapper.resident(0), lambda: swapper.wait_for_host(0)):
         with pytest.raises(RuntimeError, match=r"after close\(\)"):
             use()
 
@@ -351,3 +351,122 @@ def test_a_failed_pin_leaves_no_cuda_error_behind():
     finally:
         swap._unpin(buffer.data_ptr())
     assert not buffer.is_pinned()
+
+
+# -- bytes copied: what the benchmark reads -----------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bytes_copied_counts_each_copy_in_and_out(impl, gen):
+    sizes = [1001, 3, 0, 4097, 77]
+    swapper = new_swapper(impl, sizes)
+    fill_hosts(swapper, sizes, gen)
+    assert list(swapper.bytes_copied()) == [0, 0]
+    for step, g in enumerate([3, 0, 4, 3]):
+        swapper.acquire(g).add_(1.0)
+        assert list(swapper.bytes_copied()) == [4 * sizes[g], 0]
+        swapper.writeback(g)
+        assert list(swapper.bytes_copied()) == [4 * sizes[g]] * 2, step
+        swapper.reset_bytes_copied()
+    swapper.prefetch(1)
+    swapper.acquire(1)  # already in its slot: nothing more is copied
+    assert list(swapper.bytes_copied()) == [4 * sizes[1], 0]
+    swapper.close()
+
+
+# -- construction: device slots before pinned memory, under the swapper's device -----------
+
+
+def test_python_swapper_out_of_device_memory_for_its_slots_pins_nothing(monkeypatch):
+    """The slots are allocated before any host buffer is pinned: the constructor that runs out
+    of device memory leaves nothing registered (not even until garbage collection)."""
+    fake = FakeCudart([])
+    monkeypatch.setattr(swap, "_cudart", lambda: fake)
+
+    def out_of_memory(numel, device):
+        raise torch.OutOfMemoryError("injected: no room for a slot")
+
+    monkeypatch.setattr(swap, "_slot_buffer", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        StateSwapper([1001, 77], "cpu", slots=2, pin=True, force_slots=True)
+    assert fake.calls == 0 and not fake.registered
+
+
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
+def test_out_of_device_memory_for_the_slots_leaves_no_host_memory_pinned(impl):
+    """Slots that cannot be had (the process may use little of the device) raise, and no host
+    buffer stays registered: buffers of the same sizes, which the allocator hands the same
+    address ranges again, pin afresh (cudaHostRegister refuses a range already registered)."""
+    sizes = [(16 << 20) + 3, (8 << 20) + 1]
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (32 << 20) / total))
+    try:
+        with pytest.raises((torch.OutOfMemoryError, RuntimeError), match="out of memory|OutOfMemory"):
+            new_swapper(impl, sizes, slots=3, pin=True)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    for n in sizes:
+        fresh = torch.zeros(n)
+        assert swap._pin_in_place(fresh) is None, "a range of a failed swapper stayed registered"
+        swap._unpin(fresh.data_ptr())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="fewer than 2 GPUs")
+@pytest.mark.parametrize("kind", ["python", pytest.param("compiled", marks=compiled)])
+def test_a_swapper_on_the_second_gpu_makes_no_context_on_the_first(kind):
+    """Pinning makes a CUDA context on the current device: the swapper pins under its own. In a
+    fresh process (no context yet), the driver says whether GPU 0's primary context is active."""
+    import subprocess
+    import sys
+
+    script = f"""
+import ctypes, torch
+from hift.swap import StateSwapper
+if {kind!r} == "python":
+    swapper = StateSwapper([4097, 33], "cuda:1", slots=2, pin=True)
+else:
+    from hift import _C
+    swapper = torch.classes.hift.StateSwapper([4097, 33], torch.device("cuda:1"), 2, True, False)
+assert swapper.pinned() and torch.cuda.current_device() == 0
+swapper.acquire(0).add_(1.0)
+swapper.writeback(0)
+swapper.synchronize()
+cuda = ctypes.CDLL("libcuda.so.1")
+device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+assert cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), 0) == 0
+assert cuda.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) == 0
+print("gpu0-context-active", active.value)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert "gpu0-context-active 0" in out.stdout
+
+
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
+def test_copy_in_and_copy_out_on_their_own_streams_keep_their_order(impl, gen):
+    """Chunks of one group through two slots (the next chunk comes in while one is updated), K=1
+    (the same group each step: its copy-in must wait for its own copy-out into host(g)), with
+    long kernels on the compute stream and, for the plain-torch swapper, on each copy stream:
+    the result is the arithmetic's, bit for bit."""
+    sizes = [(1 << 20) + 7, (1 << 19) - 5, 12345]
+    swapper = new_swapper(impl, sizes, slots=2, pin=True)
+    expected = fill_hosts(swapper, sizes, gen)
+    streams = [getattr(swapper, name, None) for name in ("_copy_in_stream", "_copy_out_stream")]
+    for step in range(4):
+        for stream in (s for s in streams if s is not None):
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(1_000_000)
+        swapper.prefetch(0)
+        for k in range(len(sizes)):
+            flat = swapper.acquire(k)
+            if k + 1 < len(sizes):
+                swapper.prefetch(k + 1)
+            torch.cuda._sleep(2_000_000)
+            flat.mul_(0.5).add_(float(step - k))
+            expected[k] = expected[k] * 0.5 + float(step - k)
+            swapper.writeback(k)
+    for k in range(len(sizes)):
+        torch.testing.assert_close(swapper.host(k), expected[k], rtol=0, atol=0)
+    swapper.close()

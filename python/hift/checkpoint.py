@@ -340,10 +340,14 @@ def _chunk_reader(path: Path, meta: dict, optimizer, rank: int, world: int) -> C
     """read(c): this rank's state chunk c from the checkpoint: the saved file itself where this
     rank saved it in this layout, else assembled from the saved chunks (hift.reshard)."""
     state, saved, layouts = optimizer.group_state, saved_world(meta), saved_layouts(path, meta)
-    if layouts is None or (saved == world and layouts[rank] == state.layout()):
+    if layouts is not None and saved == world and layouts[rank] == state.layout():
         return lambda c: load_chunk(path, c, rank if saved > 1 else None)
-    files = [(Path(path) / chunk_file(c, r if saved > 1 else None), entry)
-             for r, layout in enumerate(layouts) for c, entry in enumerate(layout)]
+    if layouts is None:  # before re-sharding: this rank's own chunks, cut as here, pieces end to end
+        files = [(Path(path) / chunk_file(c, rank if saved > 1 else None), entry[:2])
+                 for c, entry in enumerate(state.layout())]
+    else:
+        files = [(Path(path) / chunk_file(c, r if saved > 1 else None), entry)
+                 for r, layout in enumerate(layouts) for c, entry in enumerate(layout)]
     source = reshard.SavedState(files, state.format)
 
     def assemble(c: int) -> torch.Tensor:

@@ -151,6 +151,8 @@ class DataParallel:
 
     def __init__(self, sizes_of_groups: list[list[int]], block: int, device: torch.device,
                  reduce_dtype: torch.dtype = torch.float32):
+        """block: where a state chunk may cut a parameter (StateFormat.cut: whole int8 blocks,
+        16-byte aligned pieces)."""
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = device
         self.reduce_dtype = reduce_dtype  # of the gradients' reduce-scatter (Config.reduce_dtype)

@@ -198,7 +198,7 @@ class HiftAdamW(torch.optim.Optimizer):
         self.dp: Optional[distributed.DataParallel] = None
         shard = None
         if distributed.active():
-            self.dp = distributed.DataParallel([[p.numel() for p in g.params] for g in groups], state_format.block,
+            self.dp = distributed.DataParallel([[p.numel() for p in g.params] for g in groups], state_format.cut,
                                                device, {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.reduce_dtype])
             self.dp.broadcast_model(model)
             shard = self.dp.chunks(chunk_numel(state_format, cfg.state_chunk_mib))
@@ -304,8 +304,8 @@ class HiftAdamW(torch.optim.Optimizer):
             norm_sq = (ops.grad_norm_sq(grads, [p.numel() for p in group.params]) if reached
                        else torch.zeros((), device=self.device))
             check = check_grads(norm_sq, loss.float() if loss is not None else None, self.scaler, self.max_grad_norm)
-        self._prefetched = None
         if reached:  # a batch that reaches none of g's parameters leaves g as it was
+            self._prefetched = None  # update_group acquires and releases it
             step_count = self.group_state.steps.select(0, g)
             step_count.add_(1.0 - check.found_inf)
             self.group_state.update_group(
@@ -314,6 +314,8 @@ class HiftAdamW(torch.optim.Optimizer):
                 grad_scale=check.grad_scale, found_inf=check.found_inf, grad_of=grad_of)
             if self.dp is not None:
                 self.dp.gather_weights(g, group.params)
+        else:  # the prefetched chunk holds a device slot (and a staging slot): give it back
+            self._release_prefetch()
         for p in group.params:
             p.grad = None
             p.requires_grad_(False)
@@ -418,8 +420,9 @@ class HiftAdamW(torch.optim.Optimizer):
         self._arm()
 
     def _release_prefetch(self) -> None:
-        """A chunk prefetched into a device slot would keep its old bytes across a load: copy it
-        back out (the bytes it came with) and free the slot first."""
+        """Give back the slot a prefetched chunk holds, copied back out with the bytes it came
+        with: before a load (it would keep its old bytes) and after a step that did not update
+        its group (the next _arm needs the slot)."""
         if self._prefetched is not None:
             self.group_state.acquire(self._prefetched)
             self.group_state.release(self._prefetched)
@@ -475,12 +478,16 @@ class HiftAdamW(torch.optim.Optimizer):
         rank, world = self.rank_and_world
         saved_world = world_of(method["run"])
         chunks, layout = method["chunks"], self.group_state.layout()
+        own = saved_world == world and method.get("rank", 0) == rank
+        if "layout" not in method and own:  # before re-sharding: cut as here, pieces end to end
+            method = dict(method, layout=_pieces(layout))
+        saved_layout = method.get("layout")
         read_chunk, foreign = None, False
-        if chunks is not None and saved_world == world and method.get("rank", 0) == rank \
-                and method.get("layout", layout) == layout:
+        if chunks is not None and own and saved_layout == layout:
             read_chunk = chunks.__getitem__
-        elif chunks is not None and saved_world == 1 and "layout" in method:  # the whole state
-            read_chunk = self._recut([method])
+        elif chunks is not None and saved_layout is not None and (
+                saved_world == 1 or own and _pieces(saved_layout) == _pieces(layout)):
+            read_chunk = self._recut([method])  # the whole state, or its own laid out otherwise
         elif chunks is not None:
             # all but the chunks is the same on every rank and is loaded, so that the ranks
             # train the same group; step() refuses until this rank's share arrives
@@ -530,3 +537,8 @@ class HiftAdamW(torch.optim.Optimizer):
             steps=method["steps"], order=method["order"], scaler=method["scaler"],
             steps_taken=method["steps_taken"], cycle_lrs=method["cycle_lrs"], skipped=method["skipped"],
             read_chunk=read_chunk, chunks_follow=chunks_follow)
+
+
+def _pieces(layout: list) -> list:
+    """A layout's chunks and pieces, without how the pieces lie in the chunk buffers."""
+    return [entry[:2] for entry in layout]

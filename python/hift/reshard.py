@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from hift import formats
-from hift.state import Chunk, Piece, Section, StateFormat, chunk_bytes, chunk_sections
+from hift.state import PIECE_ALIGN, Chunk, Piece, Section, StateFormat, chunk_bytes, chunk_sections, piece_align
 
 
 @dataclass
@@ -42,20 +42,22 @@ class SavedState:
 
     def __init__(self, saved: list[tuple[Union[Path, torch.Tensor], list]], format: StateFormat):
         """saved: each saved chunk's source (its safetensors file, or its bytes: a uint8 tensor)
-        and layout entry ([group, [[param, lo, hi], ...]])."""
+        and layout entry ([group, [[param, lo, hi], ...], piece alignment]; without the alignment,
+        an older hift's, the pieces lie end to end in each section)."""
         self.format = format
         self._holders: dict[tuple[int, int], list[tuple[SavedChunk, int]]] = {}
-        for source, (group, raw) in saved:
-            pieces = [Piece(*piece) for piece in raw]
+        for source, entry in saved:
+            group, pieces = entry[0], [Piece(*piece) for piece in entry[1]]
             source = source if isinstance(source, torch.Tensor) else Path(source)
-            chunk = SavedChunk(source, group, pieces, chunk_sections(format, pieces))
+            chunk = SavedChunk(source, group, pieces, chunk_sections(format, pieces, piece_align(entry)))
             for k, piece in enumerate(pieces):
                 self._holders.setdefault((group, piece.param), []).append((chunk, k))
 
-    def assemble(self, chunk: Chunk) -> torch.Tensor:
-        """The bytes of `chunk` (this run's layout) from the saved chunks that hold its elements."""
-        out = torch.zeros(chunk_bytes(chunk, self.format), dtype=torch.uint8)
-        sections = chunk_sections(self.format, chunk.pieces)
+    def assemble(self, chunk: Chunk, align: int = PIECE_ALIGN) -> torch.Tensor:
+        """The bytes of `chunk` (this run's layout, its pieces on `align` bytes) from the saved
+        chunks that hold its elements."""
+        out = torch.zeros(chunk_bytes(chunk, self.format, align), dtype=torch.uint8)
+        sections = chunk_sections(self.format, chunk.pieces, align)
         # per saved chunk: (piece j of chunk, the saved chunk, its piece k, elements [lo, hi))
         reads: dict[int, list[tuple[int, SavedChunk, int, int, int]]] = {}
         for j, piece in enumerate(chunk.pieces):

@@ -5,9 +5,11 @@ pieces of at most that many parameters (a large parameter is split by element ra
 chunk is one flat buffer of bytes laid out as [master | exp_avg | exp_avg_sq], each section in
 its format (hift.formats: an fp32 master or a bf16 weight's int16 remainder, none for fp32
 weights; fp32, bf16 or int8 moments, the last followed by two sections of their blocks' fp32
-scales, [exp_avg scales | exp_avg_sq (lo, hi)]) and 16-byte aligned; with int8 moments a chunk
-cuts a parameter only between blocks of 256, so it moves between host and device in one
-copy whatever the formats. (The buffer is held as fp32 words, the unit the swappers move.)
+scales, [exp_avg scales | exp_avg_sq (lo, hi)]). Each piece starts 16-byte aligned in each
+section, and a chunk cuts a parameter only at multiples of 16 elements (of 256 with int8 moments:
+blocks stay whole), so that the weight, gradient and state of every piece are where the CUDA
+kernel's 16-byte vector loads can reach them. A chunk moves between host and device in one copy
+whatever the formats. (The buffer is held as fp32 words, the unit the swappers move.)
 
 Where a chunk rests and how it reaches the update is its store's business (hift.store): on the
 device (no offload), in host memory through a swapper's device slots (offload), or in files
@@ -21,6 +23,7 @@ The per-group step counters (bias correction) are tiny and always on the device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -31,11 +34,16 @@ from hift import formats, ops
 from hift.groups import Group
 from hift.store import DiskStore, HostStore, ResidentStore
 
-_ALIGN = 16  # bytes: each section starts where a 16-byte vector load can
+_ALIGN = 16  # bytes: each section, and each piece in it, starts where a 16-byte vector load can
+# Bytes each piece starts on in its sections, as layout() records it. Checkpoints of a hift
+# before piece alignment record none: their pieces lie end to end (PACKED).
+PIECE_ALIGN = _ALIGN
+PACKED = 1
+_CUT = 16  # elements: a cut at a multiple keeps 1-, 2- and 4-byte elements 16-byte aligned
 
 
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
+def _aligned(nbytes: int, to: int = _ALIGN) -> int:
+    return -(-nbytes // to) * to
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,14 @@ class StateFormat:
 
     @property
     def block(self) -> int:
-        """Where a chunk may cut a parameter: int8 moments keep a parameter's blocks whole."""
+        """int8 moments keep a parameter's blocks whole: a cut falls on a multiple of this."""
         return formats.INT8_BLOCK if self.int8 else 1
+
+    @property
+    def cut(self) -> int:
+        """Where a chunk cuts a parameter: at multiples of this many elements (whole int8 blocks,
+        and 16-byte aligned for every role's dtype)."""
+        return math.lcm(self.block, _CUT)
 
     def section_elements(self, numel: int, blocks: int) -> list[int]:
         """Elements of each section for numel parameters in `blocks` int8 blocks."""
@@ -121,8 +135,12 @@ class StateViews:
 
 
 def chunk_numel(format: StateFormat, chunk_mib: Optional[float]) -> Optional[int]:
-    """Parameters per state chunk for a chunk size in MiB (None: whole groups); at least a block."""
-    return None if chunk_mib is None else max(format.block, int(chunk_mib * 2**20 / format.bytes_per_element))
+    """Parameters per state chunk for a chunk size in MiB (None: whole groups): a multiple of
+    format.cut, at least one."""
+    if chunk_mib is None:
+        return None
+    numel = int(chunk_mib * 2**20 / format.bytes_per_element)
+    return max(format.cut, numel - numel % format.cut)
 
 
 def cut_into_chunks(sizes: list[int], max_numel: Optional[int], block: int = 1) -> list[list[Piece]]:
@@ -158,6 +176,12 @@ def split_into_chunks(group: Group, max_numel: Optional[int], block: int = 1) ->
     return [Chunk(group.index, pieces) for pieces in cut_into_chunks([p.numel() for p in group.params], max_numel, block)]
 
 
+def piece_align(entry: list) -> int:
+    """The bytes a layout() entry's pieces start on in their sections (PACKED where an older
+    hift saved it without saying)."""
+    return entry[2] if len(entry) > 2 else PACKED
+
+
 @dataclass
 class Section:
     """One section of a chunk's buffer (hift.state's byte layout): where it starts and its bytes,
@@ -183,23 +207,30 @@ class Section:
         return self.start + at * size, self.start + (at + n) * size
 
 
-def chunk_sections(format: StateFormat, pieces: list[Piece]) -> list[Section]:
-    """The sections of a chunk of these pieces, in buffer order."""
-    numel = sum(p.numel for p in pieces)
-    blocks = sum(formats.int8_blocks(p.numel) for p in pieces)
+def chunk_sections(format: StateFormat, pieces: list[Piece], align: int = PIECE_ALIGN) -> list[Section]:
+    """The sections of a chunk of these pieces, in buffer order; each section starts 16-byte
+    aligned, each piece in it on `align` bytes (PACKED: end to end, as hift saved before)."""
     per_block = [None, None, None, *formats.INT8_SCALES.values()]
     sections, start = [], 0
-    for dtype, nbytes, k in zip(format.dtypes, format.section_bytes(numel, blocks), per_block):
+    for dtype, k in zip(format.dtypes, per_block):
         sizes = [p.numel if k is None else formats.int8_blocks(p.numel) * k for p in pieces]
-        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        if dtype is None:
+            sections.append(Section(start, 0, None, k, [0] * len(pieces), sizes))
+            continue
+        step = max(1, align // dtype.itemsize)  # elements per alignment unit
+        starts, end = [], 0
+        for n in sizes:
+            starts.append(_aligned(end, step))
+            end = starts[-1] + n
+        nbytes = _aligned(end * dtype.itemsize)
         sections.append(Section(start, nbytes, dtype, k, starts, sizes))
         start += nbytes
     return sections
 
 
-def chunk_bytes(chunk: Chunk, format: StateFormat) -> int:
+def chunk_bytes(chunk: Chunk, format: StateFormat, align: int = PIECE_ALIGN) -> int:
     """The bytes of one chunk's buffer."""
-    return sum(format.section_bytes(chunk.numel, chunk.blocks))
+    return sum(section.nbytes for section in chunk_sections(format, chunk.pieces, align))
 
 
 class OptimizerState:
@@ -221,7 +252,7 @@ class OptimizerState:
         self.chunks_of: list[list[int]] = []
         for index, group in enumerate(groups):
             if shard is None:
-                pieces = split_into_chunks(group, max_numel, format.block)
+                pieces = split_into_chunks(group, max_numel, format.cut)
             else:
                 pieces = [Chunk(group.index, chunk) for chunk in shard[index]]
             self.chunks_of.append(list(range(len(self.chunks), len(self.chunks) + len(pieces))))
@@ -327,8 +358,9 @@ class OptimizerState:
     def update_group(self, g: int, *, lr: Tensor, step: Tensor, betas: tuple[float, float], eps: float,
                      weight_decays: list[float], grad_scale: Optional[Tensor], found_inf: Tensor,
                      grad_of: Optional[Callable[[Piece], Optional[Tensor]]] = None) -> None:
-        """The fused AdamW over group g from its parameters' grads, one state chunk at a time
-        (the next chunk's copy-in overlaps this one's update). grad_of(piece): a piece's flat
+        """The fused AdamW over group g from its parameters' grads, one state chunk at a time:
+        acquire k, launch its update, release k, then prefetch k+1 (its copy-in overlaps
+        update k, which no wait for k+1 delays). grad_of(piece): a piece's flat
         gradient, None where its parameter has none (data parallel: the reduced shard); by
         default the piece of its parameter's .grad."""
         params = self.groups[g].params
@@ -337,9 +369,7 @@ class OptimizerState:
         chunks = self.chunks_of[g]
         seed = formats.group_seed(self.seed, g)
         for k, c in enumerate(chunks):
-            if k + 1 < len(chunks):
-                self.prefetch(chunks[k + 1])
-            views = self.acquire(c)
+            views = self.acquire(c)  # (its copy-in began during the previous chunk's update)
             # A parameter the loss did not reach has no grad: like torch's AdamW, it is not updated.
             grads = [grad_of(piece) for piece in self.chunks[c].pieces]
             keep = [j for j, grad in enumerate(grads) if grad is not None]
@@ -357,6 +387,10 @@ class OptimizerState:
                 exp_avg_sq_scales=pick(views.exp_avg_sq_scales) if views.exp_avg_sq_scales else [],
             )
             self.release(c)
+            # Only now, with update k launched: the next chunk's copy-in runs beside it, and the
+            # disk store's wait for the next chunk's file cannot hold the update back.
+            if k + 1 < len(chunks):
+                self.prefetch(chunks[k + 1])
 
     def synchronize(self) -> None:
         """Wait for every copy and write in flight, so resting state can be read (checkpoints)."""
@@ -374,9 +408,10 @@ class OptimizerState:
             write(c, self.store.resting(c).cpu().view(torch.uint8))
 
     def layout(self) -> list:
-        """Each chunk's group and pieces, as JSON ([group, [[param, lo, hi], ...]]): what a
-        checkpoint records so that another layout can read it (hift.reshard)."""
-        return [[chunk.group, [[p.param, p.lo, p.hi] for p in chunk.pieces]] for chunk in self.chunks]
+        """Each chunk's group, pieces and the bytes each piece starts on in its sections, as JSON
+        ([group, [[param, lo, hi], ...], PIECE_ALIGN]): what a checkpoint records so that another
+        layout can read it (hift.reshard)."""
+        return [[chunk.group, [[p.param, p.lo, p.hi] for p in chunk.pieces], PIECE_ALIGN] for chunk in self.chunks]
 
     def load_chunks(self, read: Callable[[int], Tensor]) -> None:
         """Overwrite each chunk's resting bytes with read(c)."""

@@ -13,7 +13,8 @@ All three answer the same calls, in the order the engine makes them for each chu
 read_ahead (during an earlier step), prefetch (the step begins), acquire (the update begins),
 release (the update is enqueued). synchronize() waits for every copy and write; checkpoints then
 read chunks with resting(c) (the disk store reads a copy from its file) and write them with
-load_chunk.
+load_chunk. bytes_copied() says [host-to-device, device-to-host] bytes the store's swapper copied
+since it was made or reset_bytes_copied() (the resident store copies nothing).
 """
 from __future__ import annotations
 
@@ -74,6 +75,15 @@ class ResidentStore:
     def load_chunk(self, c: int, data: Tensor) -> None:
         self.resting(c).view(torch.uint8).copy_(data)
 
+    def bytes_copied(self) -> list[int]:
+        swapper = getattr(self, "swapper", None)
+        return [0, 0] if swapper is None else list(swapper.bytes_copied())
+
+    def reset_bytes_copied(self) -> None:
+        swapper = getattr(self, "swapper", None)
+        if swapper is not None:
+            swapper.reset_bytes_copied()
+
 
 class HostStore(ResidentStore):
     """Every chunk in host memory (pinned on CUDA), visiting device slots for its update."""
@@ -115,7 +125,9 @@ class DiskStore:
     """
 
     def __init__(self, numels: list[int], device: torch.device, directory, slots: int, pin: bool,
-                 device_slots: int = 1, workers: int = 3):
+                 device_slots: int = 1, workers: int = 3, force_slots: bool = False):
+        """force_slots: on a CPU device, copy each chunk through device slots anyway (plain
+        copies), as on CUDA, so that CPU tests exercise that path."""
         self.numels = numels
         self.device = device
         self.directory = Path(directory)
@@ -125,8 +137,9 @@ class DiskStore:
         # The swapper's "groups" are the staging slots: it owns their (pinned) host buffers and,
         # on CUDA, the device slots they are copied through. On the CPU the update works on the
         # staging buffer itself.
+        self._through_slots = device.type != "cpu" or force_slots
         self.swapper = make_swapper([largest] * slots, device, slots=device_slots,
-                                    pin=pin and device.type == "cuda", force_slots=False)
+                                    pin=pin and device.type == "cuda", force_slots=force_slots)
         # a chained read waits inside a worker for a write in another: three never starve
         self._swapper_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hift-state-io")
@@ -176,7 +189,10 @@ class DiskStore:
 
     def _host_buffer(self, slot: int) -> Tensor:
         """Staging slot's host buffer, once the copies touching it are done. Worker threads and
-        the main thread both ask, and a swapper is not thread-safe: one at a time."""
+        the main thread both ask, and a swapper is not thread-safe: one at a time. The wait for
+        the device comes first, outside the lock, so that the main thread goes on queueing
+        copies and updates meanwhile (wait_for_host changes nothing in the swapper)."""
+        self.swapper.wait_for_host(slot)
         with self._swapper_lock:
             return self.swapper.host(slot)
 
@@ -197,16 +213,25 @@ class DiskStore:
 
     def _take_slot(self, for_chunk: int) -> int:
         """A slot for another chunk: one never used, else the least recently used one whose chunk
-        is neither held (between prefetch and release) nor being read. Its write, if still in
-        flight, is not waited for here: the read that follows is chained behind it."""
-        candidates = [s for s, owner in enumerate(self._owner)
-                      if owner < 0 or (owner not in self._held and owner not in self._reading)]
+        is neither held (between prefetch and release) nor being read; a chunk read ahead and
+        not yet asked for goes last (its read would be lost), but once its read is done it no
+        longer pins the slot. Its write, if still in flight, is not waited for here: the read
+        that follows is chained behind it."""
+        def in_use(owner: int) -> bool:
+            return owner in self._held or (owner in self._reading and not self._reading[owner].done())
+
+        candidates = [s for s, owner in enumerate(self._owner) if owner < 0 or not in_use(owner)]
         if not candidates:
             raise RuntimeError(f"DiskStore: no staging slot is free for chunk {for_chunk}: all "
                                f"{len(self._owner)} hold chunks in use")
-        slot = min(candidates, key=lambda s: (self._owner[s] >= 0, self._used_at[s]))
-        if self._owner[slot] >= 0:
-            del self._slot_of[self._owner[slot]]
+        slot = min(candidates, key=lambda s: (self._owner[s] >= 0, self._owner[s] in self._reading,
+                                              self._used_at[s]))
+        evicted = self._owner[slot]
+        if evicted >= 0:
+            del self._slot_of[evicted]
+            pending = self._reading.pop(evicted, None)
+            if pending is not None:
+                pending.result()  # done already; raises what the read raised
         self._owner[slot] = -1
         return slot
 
@@ -264,7 +289,7 @@ class DiskStore:
     def prefetch(self, c: int) -> None:
         self._held.add(c)
         slot = self._stage(c)
-        if self.device.type != "cpu":
+        if self._through_slots:
             self._staged(c)
             with self._swapper_lock:
                 self.swapper.prefetch(slot)
@@ -311,6 +336,14 @@ class DiskStore:
         if slot is not None:  # a staged copy would be stale now
             self._owner[slot] = -1
         self._write_bytes(c, data.contiguous())
+
+    def bytes_copied(self) -> list[int]:
+        """[host-to-device, device-to-host] bytes between the staging buffers and the device
+        slots; each copy moves a whole staging buffer (the largest chunk's bytes)."""
+        return list(self.swapper.bytes_copied())
+
+    def reset_bytes_copied(self) -> None:
+        self.swapper.reset_bytes_copied()
 
     def disk_bytes(self) -> int:
         """Bytes the chunk files occupy on disk now (sparse parts not counted)."""

@@ -5,28 +5,37 @@
 when hift._C is built, else `StateSwapper` below: the same interface and the same slot logic in
 plain torch, which is also the reference the tests hold the compiled one to.
 
-Copies run on one side stream, so copies into and out of a slot are ordered among themselves; the
-compute stream and the side stream meet only through events:
+Copies run on two side streams, one per direction, so that the copy-out of one chunk and the
+copy-in of another use both copy engines at once. The streams meet each other and the compute
+stream only through events:
 
-    prefetch(g)   side stream: host(g) -> a free slot, then event in[g]
+    prefetch(g)   copy-in stream waits for the slot's last copy-out and for the last copy-out
+                  into host(g), then host(g) -> a free slot, then event in[g]
     acquire(g)    the current stream waits on in[g]; returns g's flat device buffer
-    writeback(g)  side stream waits for the current stream, slot -> host(g); the slot is free for
-                  another group once that copy completes (the next copy-in queues behind it)
+    writeback(g)  copy-out stream waits for the current stream, slot -> host(g), then event
+                  out[slot]; the slot is free for another group once out[slot] completes
     host(g)       the host waits for the last copy that touched host(g), if still in flight
+    wait_for_host(g) the same wait, changing nothing: another thread (the disk store's I/O
+                  workers) may call it while this one enqueues copies
     synchronize() waits for every copy (before a checkpoint reads the host buffers)
+    bytes_copied() [host-to-device, device-to-host] bytes of the copies it made (plain copies on
+                  the CPU too) since it was made or reset_bytes_copied()
     close()       waits for every copy, then unpins the host buffers and lets go of every buffer;
                   idempotent (garbage collection does it too); host, prefetch, acquire,
                   writeback and resident raise after it (synchronize has nothing left to do)
 
 Host buffers are plain memory pinned in place (cudaHostRegister), as the compiled swapper does:
 `torch.zeros(n, pin_memory=True)` would go through the caching host allocator, which rounds each
-buffer up to a power of two (a 2.4 GB group would cost 4 GB of pinned memory).
+buffer up to a power of two (a 2.4 GB group would cost 4 GB of pinned memory). The device slots are
+allocated before any host buffer is pinned, so that running out of device memory leaves nothing
+pinned; pinning runs under the swapper's device, so it makes no context on another GPU.
 
 On a CPU device there is nothing to overlap: acquire(g) hands out host(g) itself, unless
 `force_slots=True`, which runs the slot logic with plain copies (so CPU tests exercise it).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import warnings
 from typing import Optional, Sequence, Union
@@ -92,6 +101,11 @@ def _pin_in_place(buffer: Tensor) -> Optional[str]:
     return str(cudart.cudaGetErrorString(err))
 
 
+def _slot_buffer(numel: int, device: torch.device) -> Tensor:
+    """One device slot (where running out of device memory shows first)."""
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
 def _unpin(ptr: int) -> None:
     cudart = _cudart()
     if cudart is not None and cudart.cudaHostUnregister(ptr) != cudart.cudaError.success:
@@ -127,12 +141,39 @@ class StateSwapper:
         self._use_slots = self._async or force_slots
         if self._use_slots and slots < 1:
             raise ValueError(f"StateSwapper: slots must be at least 1, got {slots}")
+        self._pinned = False
 
         self._closed = False
         self._registered: list[int] = []  # host pointers pinned in place, unpinned by close()
+        self._bytes_copied = [0, 0]  # host-to-device, device-to-host
+        self._slot_of = [-1] * len(self._numels)
+        self._copied_in: list[Optional[torch.cuda.Event]] = [None] * len(self._numels)
+        self._host_busy: list[Optional[torch.cuda.Event]] = [None] * len(self._numels)
+        self._slots: list[_Slot] = []
+        self._copy_in_stream = self._copy_out_stream = None
+        self._writebacks = 0
+        if self._use_slots:
+            self._make_slots(slots)
+        with torch.cuda.device(device) if self._async else contextlib.nullcontext():
+            self._host = self._make_host_buffers(pin)
+
+    def _make_slots(self, slots: int) -> None:
+        largest = max(self._numels, default=0)
+        self._slots = [_Slot(_slot_buffer(largest, self._device)) for _ in range(slots)]
+        if self._async:
+            self._copy_in_stream = torch.cuda.Stream(self._device)
+            self._copy_out_stream = torch.cuda.Stream(self._device)
+            # The slots come from the current stream's pool; the copy streams use them too, so the
+            # caching allocator must not hand their memory out again before their copies are done.
+            for slot in self._slots:
+                slot.buffer.record_stream(self._copy_in_stream)
+                slot.buffer.record_stream(self._copy_out_stream)
+
+    def _make_host_buffers(self, pin: bool) -> list[Tensor]:
+        """A zeroed buffer per group, pinned in place where the system allows (all or none)."""
         self._pinned = pin and len(self._numels) > 0
         why = None
-        self._host = []
+        host = []
         for n in self._numels:
             buffer = torch.zeros(n, dtype=torch.float32)
             if self._pinned and n > 0:
@@ -141,28 +182,11 @@ class StateSwapper:
                     self._registered.append(buffer.data_ptr())
                 else:
                     self._pinned = False
-            self._host.append(buffer)
+            host.append(buffer)
         if why is not None:
             self._unpin_all()
-            warnings.warn(_PIN_WARNING.format(why=why), stacklevel=2)
-
-        self._slot_of = [-1] * len(self._numels)
-        self._copied_in: list[Optional[torch.cuda.Event]] = [None] * len(self._numels)
-        self._host_busy: list[Optional[torch.cuda.Event]] = [None] * len(self._numels)
-        self._slots: list[_Slot] = []
-        self._copy_stream = None
-        self._writebacks = 0
-        if not self._use_slots:
-            return
-        largest = max(self._numels, default=0)
-        self._slots = [_Slot(torch.empty(largest, dtype=torch.float32, device=device))
-                       for _ in range(slots)]
-        if self._async:
-            self._copy_stream = torch.cuda.Stream(device)
-            # The slots come from the current stream's pool; the copy stream uses them too, so the
-            # caching allocator must not hand their memory out again before its copies are done.
-            for slot in self._slots:
-                slot.buffer.record_stream(self._copy_stream)
+            warnings.warn(_PIN_WARNING.format(why=why), stacklevel=3)
+        return host
 
     def __del__(self):
         try:
@@ -184,6 +208,14 @@ class StateSwapper:
     def uses_slots(self) -> bool:
         return self._use_slots
 
+    def bytes_copied(self) -> list[int]:
+        """[host-to-device, device-to-host] bytes of the copies made since construction or
+        reset_bytes_copied()."""
+        return list(self._bytes_copied)
+
+    def reset_bytes_copied(self) -> None:
+        self._bytes_copied = [0, 0]
+
     def resident(self, group: int) -> bool:
         self._check(group, "resident()")
         return not self._use_slots or self._slot_of[group] >= 0
@@ -199,6 +231,13 @@ class StateSwapper:
             self._host_busy[group] = None
         return self._host[group]
 
+    def wait_for_host(self, group: int) -> None:
+        """Wait for the last copy that touched host(group), changing nothing (thread-safe)."""
+        self._check(group, "wait_for_host()")
+        busy = self._host_busy[group]  # one read: another thread may replace it meanwhile
+        if busy is not None:
+            busy.synchronize()
+
     def prefetch(self, group: int) -> None:
         """Start copying `group` into a free slot (a no-op if it is already there)."""
         self._check(group, "prefetch()")
@@ -208,16 +247,20 @@ class StateSwapper:
         slot = self._slots[index]
         dst = slot.buffer[: self._numels[group]]
         if self._async:
-            with torch.cuda.stream(self._copy_stream):
-                if slot.copied_out is not None:  # already ordered by the stream; said for clarity
-                    self._copy_stream.wait_event(slot.copied_out)
+            stream = self._copy_in_stream
+            with torch.cuda.stream(stream):
+                # The copy-out stream may still read the slot, or write host(group) (K=1).
+                for before in (slot.copied_out, self._host_busy[group]):
+                    if before is not None:
+                        stream.wait_event(before)
                 dst.copy_(self._host[group], non_blocking=True)
                 event = torch.cuda.Event()
-                event.record(self._copy_stream)
+                event.record(stream)
             self._copied_in[group] = event
             self._host_busy[group] = event
         else:
             dst.copy_(self._host[group])
+        self._bytes_copied[0] += dst.nbytes
         slot.copied_out = None
         slot.owner = group
         slot.resident = True
@@ -246,16 +289,19 @@ class StateSwapper:
         slot = self._slots[index]
         src = slot.buffer[: self._numels[group]]
         if self._async:
+            # (the copy-in of this group is behind the update already: acquire made it wait)
             computed = torch.cuda.current_stream(self._device).record_event()
-            with torch.cuda.stream(self._copy_stream):
-                self._copy_stream.wait_event(computed)
+            stream = self._copy_out_stream
+            with torch.cuda.stream(stream):
+                stream.wait_event(computed)
                 self._host[group].copy_(src, non_blocking=True)
                 event = torch.cuda.Event()
-                event.record(self._copy_stream)
+                event.record(stream)
             slot.copied_out = event
             self._host_busy[group] = event
         else:
             self._host[group].copy_(src)
+        self._bytes_copied[1] += src.nbytes
         self._copied_in[group] = None
         slot.resident = False
         self._writebacks += 1
@@ -264,8 +310,9 @@ class StateSwapper:
 
     def synchronize(self) -> None:
         """Wait for every copy in flight."""
-        if self._copy_stream is not None:
-            self._copy_stream.synchronize()
+        for stream in (self._copy_in_stream, self._copy_out_stream):
+            if stream is not None:
+                stream.synchronize()
         self._host_busy = [None] * len(self._numels)
 
     def close(self) -> None:
@@ -278,7 +325,7 @@ class StateSwapper:
         self._unpin_all()
         self._closed = True
         self._pinned = False
-        self._host, self._copy_stream = [], None
+        self._host, self._copy_in_stream, self._copy_out_stream = [], None, None
         for slot in self._slots:  # (the count stays: num_slots() still says what there was)
             slot.buffer, slot.copied_out = None, None
         self._slot_of = [-1] * len(self._numels)

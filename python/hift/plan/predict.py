@@ -201,16 +201,16 @@ def describe_format(fmt: StateFormat) -> str:
 def state_chunk_bytes(group_param_numels: list[list[int]], fmt: StateFormat,
                       chunk_mib: Optional[float] = None, ranks: int = 1) -> list[list[int]]:
     """Each group's state chunks, in bytes, as hift.state.OptimizerState cuts and lays them out
-    from its parameters' sizes: whole groups, or chunks of chunk_mib MiB (int8 moments cut a
-    parameter between blocks), each with its 16-byte aligned sections. With ranks > 1, the shard
+    from its parameters' sizes: whole groups, or chunks of chunk_mib MiB (a parameter cut at
+    multiples of fmt.cut), each piece 16-byte aligned in its sections. With ranks > 1, the shard
     of the rank that rests the most, as hift.distributed cuts it (shards are equal up to the
     padding that starts each parameter on a norm block, so that may be any rank)."""
     max_numel = chunk_numel(fmt, chunk_mib)
     if ranks == 1:
-        return [[chunk_bytes(Chunk(g, pieces), fmt) for pieces in cut_into_chunks(sizes, max_numel, fmt.block)]
+        return [[chunk_bytes(Chunk(g, pieces), fmt) for pieces in cut_into_chunks(sizes, max_numel, fmt.cut)]
                 for g, sizes in enumerate(group_param_numels)]
-    layouts = [GroupLayout.of(sizes, ranks, fmt.block) for sizes in group_param_numels]
-    shares = [[[chunk_bytes(Chunk(g, pieces), fmt) for pieces in shard_chunks(layout, rank, max_numel, fmt.block)]
+    layouts = [GroupLayout.of(sizes, ranks, fmt.cut) for sizes in group_param_numels]
+    shares = [[[chunk_bytes(Chunk(g, pieces), fmt) for pieces in shard_chunks(layout, rank, max_numel, fmt.cut)]
                for g, layout in enumerate(layouts)] for rank in range(ranks)]
     return max(shares, key=lambda share: sum(map(sum, share)))
 
@@ -245,7 +245,7 @@ def plan_hift(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, pr
             # hift.distributed: the flat buffer the gradients are copied into (each freed as
             # it is copied), the rank's reduced shard through the update, then the flat buffer
             # the weights are all-gathered into (counted as gradients: they are the reduction's)
-            layout = GroupLayout.of(group_param_numels[g], ranks, fmt.block)
+            layout = GroupLayout.of(group_param_numels[g], ranks, fmt.cut)
             flat, shard = layout.numel * DTYPES[reduce_dtype].itemsize, layout.shard * DTYPES[reduce_dtype].itemsize
             gathered = layout.numel * wbytes
             network[g] = flat + gathered
