@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -38,13 +40,14 @@ from hift import distributed, formats, ops, reshard
 from hift.batches import probe, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
+from hift.memory_plan import MemoryPlan, plan_run, remove_temporary_state_dir
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.schedule import GroupOrder
 from hift.state import OptimizerState, StateFormat, chunk_numel
 
 # the Config fields that make the optimizer (the rest belong to fit's loop)
 OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "group_size", "order", "units", "seed",
-           "precision", "moment_dtype", "master_format", "state_store", "state_dir", "offload", "prefetch",
+           "precision", "memory", "moment_dtype", "master_format", "state_store", "state_dir", "offload", "prefetch",
            "pin_memory", "state_chunk_mib", "loss_scale", "loss_scale_growth_interval", "reduce_dtype")
 
 
@@ -121,7 +124,7 @@ class HiftAdamW(torch.optim.Optimizer):
 
     Options are hift.Config's where they apply, with the same names and checks: lr, betas, eps,
     weight_decay (none on 1-D parameters), max_grad_norm, group_size, order, units, seed,
-    precision, moment_dtype, master_format, state_store, state_dir, offload, prefetch,
+    precision, memory, moment_dtype, master_format, state_store, state_dir, offload, prefetch,
     pin_memory, state_chunk_mib, loss_scale, loss_scale_growth_interval. Two differ from fit:
     - max_grad_norm defaults to None: a trainer clips already (the Trainer's max_grad_norm sees
       only the active group's gradients, which is per-group clipping), and torch's optimizers
@@ -151,8 +154,9 @@ class HiftAdamW(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 2e-5, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: Optional[float] = None,
                  group_size: int = 1, order: str = "top_down", units: Optional[Sequence[Any]] = None,
-                 seed: int = 0, precision: str = "auto", moment_dtype: str = "fp32", master_format: str = "auto",
-                 state_store: str = "host", state_dir: Optional[str] = None, offload: Optional[bool] = None,
+                 seed: int = 0, precision: str = "auto", memory: str = "auto", moment_dtype: Optional[str] = None,
+                 master_format: str = "auto", state_store: Optional[str] = None, state_dir: Optional[str] = None,
+                 offload: Optional[bool] = None,
                  prefetch: bool = True, pin_memory: bool = True, state_chunk_mib: Optional[float] = None,
                  loss_scale: float = 2.0**16, loss_scale_growth_interval: int = 2000, reduce_dtype: str = "fp32",
                  example_batch=None):
@@ -162,21 +166,33 @@ class HiftAdamW(torch.optim.Optimizer):
         self.cast_model()
 
     @classmethod
-    def from_config(cls, model: nn.Module, config: Config, example_batch=None, cast: bool = True) -> "HiftAdamW":
+    def from_config(cls, model: nn.Module, config: Config, example_batch=None, cast: bool = True,
+                    memory_plan: Optional[MemoryPlan] = None) -> "HiftAdamW":
         """The optimizer of a Config's options (the loop's own fields are ignored). fit passes
-        cast=False to check a checkpoint before the model changes, and calls cast_model() then."""
+        cast=False to check a checkpoint before the model changes, and calls cast_model() then;
+        and its memory plan (the config's memory options then filled already)."""
         self = cls.__new__(cls)
-        self._setup(model, config, example_batch)
+        self._setup(model, config, example_batch, memory_plan)
         if cast:
             self.cast_model()
         return self
 
-    def _setup(self, model: nn.Module, cfg: Config, example_batch) -> None:
+    def _setup(self, model: nn.Module, cfg: Config, example_batch, memory_plan: Optional[MemoryPlan] = None) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
         device = model_device(trainable)
+        if memory_plan is None:  # HiftAdamW alone: it cannot recompute the model's activations
+            world = distributed.dist.get_world_size() if distributed.active() else 1
+            cfg, memory_plan = plan_run(cfg, model, example_batch if example_batch is not None
+                                        else getattr(model, "dummy_inputs", None), device,
+                                        resolve_precision(cfg.precision, trainable), world, can_recompute=False)
+            if memory_plan.choice is not None:
+                print(memory_plan.choice.line())
+        self.memory_plan = memory_plan
         groups = build_groups(model, cfg, example_batch, device)
+        if memory_plan.note and memory_plan.prediction is None and cfg.memory == "auto":
+            warnings.warn(memory_plan.note, stacklevel=3)  # (after the probe, which refuses a bad batch in words)
         self._ready = False
         self._shard_of_rank: Optional[int] = None  # another rank's shard was handed to load_state_dict
         self._loaded = False  # a state_dict was loaded since the last step
@@ -348,9 +364,10 @@ class HiftAdamW(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Wait for the copies and writes in flight, let go of the state's buffers (pinned
-        memory, I/O threads) and give every trained parameter requires_grad back. Idempotent;
-        the optimizer cannot step after it."""
+        memory, I/O threads) and give every trained parameter requires_grad back; remove the
+        state's folder if memory="auto" made it. Idempotent; the optimizer cannot step after it."""
         self.group_state.close()
+        remove_temporary_state_dir(self.memory_plan)
         for p in (p for g in self.groups for p in g.params):
             p.requires_grad_(True)
 
