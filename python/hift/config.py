@@ -151,7 +151,3 @@ class Config:
         need(isinstance(self.keep_last, int) and self.keep_last >= 1,
              f"keep_last must be an integer >= 1, got {self.keep_last!r}")
         need(isinstance(self.log_every, int) and self.log_every >= 1, f"log_every must be an integer >= 1, got {self.log_every!r}")
-
-    @property
-    def clipping(self) -> bool:
-        return bool(self.max_grad_norm)
