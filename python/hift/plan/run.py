@@ -17,7 +17,8 @@ from hift import formats
 from hift.plan.predict import GB, STATE_STORES, plans_from_trace
 from hift.plan.report import (HEADER, PUBLISHED, breakdown_row, formats_notes, formats_table,
                               published_table)
-from hift.plan.trace import DTYPES, LLAMA2, block_input_bytes, meta_model, trace_units
+from hift.plan.trace import LLAMA2, block_input_bytes, meta_model, trace_units
+from hift.precision import DTYPES
 
 
 def main(argv=None) -> int:
