@@ -206,7 +206,7 @@ def test_state_bytes_as_the_state_allocates_them(tiny_traced, tmp_path, precisio
             assert h.disk == resting == sum(path.stat().st_size for path in state.store.paths)
             # the staging buffers are the host buffers of the disk store's swapper
             staging = state.swapper
-            assert sum(staging.host(i).numel() for i in range(staging.num_groups())) * 4 == h.host
+            assert sum(staging.host(i).numel() for i in range(staging.num_chunks())) * 4 == h.host
             assert h.disk_io_per_step == 2 * max(map(sum, allocated))
         assert h.pcie_per_step == 2 * max(map(sum, allocated))
     finally:
