@@ -1,5 +1,6 @@
-"""One entry per kernel. This module is the only place that chooses between the compiled
-extension (hift._C), the Triton kernels (hift_kernels) and the plain-torch references.
+"""One entry per kernel. This module is the only place that chooses, for a kernel, between the
+compiled extension (hift._C), the Triton kernels (hift_kernels) and the plain-torch references;
+the one other such choice is the state swapper's (hift.swap.make_swapper).
 
 Each public op has a `reference_*` twin here or in hift_kernels that defines its meaning; the
 fast paths are held to those twins by the tests. Set HIFT_KERNELS=reference to force the twins
