@@ -77,7 +77,8 @@ def synchronize(device: torch.device) -> None:
 def build_model(ctx: Context, precision: str = "bf16"):
     from transformers import AutoModelForCausalLM
 
-    from hift.plan.trace import DTYPES, llama_config
+    from hift.plan.trace import llama_config
+    from hift.precision import DTYPES
 
     torch.manual_seed(0)
     previous = torch.get_default_dtype()

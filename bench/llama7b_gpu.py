@@ -55,12 +55,13 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(ROOT / "python"))
-    from hift import planner
+    from hift.plan import predict
+    from hift.plan.report import HEADER, PUBLISHED, breakdown_row
 
-    plans = planner.plan(args.model, args.batch, args.seq, "bf16", group_size=1, prefetch=True,
+    plans = predict.plan(args.model, args.batch, args.seq, "bf16", group_size=1, prefetch=True,
                          offload=args.device != "cpu")  # on a CPU dry run hift keeps all state resident
     for variant, options in VARIANTS.items():
-        plans[variant] = planner.plan(args.model, args.batch, args.seq, "bf16", group_size=1, prefetch=True,
+        plans[variant] = predict.plan(args.model, args.batch, args.seq, "bf16", group_size=1, prefetch=True,
                                       offload=args.device != "cpu", **options)["hift"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]),
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
@@ -83,14 +84,14 @@ def main(argv=None) -> int:
              "| method | predicted total | measured total | measured / predicted | max reserved | median step (s) | published |",
              "|---|---|---|---|---|---|---|"]
     for method, plan, m, error in rows:
-        pub = planner.PUBLISHED.get((args.model, method.split("-")[0], "bf16"))
+        pub = PUBLISHED.get((args.model, method.split("-")[0], "bf16"))
         if m is None:
             lines.append(f"| {method} | {plan.total / GB:.2f} | failed: {error} | | | | {pub or '-'} |")
             continue
         lines.append(f"| {method} | {plan.total / GB:.2f} | {m['total'] / GB:.2f} | {m['total'] / plan.total:.3f} "
                      f"| {m['reserved'] / GB:.2f} | {m['median_step_seconds']:.3f} | {pub or '-'} |")
-    lines += ["", "Planner breakdown (GB):", "", planner.HEADER]
-    lines += [planner._row(method, plan, planner.PUBLISHED.get((args.model, method.split("-")[0], "bf16")))
+    lines += ["", "Planner breakdown (GB):", "", HEADER]
+    lines += [breakdown_row(method, plan, PUBLISHED.get((args.model, method.split("-")[0], "bf16")))
               for method, plan, _, _ in rows]
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     results = json.loads(done.stdout.strip().splitlines()[-1])
     from bench.compare import machine
 
-    lines = ["# hift.planner: predicted vs measured, the published setting, and the state formats", "",
+    lines = ["# hift.plan: predicted vs measured, the published setting, and the state formats", "",
              f"- date: {datetime.datetime.now():%Y-%m-%d %H:%M}", f"- machine: {machine()}",
              f"- command: `PYTHONPATH=python:. python bench/planner_check.py {' '.join(map(shlex.quote, argv or sys.argv[1:]))}`",
              "", "## CPU: predicted vs measured peak above the loaded model (fp32)", "",

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import hift
 from hift.memory import host_peak_bytes, host_resident_bytes, reset_host_peak
-from hift.plan.trace import DTYPES, llama_config
+from hift.plan.trace import llama_config
+from hift.precision import DTYPES
 
 
 def measure(config, batch: int, seq: int, method: str = "hift", precision: str = "fp32",

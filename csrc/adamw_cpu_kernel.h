@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "adamw.h"
+#include "adamw_dispatch.h"
 
 namespace hift {
 namespace HIFT_CPU_ISA {
@@ -155,10 +156,6 @@ HIFT_CODEC_INLINE void store_remainder_master(c10::BFloat16* weight, int16_t* re
   copy_lanes<int16_t>(remainder, low, count);
 }
 
-// The storage of a master: fp32 (its own, or the fp32 param itself) or an int16 remainder.
-template <MasterFormat kMaster>
-using master_t = std::conditional_t<kMaster == MasterFormat::kRemainder, int16_t, float>;
-
 // The one update, for every format: decode each role to fp32, adamw_math, encode each role.
 template <typename P, typename G, MasterFormat kMaster, typename M, typename V>
 HIFT_CODEC_INLINE void adamw_step(P* param, master_t<kMaster>* master, M* m, V* v, const G* grad,
@@ -281,65 +278,24 @@ void adamw_range_int8(const AdamWTensorRoles& t, int64_t begin, int64_t end, con
   if (b0 < end) adamw_block_int8<P, G, kMaster, false>(t, b0, end - b0, c, s);
 }
 
-template <typename P, typename G, MasterFormat kMaster>
-AdamWRangeFn pick_for_moments(c10::ScalarType exp_avg_type, c10::ScalarType exp_avg_sq_type) {
-  if (exp_avg_type == c10::ScalarType::Char || exp_avg_sq_type == c10::ScalarType::Byte) {
-    const bool both = exp_avg_type == c10::ScalarType::Char && exp_avg_sq_type == c10::ScalarType::Byte;
-    return both ? &adamw_range_int8<P, G, kMaster> : nullptr;
-  }
-  auto pick_v = [&](auto m_tag) -> AdamWRangeFn {
-    using M = decltype(m_tag);
-    switch (exp_avg_sq_type) {
-      case c10::ScalarType::Float: return &adamw_range<P, G, kMaster, M, float>;
-      case c10::ScalarType::BFloat16: return &adamw_range<P, G, kMaster, M, c10::BFloat16>;
-      default: return nullptr;
-    }
-  };
-  switch (exp_avg_type) {
-    case c10::ScalarType::Float: return pick_v(float{});
-    case c10::ScalarType::BFloat16: return pick_v(c10::BFloat16{});
-    default: return nullptr;
-  }
-}
-
-template <typename P, MasterFormat kMaster>
-AdamWRangeFn pick_for_grad(c10::ScalarType grad_type, c10::ScalarType exp_avg_type,
-                           c10::ScalarType exp_avg_sq_type) {
-  switch (grad_type) {
-    case c10::ScalarType::Float:
-      return pick_for_moments<P, float, kMaster>(exp_avg_type, exp_avg_sq_type);
-    case c10::ScalarType::BFloat16:
-      return pick_for_moments<P, c10::BFloat16, kMaster>(exp_avg_type, exp_avg_sq_type);
-    case c10::ScalarType::Half:
-      return pick_for_moments<P, c10::Half, kMaster>(exp_avg_type, exp_avg_sq_type);
-    default: return nullptr;
-  }
-}
-
 }  // namespace
 
 // The kernel for one combination of role types, or nullptr for one no format has.
 AdamWRangeFn adamw_range_fn(c10::ScalarType param_type, c10::ScalarType grad_type,
                             MasterFormat master, c10::ScalarType exp_avg_type,
                             c10::ScalarType exp_avg_sq_type) {
-  using c10::ScalarType;
-  const ScalarType g = grad_type, m = exp_avg_type, v = exp_avg_sq_type;
-  switch (master) {
-    case MasterFormat::kNone:
-      if (param_type != ScalarType::Float) return nullptr;
-      return pick_for_grad<float, MasterFormat::kNone>(g, m, v);
-    case MasterFormat::kRemainder:
-      if (param_type != ScalarType::BFloat16) return nullptr;
-      return pick_for_grad<c10::BFloat16, MasterFormat::kRemainder>(g, m, v);
-    case MasterFormat::kFp32:
-      switch (param_type) {
-        case ScalarType::Float: return pick_for_grad<float, MasterFormat::kFp32>(g, m, v);
-        case ScalarType::BFloat16: return pick_for_grad<c10::BFloat16, MasterFormat::kFp32>(g, m, v);
-        case ScalarType::Half: return pick_for_grad<c10::Half, MasterFormat::kFp32>(g, m, v);
-        default: return nullptr;
-      }
-  }
-  return nullptr;
+  AdamWRangeFn fn = nullptr;
+  dispatch_adamw_types(param_type, grad_type, master, exp_avg_type, exp_avg_sq_type, [&](auto types) {
+    using T = decltype(types);
+    using P = typename T::param_t;
+    using G = typename T::grad_t;
+    if constexpr (T::int8_moments) {
+      fn = &adamw_range_int8<P, G, T::master>;
+    } else {
+      fn = &adamw_range<P, G, T::master, typename T::exp_avg_t, typename T::exp_avg_sq_t>;
+    }
+  });
+  return fn;
 }
 
 }  // namespace HIFT_CPU_ISA

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "adamw.h"
+#include "adamw_dispatch.h"
 
 namespace hift {
 namespace {
@@ -66,10 +67,6 @@ struct Hyper {
 #endif
 static_assert(sizeof(TensorTable) + 4 * sizeof(void*) + sizeof(Hyper) <= 32764,
               "TensorTable is over the kernel argument limit: lower kMaxTensors");
-
-// The storage of a master: fp32 (its own, or the fp32 param itself) or an int16 remainder.
-template <MasterFormat kMaster>
-using master_t = std::conditional_t<kMaster == MasterFormat::kRemainder, int16_t, float>;
 
 // kIlp elements of one role as stored: 16-byte loads when the caller knows they are all there
 // and aligned, else a guarded scalar loop (lanes past the tensor's end are zero).
@@ -385,22 +382,6 @@ at::Tensor device_scalar(const at::Tensor& t, const at::Device& device) {
   return t.to(device, at::kFloat).reshape({});
 }
 
-// Calls fn with a value of the C++ type of a float dtype (fp32, or also bf16/fp16 where allowed).
-template <typename Fn>
-void with_type(at::ScalarType type, bool half_too, const char* role, Fn&& fn) {
-  switch (type) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(at::BFloat16{});
-    case at::kHalf:
-      if (half_too) return fn(at::Half{});
-      [[fallthrough]];
-    default: TORCH_CHECK(false, "fused_adamw_: unsupported ", role, " dtype ", type);
-  }
-}
-
-template <MasterFormat kMaster>
-using MasterTag = std::integral_constant<MasterFormat, kMaster>;
-
 void fused_adamw_cuda(at::TensorList params, at::TensorList masters, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList grads,
                       at::ArrayRef<double> weight_decays, const at::Tensor& lr,
@@ -437,37 +418,24 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList masters, at::TensorL
     const at::ScalarType param_type = bucket.first.first;
     const at::ScalarType grad_type = bucket.first.second;
     const std::vector<int64_t>& tensors = bucket.second;
-    auto run = [&](auto param_tag, auto master_tag) {
-      using P = decltype(param_tag);
-      constexpr MasterFormat kMaster = decltype(master_tag)::value;
-      with_type(grad_type, true, "grad", [&](auto grad_tag) {
-        if (exp_avg_type == at::kChar) {  // int8 moments (checked: uint8 exp_avg_sqs, scales)
-          launch_int8<P, decltype(grad_tag), kMaster>(
-              tensors, params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays, offsets,
-              exp_avg_scales, exp_avg_sq_scales, lr_d.data_ptr<float>(), step_d.data_ptr<float>(),
-              scale_ptr, inf_ptr, hyper);
-          return;
-        }
-        with_type(exp_avg_type, false, "exp_avg", [&](auto m_tag) {
-          with_type(exp_avg_sq_type, false, "exp_avg_sq", [&](auto v_tag) {
-            launch<P, decltype(grad_tag), kMaster, decltype(m_tag), decltype(v_tag)>(
+    const bool known = dispatch_adamw_types(
+        param_type, grad_type, master_format, exp_avg_type, exp_avg_sq_type, [&](auto types) {
+          using T = decltype(types);
+          using P = typename T::param_t;
+          using G = typename T::grad_t;
+          if constexpr (T::int8_moments) {
+            launch_int8<P, G, T::master>(tensors, params, masters, exp_avgs, exp_avg_sqs, grads,
+                                         weight_decays, offsets, exp_avg_scales, exp_avg_sq_scales,
+                                         lr_d.data_ptr<float>(), step_d.data_ptr<float>(),
+                                         scale_ptr, inf_ptr, hyper);
+          } else {
+            launch<P, G, T::master, typename T::exp_avg_t, typename T::exp_avg_sq_t>(
                 tensors, params, masters, exp_avgs, exp_avg_sqs, grads, weight_decays, offsets,
                 lr_d.data_ptr<float>(), step_d.data_ptr<float>(), scale_ptr, inf_ptr, hyper);
-          });
+          }
         });
-      });
-    };
-    // The (param, master) pairs the formats have (check_fused_adamw_args refused the others).
-    switch (master_format) {
-      case MasterFormat::kNone: run(float{}, MasterTag<MasterFormat::kNone>{}); break;
-      case MasterFormat::kRemainder:
-        run(at::BFloat16{}, MasterTag<MasterFormat::kRemainder>{});
-        break;
-      case MasterFormat::kFp32:
-        with_type(param_type, true, "param",
-                  [&](auto param_tag) { run(param_tag, MasterTag<MasterFormat::kFp32>{}); });
-        break;
-    }
+    TORCH_CHECK(known, "fused_adamw_: no CUDA kernel for params of ", param_type, ", grads of ",
+                grad_type, " and moments of ", exp_avg_type, " / ", exp_avg_sq_type);
   }
 }
 

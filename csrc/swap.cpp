@@ -1,6 +1,6 @@
 // StateSwapper (see swap.h). Streams and events go through c10's device-generic interfaces, so
 // this file needs no CUDA headers except to pin host memory in place (cudaHostRegister: the
-// caching host allocator would round every group's buffer up to a power of two).
+// caching host allocator would round every chunk's buffer up to a power of two).
 #include "swap.h"
 
 #include <ATen/ATen.h>
@@ -44,14 +44,14 @@ void unpin(void* ptr) {
 
 }  // namespace
 
-StateSwapper::StateSwapper(std::vector<int64_t> group_numels, c10::Device device, int64_t slots,
+StateSwapper::StateSwapper(std::vector<int64_t> chunk_numels, c10::Device device, int64_t slots,
                            bool pin, bool force_slots)
-    : numels_(std::move(group_numels)), device_(device) {
+    : numels_(std::move(chunk_numels)), device_(device) {
   async_ = device_.type() != c10::DeviceType::CPU;
   use_slots_ = async_ || force_slots;
   TORCH_CHECK(!use_slots_ || slots >= 1, "StateSwapper: slots must be at least 1, got ", slots);
   for (size_t g = 0; g < numels_.size(); ++g) {
-    TORCH_CHECK(numels_[g] >= 0, "StateSwapper: group ", g, " has a negative numel ", numels_[g]);
+    TORCH_CHECK(numels_[g] >= 0, "StateSwapper: chunk ", g, " has a negative numel ", numels_[g]);
   }
   if (async_ && !device_.has_index()) {
     device_ = c10::impl::VirtualGuardImpl(device_.type()).getDevice();
@@ -145,9 +145,9 @@ void StateSwapper::check_open(const char* what) const {
   TORCH_CHECK(!closed_, "StateSwapper: ", what, " after close(); the swapper's buffers are gone");
 }
 
-void StateSwapper::check_group(int64_t group) const {
-  TORCH_CHECK(group >= 0 && group < num_groups(), "StateSwapper: group ", group,
-              " is out of range (", num_groups(), " groups)");
+void StateSwapper::check_chunk(int64_t chunk) const {
+  TORCH_CHECK(chunk >= 0 && chunk < num_chunks(), "StateSwapper: chunk ", chunk,
+              " is out of range (", num_chunks(), " chunks)");
 }
 
 c10::Stream StateSwapper::current_stream() const {
@@ -160,33 +160,33 @@ std::shared_ptr<c10::Event> StateSwapper::record_on(const c10::Stream& stream) {
   return event;
 }
 
-bool StateSwapper::resident(int64_t group) const {
+bool StateSwapper::resident(int64_t chunk) const {
   check_open("resident()");
-  check_group(group);
-  return !use_slots_ || slot_of_[group] >= 0;
+  check_chunk(chunk);
+  return !use_slots_ || slot_of_[chunk] >= 0;
 }
 
-at::Tensor StateSwapper::host(int64_t group) {
+at::Tensor StateSwapper::host(int64_t chunk) {
   check_open("host()");
-  check_group(group);
-  wait_for_host(group);
+  check_chunk(chunk);
+  wait_for_host(chunk);
   std::lock_guard<std::mutex> lock(host_busy_mutex_);
-  host_busy_[group].reset();
-  return host_[group];
+  host_busy_[chunk].reset();
+  return host_[chunk];
 }
 
-void StateSwapper::wait_for_host(int64_t group) const {
+void StateSwapper::wait_for_host(int64_t chunk) const {
   check_open("wait_for_host()");
-  check_group(group);
+  check_chunk(chunk);
   std::shared_ptr<c10::Event> busy;
   {
     std::lock_guard<std::mutex> lock(host_busy_mutex_);
-    busy = host_busy_[group];
+    busy = host_busy_[chunk];
   }
   if (busy) busy->synchronize();  // outside the lock: the enqueuing thread is not held up
 }
 
-int64_t StateSwapper::take_free_slot(int64_t group) {
+int64_t StateSwapper::take_free_slot(int64_t chunk) {
   // A never-used slot first, else the one released longest ago (its copy-out is the oldest).
   int64_t best = -1;
   for (int64_t s = 0; s < num_slots(); ++s) {
@@ -195,72 +195,72 @@ int64_t StateSwapper::take_free_slot(int64_t group) {
     if (slot.owner < 0) return s;
     if (best < 0 || slot.freed_at < slots_[best].freed_at) best = s;
   }
-  TORCH_CHECK(best >= 0, "StateSwapper: cannot prefetch group ", group, ": all ", num_slots(),
-              " slots hold groups that were not written back (writeback() one first)");
+  TORCH_CHECK(best >= 0, "StateSwapper: cannot prefetch chunk ", chunk, ": all ", num_slots(),
+              " slots hold chunks that were not written back (writeback() one first)");
   return best;
 }
 
-void StateSwapper::prefetch(int64_t group) {
+void StateSwapper::prefetch(int64_t chunk) {
   check_open("prefetch()");
-  check_group(group);
-  if (!use_slots_ || slot_of_[group] >= 0) return;
-  const int64_t s = take_free_slot(group);
+  check_chunk(chunk);
+  if (!use_slots_ || slot_of_[chunk] >= 0) return;
+  const int64_t s = take_free_slot(chunk);
   Slot& slot = slots_[s];
-  at::Tensor dst = slot.buffer.narrow(0, 0, numels_[group]);
+  at::Tensor dst = slot.buffer.narrow(0, 0, numels_[chunk]);
   if (async_) {
     c10::StreamGuard guard(*copy_in_stream_);
-    // The copy-out stream may still read the slot, or write host(group) (K=1).
+    // The copy-out stream may still read the slot, or write host(chunk) (K=1).
     if (slot.copied_out) slot.copied_out->block(*copy_in_stream_);
-    if (host_busy_[group]) host_busy_[group]->block(*copy_in_stream_);
-    dst.copy_(host_[group], /*non_blocking=*/true);
-    copied_in_[group] = record_on(*copy_in_stream_);
+    if (host_busy_[chunk]) host_busy_[chunk]->block(*copy_in_stream_);
+    dst.copy_(host_[chunk], /*non_blocking=*/true);
+    copied_in_[chunk] = record_on(*copy_in_stream_);
     std::lock_guard<std::mutex> lock(host_busy_mutex_);
-    host_busy_[group] = copied_in_[group];
+    host_busy_[chunk] = copied_in_[chunk];
   } else {
-    dst.copy_(host_[group]);
+    dst.copy_(host_[chunk]);
   }
   bytes_h2d_ += static_cast<int64_t>(dst.nbytes());
   slot.copied_out.reset();
-  slot.owner = group;
+  slot.owner = chunk;
   slot.resident = true;
-  slot_of_[group] = s;
+  slot_of_[chunk] = s;
 }
 
-at::Tensor StateSwapper::acquire(int64_t group) {
+at::Tensor StateSwapper::acquire(int64_t chunk) {
   check_open("acquire()");
-  check_group(group);
-  if (!use_slots_) return host_[group];
-  prefetch(group);
-  if (copied_in_[group]) copied_in_[group]->block(current_stream());
-  return slots_[slot_of_[group]].buffer.narrow(0, 0, numels_[group]);
+  check_chunk(chunk);
+  if (!use_slots_) return host_[chunk];
+  prefetch(chunk);
+  if (copied_in_[chunk]) copied_in_[chunk]->block(current_stream());
+  return slots_[slot_of_[chunk]].buffer.narrow(0, 0, numels_[chunk]);
 }
 
-void StateSwapper::writeback(int64_t group) {
+void StateSwapper::writeback(int64_t chunk) {
   check_open("writeback()");
-  check_group(group);
+  check_chunk(chunk);
   if (!use_slots_) return;
-  const int64_t s = slot_of_[group];
-  TORCH_CHECK(s >= 0, "StateSwapper: writeback of group ", group,
+  const int64_t s = slot_of_[chunk];
+  TORCH_CHECK(s >= 0, "StateSwapper: writeback of chunk ", chunk,
               ", which is not on the device (prefetch/acquire it first)");
   Slot& slot = slots_[s];
-  at::Tensor src = slot.buffer.narrow(0, 0, numels_[group]);
+  at::Tensor src = slot.buffer.narrow(0, 0, numels_[chunk]);
   if (async_) {
-    // (this group's copy-in is behind the update already: acquire made it wait)
+    // (this chunk's copy-in is behind the update already: acquire made it wait)
     std::shared_ptr<c10::Event> computed = record_on(current_stream());
     c10::StreamGuard guard(*copy_out_stream_);
     computed->block(*copy_out_stream_);
-    host_[group].copy_(src, /*non_blocking=*/true);
+    host_[chunk].copy_(src, /*non_blocking=*/true);
     slot.copied_out = record_on(*copy_out_stream_);
     std::lock_guard<std::mutex> lock(host_busy_mutex_);
-    host_busy_[group] = slot.copied_out;
+    host_busy_[chunk] = slot.copied_out;
   } else {
-    host_[group].copy_(src);
+    host_[chunk].copy_(src);
   }
   bytes_d2h_ += static_cast<int64_t>(src.nbytes());
-  copied_in_[group].reset();
+  copied_in_[chunk].reset();
   slot.resident = false;
   slot.freed_at = ++writebacks_;
-  slot_of_[group] = -1;
+  slot_of_[chunk] = -1;
 }
 
 void StateSwapper::synchronize() {
@@ -284,7 +284,7 @@ void register_state_swapper(torch::Library& m) {
       .def("resident", &StateSwapper::resident)
       .def("pinned", &StateSwapper::pinned)
       .def("uses_slots", &StateSwapper::uses_slots)
-      .def("num_groups", &StateSwapper::num_groups)
+      .def("num_chunks", &StateSwapper::num_chunks)
       .def("num_slots", &StateSwapper::num_slots)
       .def("bytes_copied", &StateSwapper::bytes_copied)
       .def("reset_bytes_copied", &StateSwapper::reset_bytes_copied);

@@ -1,16 +1,17 @@
-// StateSwapper: each group's optimizer state as one flat fp32 host buffer (pinned where the
-// system allows), and a few device slots it is copied into for the group's update.
+// StateSwapper: each chunk of optimizer state as one flat fp32 host buffer (pinned where the
+// system allows), and a few device slots it is copied into for the chunk's update. The chunks are
+// the caller's (hift/store.py): HostStore's are the state's chunks, DiskStore's its staging slots.
 //
 // Copies run on two side streams, one per direction, so that the copy-out of one chunk and the
 // copy-in of another use both copy engines at once; the streams meet each other and the compute
 // stream only through events:
-//   prefetch(g)  copy-in stream waits on out[slot] and on the last copy-out into host(g), then
-//                H2D of host(g) into a free slot, then event in[g]
-//   acquire(g)   compute stream waits on in[g]
-//   writeback(g) copy-out stream waits for the compute stream, D2H into host(g), then event
-//                out[slot]; the slot is free for another group once out[slot] completes
-//   host(g)      the host waits for the last copy that touched host(g), if still in flight
-//   wait_for_host(g) the same wait, changing nothing: another thread (the disk store's I/O
+//   prefetch(c)  copy-in stream waits on out[slot] and on the last copy-out into host(c), then
+//                H2D of host(c) into a free slot, then event in[c]
+//   acquire(c)   compute stream waits on in[c]
+//   writeback(c) copy-out stream waits for the compute stream, D2H into host(c), then event
+//                out[slot]; the slot is free for another chunk once out[slot] completes
+//   host(c)      the host waits for the last copy that touched host(c), if still in flight
+//   wait_for_host(c) the same wait, changing nothing: another thread (the disk store's I/O
 //                workers) may call it while this one enqueues copies
 //   bytes_copied() [H2D, D2H] bytes of the copies made (plain copies on the CPU too) since
 //                construction or reset_bytes_copied()
@@ -38,22 +39,22 @@ namespace hift {
 
 class StateSwapper : public torch::CustomClassHolder {
  public:
-  StateSwapper(std::vector<int64_t> group_numels, c10::Device device, int64_t slots, bool pin,
+  StateSwapper(std::vector<int64_t> chunk_numels, c10::Device device, int64_t slots, bool pin,
                bool force_slots);
   ~StateSwapper() override;
 
-  at::Tensor host(int64_t group);
-  void wait_for_host(int64_t group) const;
-  void prefetch(int64_t group);
-  at::Tensor acquire(int64_t group);
-  void writeback(int64_t group);
+  at::Tensor host(int64_t chunk);
+  void wait_for_host(int64_t chunk) const;
+  void prefetch(int64_t chunk);
+  at::Tensor acquire(int64_t chunk);
+  void writeback(int64_t chunk);
   void synchronize();
   void close();
 
-  bool resident(int64_t group) const;
+  bool resident(int64_t chunk) const;
   bool pinned() const { return pinned_; }
   bool uses_slots() const { return use_slots_; }
-  int64_t num_groups() const { return static_cast<int64_t>(numels_.size()); }
+  int64_t num_chunks() const { return static_cast<int64_t>(numels_.size()); }
   int64_t num_slots() const { return static_cast<int64_t>(slots_.size()); }
   std::vector<int64_t> bytes_copied() const { return {bytes_h2d_, bytes_d2h_}; }
   void reset_bytes_copied() { bytes_h2d_ = bytes_d2h_ = 0; }
@@ -61,7 +62,7 @@ class StateSwapper : public torch::CustomClassHolder {
  private:
   struct Slot {
     at::Tensor buffer;
-    int64_t owner = -1;      // the group whose data the slot holds (or last held)
+    int64_t owner = -1;      // the chunk whose data the slot holds (or last held)
     bool resident = false;   // holds `owner` between prefetch and writeback
     uint64_t freed_at = 0;   // writeback counter when it was released; the oldest is reused first
     std::shared_ptr<c10::Event> copied_out;
@@ -69,9 +70,9 @@ class StateSwapper : public torch::CustomClassHolder {
 
   void make_slots(int64_t slots);
   void make_host_buffers(bool pin);
-  void check_group(int64_t group) const;
+  void check_chunk(int64_t chunk) const;
   void check_open(const char* what) const;
-  int64_t take_free_slot(int64_t group);
+  int64_t take_free_slot(int64_t chunk);
   std::shared_ptr<c10::Event> record_on(const c10::Stream& stream);
   c10::Stream current_stream() const;
 
@@ -84,7 +85,7 @@ class StateSwapper : public torch::CustomClassHolder {
   std::vector<at::Tensor> host_;
   std::vector<void*> registered_;  // host pointers pinned by cudaHostRegister, unpinned on exit
   std::vector<Slot> slots_;
-  std::vector<int64_t> slot_of_;  // group -> slot while resident, else -1
+  std::vector<int64_t> slot_of_;  // chunk -> slot while resident, else -1
   std::vector<std::shared_ptr<c10::Event>> copied_in_;
   std::vector<std::shared_ptr<c10::Event>> host_busy_;  // last copy reading or writing host(g)
   mutable std::mutex host_busy_mutex_;  // host_busy_ is read by wait_for_host from other threads

@@ -1,7 +1,10 @@
 """Triton kernels for the gradient path, each with a plain-torch reference twin in its file.
 
-    unscale(grads, inv_scale, found_inf) -> fp32 grads      (unscale.py)
     grad_norm_sq(grads) -> 0-d fp32                          (norm.py)
+
+fp16 gradients are never unscaled into a copy: the norm is taken of the scaled grads, and
+hift.precision.check_grads folds the inverse scale and the clip into the one multiplier that the
+fused AdamW update applies as it reads each grad.
 
 The package imports without triton (the `reference_*` twins are plain torch); `runs_on`
 then says False for every device. hift/ops.py is the only caller that chooses between
@@ -11,10 +14,9 @@ import torch
 
 from .norm import (NORM_BLOCK, block_sq_sums, fold_sum, grad_norm_sq, norm_blocks,
                    reference_block_sq_sums, reference_grad_norm_sq)
-from .unscale import HAS_TRITON, INTERPRETER, reference_unscale, unscale
+from ._triton import HAS_TRITON, INTERPRETER
 
-__all__ = ["runs_on", "unscale", "grad_norm_sq", "reference_unscale", "reference_grad_norm_sq",
-           "HAS_TRITON", "INTERPRETER"]
+__all__ = ["runs_on", "grad_norm_sq", "reference_grad_norm_sq", "HAS_TRITON", "INTERPRETER"]
 
 
 def runs_on(device) -> bool:

@@ -25,7 +25,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from .unscale import HAS_TRITON, check_grads, register_op, triton, tl
+from ._triton import HAS_TRITON, check_grads, register_op, triton, tl
 
 NORM_BLOCK = 256  # elements per block (as int8 moments'); data-parallel shards start on multiples of it
 _LOG2_BLOCK = NORM_BLOCK.bit_length() - 1

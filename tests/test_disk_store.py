@@ -68,7 +68,7 @@ def test_a_fresh_state_writes_no_zeros_and_stages_at_most_two_groups(tmp_path):
     apparent = sum(p.stat().st_size for p in store.paths)
     assert apparent == sum(state.numels) * 4 >= 10 * max(sizes)
     assert store.disk_bytes() < apparent / 100
-    staging = [store.swapper.host(s) for s in range(store.swapper.num_groups())]
+    staging = [store.swapper.host(s) for s in range(store.swapper.num_chunks())]
     assert len(staging) == 2 and all(b.numel() == max(state.numels) for b in staging)
     state.close()
 

@@ -723,15 +723,16 @@ def test_a_checkpoint_of_two_ranks_resumes_on_three(one_and_two):
 def test_the_planner_predicts_each_ranks_state_and_collectives(ranks, case):
     """hift plan --ranks N: the largest rank's resting state and the largest step's
     bytes handed to collectives, as the ranks measured them, to the byte."""
-    from hift import planner
+    from hift.plan.predict import plan_hift
+    from hift.plan.trace import meta_model, trace_units
 
     world, _, outs = ranks
     options = PLANNED[case]
     batch = global_batches(world)[0]["input_ids"]
-    model = planner.meta_model(tm.llama(layers=2).config, options["precision"])
-    trace, _ = planner.trace_units(model, PER_RANK, batch.shape[1])
-    plan = planner.plan_hift(trace, options["precision"], options["group_size"], offload=True, ranks=world,
-                             moment_dtype=options["moment_dtype"], reduce_dtype=options["reduce_dtype"])
+    model = meta_model(tm.llama(layers=2).config, options["precision"])
+    trace, _ = trace_units(model, PER_RANK, batch.shape[1])
+    plan = plan_hift(trace, options["precision"], options["group_size"], offload=True, ranks=world,
+                     moment_dtype=options["moment_dtype"], reduce_dtype=options["reduce_dtype"])
     measured = [out["planned"][case] for out in outs]
     assert plan.host == max(m["state"] for m in measured)
     assert sum(m["state"] for m in measured) <= plan.host * world

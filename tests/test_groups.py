@@ -103,6 +103,20 @@ def test_model_without_blocks_asks_for_units():
         detect_units(model, lambda: model(torch.randn(2, 4)).sum())
 
 
+def test_a_model_with_nothing_to_train_is_refused_in_words_by_every_entry():
+    model = tm.llama(layers=2).requires_grad_(False)
+    batches = tm.lm_batches(2)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    words = "no trainable parameters"
+    with pytest.raises(GroupingError, match=words):
+        detect_units(model, lambda: model(**batches[0]))
+    with pytest.raises(GroupingError, match=words):
+        hift.HiftAdamW(model, example_batch=batches[0])
+    with pytest.raises(GroupingError, match=words):
+        hift.fit(model, batches, max_steps=1, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+
+
 def test_user_units_must_cover_every_trainable_parameter():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     units = units_from_user(model, [model[0], model[1]])

@@ -1,4 +1,4 @@
-"""hift.planner: its arithmetic against hand counts on a tiny config, its optimizer-state bytes
+"""hift.plan: its arithmetic against hand counts on a tiny config, its optimizer-state bytes
 (per format and store) against what hift.state allocates, and its CPU prediction against the
 measured peak of real runs (each in a fresh process) within 10%."""
 import json
@@ -14,7 +14,12 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hift import planner  # noqa: E402
+from hift.plan.predict import (GB, plan_adamw, plan_hift, plan_lomo, state_chunk_bytes,  # noqa: E402
+                               state_format, sweep)
+from hift.plan.report import HOST_RAM_TARGETS_7B  # noqa: E402
+from hift.plan.run import main as plan_main  # noqa: E402
+from hift.plan.trace import UnitTrace, block_input_bytes, llama_config, meta_model, trace_units  # noqa: E402
+from hift.precision import DTYPES  # noqa: E402
 
 TINY = dict(vocab_size=101, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64)
@@ -25,8 +30,8 @@ N = V * H + L * BLOCK + H + V * H
 
 @pytest.fixture(scope="module")
 def tiny_traced():
-    model = planner.meta_model(TINY, "bf16")
-    return planner.trace_units(model, 3, 7)
+    model = meta_model(TINY, "bf16")
+    return trace_units(model, 3, 7)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def test_saved_tensors_by_hand(tiny_trace):
 def test_hift_state_and_weights_by_hand(tiny_trace):
     largest_group = max(V * H, BLOCK)
     for prefetch in (True, False):
-        h = planner.plan_hift(tiny_trace, "bf16", group_size=1, prefetch=prefetch, offload=True)
+        h = plan_hift(tiny_trace, "bf16", group_size=1, prefetch=prefetch, offload=True)
         # fit's default for bf16 weights: the int16 remainder of the fp32 master beside each
         # weight, fp32 exp_avg and exp_avg_sq: 2 + 4 + 4 bytes per parameter
         assert h.weights == 2 * N and h.host == 10 * N
@@ -64,12 +69,12 @@ def test_hift_state_and_weights_by_hand(tiny_trace):
         # own group's step, so no second slot is in flight
         assert h.optimizer_resident == 10 * largest_group and h.optimizer_in_flight == 0
         assert h.total == h.weights + h.gradients + 10 * largest_group + h.activations
-    h = planner.plan_hift(tiny_trace, "bf16", master_format="fp32")  # a full fp32 master
+    h = plan_hift(tiny_trace, "bf16", master_format="fp32")  # a full fp32 master
     assert h.host == 12 * N and h.optimizer_resident == 12 * largest_group
-    h = planner.plan_hift(tiny_trace, "fp32", group_size=2, prefetch=True, offload=True)
+    h = plan_hift(tiny_trace, "fp32", group_size=2, prefetch=True, offload=True)
     assert h.optimizer_resident == 8 * max(V * H + BLOCK, BLOCK + H, V * H)  # groups of two units
     assert h.optimizer_in_flight == 0
-    h = planner.plan_hift(tiny_trace, "fp32", group_size=1, offload=False)
+    h = plan_hift(tiny_trace, "fp32", group_size=1, offload=False)
     assert h.optimizer_resident == 8 * N and h.optimizer_in_flight == 0 and h.host == 0
 
 
@@ -87,8 +92,8 @@ def test_chunked_state_by_hand_and_as_the_state_allocates_it(tiny_traced, chunk_
     from hift.state import OptimizerState, StateFormat
 
     trace, units = tiny_traced
-    h = planner.plan_hift(trace, "bf16", group_size=1, offload=True, state_chunk_mib=chunk_mib,
-                          master_format="fp32")
+    h = plan_hift(trace, "bf16", group_size=1, offload=True, state_chunk_mib=chunk_mib,
+                  master_format="fp32")
     assert (h.optimizer_resident, h.optimizer_in_flight) == (resident, in_flight)
     assert h.optimizer == resident + in_flight and h.host == 12 * N
     # what hift.state really puts on the device for the same groups: its slots, each the size
@@ -114,7 +119,7 @@ def test_chunked_state_by_hand_and_as_the_state_allocates_it(tiny_traced, chunk_
 ])
 def test_state_formats_host_store_by_hand(tiny_trace, precision, master_format, moments, per_param):
     largest_group = BLOCK  # > V * H
-    h = planner.plan_hift(tiny_trace, precision, master_format=master_format, moment_dtype=moments)
+    h = plan_hift(tiny_trace, precision, master_format=master_format, moment_dtype=moments)
     assert h.host == h.host_ram == per_param * N and h.disk == h.disk_io_per_step == 0
     assert (h.optimizer_resident, h.optimizer_in_flight) == (per_param * largest_group, 0)
     # per step the active group's state is copied to the device and back: the largest group's
@@ -124,15 +129,15 @@ def test_state_formats_host_store_by_hand(tiny_trace, precision, master_format, 
 
 def test_sections_are_16_byte_aligned_by_hand():
     # odd unit sizes: each section of a group's state starts on a 16-byte boundary (hift.state)
-    trace = planner.UnitTrace(kinds=["a", "b", "c"], numels=[1001, 333, 7], largest_param=1001,
-                              unit_largest_param=[1001, 333, 7], trainable=[5, 5, 5], frozen=[1, 1, 1],
-                              transient_trainable=[3, 3, 3], transient_frozen=[1, 1, 1])
+    trace = UnitTrace(kinds=["a", "b", "c"], numels=[1001, 333, 7], largest_param=1001,
+                      unit_largest_param=[1001, 333, 7], trainable=[5, 5, 5], frozen=[1, 1, 1],
+                      transient_trainable=[3, 3, 3], transient_frozen=[1, 1, 1])
     # remainder + bf16 moments: three sections of 2 bytes per element; 2002 -> 2016, 666 -> 672, 14 -> 16
-    h = planner.plan_hift(trace, "bf16", moment_dtype="bf16")
+    h = plan_hift(trace, "bf16", moment_dtype="bf16")
     assert h.host == 3 * (2016 + 672 + 16) and h.optimizer_resident == 3 * 2016
     assert h.pcie_per_step == 2 * 3 * 2016 and h.step_params == 1001
     # remainder + fp32 moments: 2002 -> 2016, then 4004 -> 4016 twice
-    h = planner.plan_hift(trace, "bf16")
+    h = plan_hift(trace, "bf16")
     assert h.optimizer_resident == 2016 + 2 * 4016
     assert h.host == 2016 + 2 * 4016 + 672 + 2 * 1344 + 16 + 2 * 32
 
@@ -140,8 +145,8 @@ def test_sections_are_16_byte_aligned_by_hand():
 @pytest.mark.parametrize("moments,per_param", [("fp32", 10), ("bf16", 6)])
 def test_disk_store_by_hand(tiny_trace, moments, per_param):
     largest = per_param * BLOCK  # the largest group's state
-    host = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments)
-    h = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk")
+    host = plan_hift(tiny_trace, "bf16", moment_dtype=moments)
+    h = plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk")
     # every group's state in its files; host RAM holds two staging buffers of the largest
     # group's state (the step's, and the next step's read ahead); the device one slot of it,
     # as with the host store
@@ -152,13 +157,13 @@ def test_disk_store_by_hand(tiny_trace, moments, per_param):
     assert h.pcie_per_step == h.disk_io_per_step == 2 * largest and h.pcie_per_param == 2 * per_param
     # groups cut into chunks of 880 parameters: three staging buffers of one chunk, two slots
     chunk = 880 * per_param
-    c = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk",
-                          state_chunk_mib=chunk / 2**20)
+    c = plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk",
+                  state_chunk_mib=chunk / 2**20)
     assert c.host == 3 * chunk and (c.optimizer_resident, c.optimizer_in_flight) == (chunk, chunk)
     assert c.disk == per_param * N and c.pcie_per_step == 2 * largest
     # on a CPU no device slot: the update works on the staging buffers in RAM, which count in
     # the process's total; host RAM is that total, and nothing crosses PCIe
-    cpu = planner.plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk", device="cpu")
+    cpu = plan_hift(tiny_trace, "bf16", moment_dtype=moments, state_store="disk", device="cpu")
     assert cpu.optimizer == 2 * largest and cpu.host == 0 and cpu.host_ram == cpu.total
     assert cpu.pcie_per_step == 0 and cpu.disk_io_per_step == 2 * largest and cpu.disk == per_param * N
 
@@ -178,9 +183,9 @@ def test_state_bytes_as_the_state_allocates_them(tiny_traced, tmp_path, precisio
     from hift.state import OptimizerState, StateFormat
 
     trace, units = tiny_traced
-    dtype = planner.DTYPES[precision]
+    dtype = DTYPES[precision]
     fmt = StateFormat(formats.master_format(dtype, master_format), moments)  # as hift.engine makes it
-    assert planner.state_format(precision, moments, master_format) == fmt
+    assert state_format(precision, moments, master_format) == fmt
     chunk_mib = None if chunk_numel is None else chunk_numel * fmt.bytes_per_element / 2**20
     gen = torch.Generator().manual_seed(0)
     groups = [Group(i, [Unit(u.kind, [torch.nn.Parameter(torch.randn(p.shape, generator=gen).to(dtype))
@@ -189,9 +194,9 @@ def test_state_bytes_as_the_state_allocates_them(tiny_traced, tmp_path, precisio
                            state_dir=str(tmp_path) if store == "disk" else None)
     try:
         allocated = [[state.numels[c] * 4 for c in chunks] for chunks in state.chunks_of]
-        assert planner.state_chunk_bytes([[p.numel() for p in u.params] for u in units], fmt, chunk_mib) == allocated
-        h = planner.plan_hift(trace, precision, state_chunk_mib=chunk_mib, moment_dtype=moments,
-                              master_format=master_format, state_store=store)
+        assert state_chunk_bytes([[p.numel() for p in u.params] for u in units], fmt, chunk_mib) == allocated
+        h = plan_hift(trace, precision, state_chunk_mib=chunk_mib, moment_dtype=moments,
+                      master_format=master_format, state_store=store)
         resting = sum(map(sum, allocated))
         if store == "host":
             assert h.host == resting and h.disk == 0
@@ -201,7 +206,7 @@ def test_state_bytes_as_the_state_allocates_them(tiny_traced, tmp_path, precisio
             assert h.disk == resting == sum(path.stat().st_size for path in state.store.paths)
             # the staging buffers are the host buffers of the disk store's swapper
             staging = state.swapper
-            assert sum(staging.host(i).numel() for i in range(staging.num_groups())) * 4 == h.host
+            assert sum(staging.host(i).numel() for i in range(staging.num_chunks())) * 4 == h.host
             assert h.disk_io_per_step == 2 * max(map(sum, allocated))
         assert h.pcie_per_step == 2 * max(map(sum, allocated))
     finally:
@@ -209,54 +214,54 @@ def test_state_bytes_as_the_state_allocates_them(tiny_traced, tmp_path, precisio
 
 
 def test_llama_7b_state_formats_meet_the_issue_targets():
-    trace, _ = planner.trace_units(planner.meta_model("llama-2-7b", "bf16"), 1, 512)
-    for (moments, store), target in planner.HOST_RAM_TARGETS_7B.items():
-        h = planner.plan_hift(trace, "bf16", moment_dtype=moments, state_store=store)
-        assert h.host_ram <= target * planner.GB, (moments, store, h.host_ram / planner.GB)
+    trace, _ = trace_units(meta_model("llama-2-7b", "bf16"), 1, 512)
+    for (moments, store), target in HOST_RAM_TARGETS_7B.items():
+        h = plan_hift(trace, "bf16", moment_dtype=moments, state_store=store)
+        assert h.host_ram <= target * GB, (moments, store, h.host_ram / GB)
     # state over PCIe per trained parameter and step: in and out, 2 x the bytes at rest
     for master, moments, per_param in [("fp32", "fp32", 24), ("auto", "fp32", 20), ("auto", "bf16", 12)]:
-        h = planner.plan_hift(trace, "bf16", master_format=master, moment_dtype=moments)
+        h = plan_hift(trace, "bf16", master_format=master, moment_dtype=moments)
         assert h.pcie_per_param == pytest.approx(per_param, rel=1e-6)
 
 
 def test_adamw_and_lomo_by_hand(tiny_trace):
-    a = planner.plan_adamw(tiny_trace, "bf16")
+    a = plan_adamw(tiny_trace, "bf16")
     assert a.weights == 2 * N and a.optimizer_resident == 12 * N  # fp32 master, exp_avg, exp_avg_sq
     assert 0 <= a.gradients <= 2 * N  # the gradients made before the peak of the backward
-    assert planner.plan_adamw(tiny_trace, "fp32").optimizer_resident == 8 * N
-    lo = planner.plan_lomo(tiny_trace, "bf16")
+    assert plan_adamw(tiny_trace, "fp32").optimizer_resident == 8 * N
+    lo = plan_lomo(tiny_trace, "bf16")
     # no state; at most one gradient alive: the largest parameter's, in bf16, plus the fp32
     # copies of it and of its weight that the update works on
     assert lo.optimizer == 0 and lo.gradients <= (2 + 8) * V * H
 
 
 def test_sweep_by_hand():
-    trace = planner.UnitTrace(kinds=["a", "b", "c"], numels=[1, 1, 1], largest_param=1,
-                              unit_largest_param=[1, 1, 1], trainable=[10, 20, 30],
-                              frozen=[1, 2, 3], transient_trainable=[0, 5, 50],
-                              transient_frozen=[0, 4, 40])
+    trace = UnitTrace(kinds=["a", "b", "c"], numels=[1, 1, 1], largest_param=1,
+                      unit_largest_param=[1, 1, 1], trainable=[10, 20, 30],
+                      frozen=[1, 2, 3], transient_trainable=[0, 5, 50],
+                      transient_frozen=[0, 4, 40])
     # only unit 1 trains: unit 0 saves nothing, unit 2 is frozen (3 saved, 40 transient)
     # during 2: 20 + 3 + 40 = 63; after 2: 20; during 1: 20 + 5 = 25; after 1: 0 + 7
-    assert planner.sweep(trace, [False, True, False], [7, 7, 7], 1) == (63, 63, 0)
+    assert sweep(trace, [False, True, False], [7, 7, 7], 1) == (63, 63, 0)
     # everything trains: during 2: 60 + 50 = 110; after 2: 30 + 7; during 1: 30 + 5 + 7 = 42;
     # after 1: 10 + 14; during 0: 10 + 0 + 14; after 0: 21
-    assert planner.sweep(trace, [True] * 3, [7, 7, 7], 0) == (110, 110, 0)
+    assert sweep(trace, [True] * 3, [7, 7, 7], 0) == (110, 110, 0)
     trace.transient_trainable = [0, 5, 0]
     # now after 1 (10 + 14 = 24) loses to during 1 (30 + 5 + 7 = 42) and during 2 (60)
-    assert planner.sweep(trace, [True] * 3, [7, 7, 7], 0) == (60, 60, 0)
+    assert sweep(trace, [True] * 3, [7, 7, 7], 0) == (60, 60, 0)
     trace.trainable = [100, 1, 1]
     # during 0: 100 + 0 + 14 = 114 wins
-    assert planner.sweep(trace, [True] * 3, [7, 7, 7], 0) == (114, 100, 14)
+    assert sweep(trace, [True] * 3, [7, 7, 7], 0) == (114, 100, 14)
 
 
 def test_published_configs_are_written_out():
-    seven = planner.llama_config("llama-2-7b")
+    seven = llama_config("llama-2-7b")
     assert (seven.hidden_size, seven.num_hidden_layers, seven.num_attention_heads,
             seven.intermediate_size, seven.vocab_size) == (4096, 32, 32, 11008, 32000)
-    thirteen = planner.llama_config("llama-2-13b")
+    thirteen = llama_config("llama-2-13b")
     assert (thirteen.hidden_size, thirteen.num_hidden_layers, thirteen.num_attention_heads,
             thirteen.intermediate_size) == (5120, 40, 40, 13824)
-    model = planner.meta_model("llama-2-7b", "bf16")
+    model = meta_model("llama-2-7b", "bf16")
     assert abs(sum(p.numel() for p in model.parameters()) - 6.74e9) < 0.01e9
 
 
@@ -283,7 +288,8 @@ MEASURE = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(int(sys.argv[2]))
-    from hift import planner
+    from hift.plan.predict import plan_adamw, plan_hift
+    from hift.plan.trace import block_input_bytes, meta_model, trace_units
     from bench.planner_measure import measure
     import tempfile
     config, batch, seq, method, group_size = json.loads(sys.argv[1])
@@ -294,12 +300,12 @@ MEASURE = textwrap.dedent("""
     with tempfile.TemporaryDirectory() as state_dir:
         measure(json.loads(sys.argv[3]), 1, 16, steps=2, state_dir=state_dir, **options)  # warm-up
         measured = measure(config, batch, seq, steps=3, state_dir=state_dir, **options)["peak_above_model"]
-    model = planner.meta_model(config, "fp32")
-    trace, _ = planner.trace_units(model, batch, seq)
-    boundary = planner.block_input_bytes(model, batch, seq, "fp32") if options["recompute"] else None
-    p = (planner.plan_hift(trace, "fp32", group_size, offload=False, recompute_boundary=boundary,
-                           device="cpu", **state)
-         if method.startswith("hift") else planner.plan_adamw(trace, "fp32"))
+    model = meta_model(config, "fp32")
+    trace, _ = trace_units(model, batch, seq)
+    boundary = block_input_bytes(model, batch, seq, "fp32") if options["recompute"] else None
+    p = (plan_hift(trace, "fp32", group_size, offload=False, recompute_boundary=boundary,
+                   device="cpu", **state)
+         if method.startswith("hift") else plan_adamw(trace, "fp32"))
     print(json.dumps([p.above_model, measured]))
 """)
 CASES = [
@@ -373,33 +379,33 @@ def test_plan_reads_any_local_model_directory(tmp_path, capsys, family):
 
     model = getattr(tm, family)(layers=3)
     model.config.save_pretrained(tmp_path)
-    assert planner.main(["--model", str(tmp_path), "--seq", "16", "--json"]) == 0
+    assert plan_main(["--model", str(tmp_path), "--seq", "16", "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)
     weights = sum(p.numel() for p in model.parameters()) * 2  # bf16
     assert plans["hift"]["weights"] == weights
-    traced = planner.meta_model(str(tmp_path), "bf16")
+    traced = meta_model(str(tmp_path), "bf16")
     assert type(traced).__name__ == type(model).__name__
 
 
 def test_plan_refuses_a_path_that_is_no_model_in_words(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        planner.main(["--model", str(tmp_path / "nothing-here")])
+        plan_main(["--model", str(tmp_path / "nothing-here")])
     assert "model directory with a config.json" in capsys.readouterr().err
 
 
 def test_plan_ranks_shows_one_ranks_share_against_ddp(capsys):
     """hift plan --ranks 8: a rank rests 1/8 of the state (up to its shard's padding) and hands
     1/K of DDP's bytes to collectives; LOMO, which has no data parallel, is left out."""
-    assert planner.main(["--model", "llama-2-7b", "--json"]) == 0
+    assert plan_main(["--model", "llama-2-7b", "--json"]) == 0
     one = json.loads(capsys.readouterr().out)
-    assert planner.main(["--model", "llama-2-7b", "--ranks", "8", "--json"]) == 0
+    assert plan_main(["--model", "llama-2-7b", "--ranks", "8", "--json"]) == 0
     eight = json.loads(capsys.readouterr().out)
     assert set(eight) == {"hift", "adamw"} and eight["hift"]["ranks"] == 8
     assert one["hift"]["host"] / 8 <= eight["hift"]["host"] <= one["hift"]["host"] / 8 * 1.001
     assert eight["adamw"]["network_per_step"] == eight["adamw"]["weights"]  # every bf16 gradient
     assert 0 < eight["hift"]["network_per_step"] < eight["adamw"]["network_per_step"] / 10
     with pytest.raises(SystemExit):
-        planner.main(["--model", "llama-2-7b", "--ranks", "0"])
+        plan_main(["--model", "llama-2-7b", "--ranks", "0"])
     assert "--ranks takes a number of ranks" in capsys.readouterr().err
 
 
@@ -429,8 +435,8 @@ def _measure_rank(rank, world, store, out, case):
     config, batch, seq = case
     measure(TINY_WARMUP, 1, 16, steps=2, offload=False)
     measured = measure(config, batch, seq, steps=5, offload=False)["peak_above_model"]
-    trace, _ = planner.trace_units(planner.meta_model(config, "fp32"), batch, seq)
-    predicted = planner.plan_hift(trace, "fp32", 1, offload=False, device="cpu", ranks=world).above_model
+    trace, _ = trace_units(meta_model(config, "fp32"), batch, seq)
+    predicted = plan_hift(trace, "fp32", 1, offload=False, device="cpu", ranks=world).above_model
     Path(out, f"rank-{rank}.json").write_text(json.dumps([predicted, measured]))
     dist.destroy_process_group()
 

@@ -13,7 +13,7 @@ from hift import checkpoint, fit, formats
 from hift.batches import BatchStream
 from hift.distributed import GroupLayout, shard_chunks
 from hift.reshard import LayoutError, SavedState
-from hift.state import PACKED, PIECE_ALIGN, Chunk, Piece, StateFormat, chunk_bytes, chunk_sections, cut_into_chunks
+from hift.state import PACKED, PIECE_ALIGN, Chunk, Piece, StateFormat, cut_into_chunks
 
 FORMATS = [StateFormat("none", "fp32"), StateFormat("remainder", "bf16"), StateFormat("fp32", "int8"),
            StateFormat("remainder", "int8")]
@@ -30,36 +30,52 @@ def random_layout(rng: random.Random, sizes: list[int], block: int) -> list[list
     return [pieces for rank in range(world) for pieces in shard_chunks(layout, rank, chunk, block) if pieces]
 
 
-def logical_bytes(rng: torch.Generator, format: StateFormat, sizes: list[int]) -> list[list[torch.Tensor]]:
-    """Per section, per parameter: random bytes for every element (or block scale) it holds."""
+# What each section holds per parameter element: master, exp_avg, exp_avg_sq one each; int8
+# moments' fp32 scales so many per block of INT8_BLOCK elements (exp_avg: its scale; exp_avg_sq: lo, hi)
+PER_BLOCK = [None, None, None, 1, 2]
+SECTION_ALIGN = 16  # every section starts on 16 bytes (docs/architecture.md, "The state's bytes")
+
+
+def logical_bytes(rng: torch.Generator, format: StateFormat, sizes: list[int]) -> list:
+    """Per section, (bytes per value, values per block or None, per parameter: random bytes for
+    every element or block scale it holds); None for a section the format does not have."""
     out = []
-    for section in chunk_sections(format, [Piece(i, 0, n) for i, n in enumerate(sizes)]):
-        if section.dtype is None:
+    for dtype, per_block in zip(format.dtypes, PER_BLOCK):
+        if dtype is None:
             out.append(None)
             continue
-        out.append([torch.randint(0, 256, (n * section.dtype.itemsize,), dtype=torch.uint8, generator=rng)
-                    for n in section.sizes])
+        counts = [n if per_block is None else -(-n // formats.INT8_BLOCK) * per_block for n in sizes]
+        out.append((dtype.itemsize, per_block,
+                    [torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=rng) for n in counts]))
     return out
 
 
-def element_bytes(section, logical, piece):
+def element_bytes(section, piece):
     """The logical bytes of a piece of a parameter in one section."""
-    size = section.dtype.itemsize
-    if section.per_block is None:
-        return logical[piece.param][piece.lo * size : piece.hi * size]
-    first = piece.lo // formats.INT8_BLOCK * section.per_block
-    return logical[piece.param][first * size : (first + formats.int8_blocks(piece.numel) * section.per_block) * size]
+    size, per_block, values = section
+    if per_block is None:
+        return values[piece.param][piece.lo * size : piece.hi * size]
+    first = piece.lo // formats.INT8_BLOCK * per_block
+    blocks = -(-piece.numel // formats.INT8_BLOCK)
+    return values[piece.param][first * size : (first + blocks * per_block) * size]
 
 
-def write_chunk(format, pieces, logical, align=PIECE_ALIGN) -> torch.Tensor:
-    out = torch.zeros(chunk_bytes(Chunk(0, pieces), format, align), dtype=torch.uint8)
-    for section, values in zip(chunk_sections(format, pieces, align), logical):
-        if values is None:
+def write_chunk(pieces, logical, align=PIECE_ALIGN) -> torch.Tensor:
+    """A chunk's bytes written out from the rule alone, not with hift.state's Section arithmetic
+    (which the code under test uses): the format's sections one after another, each padded to a
+    multiple of 16 bytes; in a section the pieces in order, each starting on a multiple of `align`
+    bytes from the section's start (PACKED: end to end); padding is zeros."""
+    out = bytearray()
+    for section in logical:
+        if section is None:
             continue
-        for j, piece in enumerate(pieces):
-            first, last = section.span(piece, j, piece.lo, piece.hi)
-            out[first:last] = element_bytes(section, values, piece)
-    return out
+        data = bytearray()
+        for piece in pieces:
+            data += bytes(-len(data) % align)
+            data += element_bytes(section, piece).numpy().tobytes()
+        data += bytes(-len(data) % SECTION_ALIGN)
+        out += data
+    return torch.frombuffer(out, dtype=torch.uint8) if out else torch.zeros(0, dtype=torch.uint8)
 
 
 @pytest.mark.parametrize("format", FORMATS, ids=lambda f: f"{f.master}-{f.moments}")
@@ -78,19 +94,19 @@ def test_any_layout_reads_the_bits_of_any_other(tmp_path, format):
             path = tmp_path / f"t{trial}-chunk-{c}.safetensors"
             entry = [0, [[p.param, p.lo, p.hi] for p in pieces]]
             align = rng.choice([PACKED, PIECE_ALIGN])  # an older hift's chunk, or this one's
-            save_file({"bytes": write_chunk(format, pieces, logical, align)}, str(path))
+            save_file({"bytes": write_chunk(pieces, logical, align)}, str(path))
             files.append((path, entry if align == PACKED else entry + [align]))
         source = SavedState(files, format)
         for pieces in random_layout(rng, sizes, format.block):
             got = source.assemble(Chunk(0, pieces))
-            assert torch.equal(got, write_chunk(format, pieces, logical)), f"seed {seed}, trial {trial}"
+            assert torch.equal(got, write_chunk(pieces, logical)), f"seed {seed}, trial {trial}"
 
 
 def test_saved_state_that_misses_elements_is_refused(tmp_path):
     format = FORMATS[0]
     pieces = cut_into_chunks([300, 40], None)[0]
     logical = logical_bytes(torch.Generator().manual_seed(0), format, [300, 40])
-    save_file({"bytes": write_chunk(format, pieces[:1], logical)}, str(tmp_path / "c.safetensors"))
+    save_file({"bytes": write_chunk(pieces[:1], logical)}, str(tmp_path / "c.safetensors"))
     source = SavedState([(tmp_path / "c.safetensors", [0, [[0, 0, 300]]])], format)
     with pytest.raises(LayoutError, match="holds 0 of the 40 elements"):
         source.assemble(Chunk(0, pieces))

@@ -61,7 +61,7 @@ def gen(request):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_round_trip_through_slots(impl, gen):
     swapper = new_swapper(impl, SIZES)
-    assert swapper.uses_slots() and swapper.num_slots() == 2 and swapper.num_groups() == len(SIZES)
+    assert swapper.uses_slots() and swapper.num_slots() == 2 and swapper.num_chunks() == len(SIZES)
     expected = fill_hosts(swapper, SIZES, gen)
     for g in range(len(SIZES)):
         swapper.prefetch(g)
@@ -105,8 +105,8 @@ def test_out_of_order_prefetch(impl, gen):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_slot_reused_while_its_copy_out_is_in_flight(impl, gen):
-    """One slot: each group's copy-in queues behind the previous group's copy-out; on a GPU a
-    long kernel before each writeback keeps that copy-out in flight when the next group comes."""
+    """One slot: each chunk's copy-in queues behind the previous chunk's copy-out; on a GPU a
+    long kernel before each writeback keeps that copy-out in flight when the next chunk comes."""
     sizes = [(1 << 20) + 7, (1 << 20) - 5, 12345]
     swapper = new_swapper(impl, sizes, slots=1)
     expected = fill_hosts(swapper, sizes, gen)
@@ -204,7 +204,7 @@ def test_close_is_idempotent_and_use_after_it_fails_in_words(impl, gen):
     swapper.close()
     swapper.synchronize()  # nothing left to wait for: a no-op, not an error
     assert torch.equal(kept, expected[1] * 3.0)  # a buffer still held stays valid
-    assert swapper.num_groups() == 2 and swapper.num_slots() == 1 and not swapper.pinned()
+    assert swapper.num_chunks() == 2 and swapper.num_slots() == 1 and not swapper.pinned()
     for use in (lambda: swapper.host(0), lambda: swapper.prefetch(0), lambda: swapper.acquire(0),
                 lambda: swapper.writeback(0), lambda: swapper.resident(0), lambda: swapper.wait_for_host(0)):
         with pytest.raises(RuntimeError, match=r"after close\(\)"):
@@ -298,7 +298,7 @@ def test_python_swapper_that_cannot_pin_unpins_what_it_had_and_says_why(monkeypa
 
 @pytest.mark.parametrize("impl", CUDA_IMPLS)
 def test_pinned_in_place_costs_exactly_the_requested_bytes(impl, gen):
-    """Through the caching host allocator a 4 MiB + 28 byte group would take a block of 8 MiB;
+    """Through the caching host allocator a 4 MiB + 28 byte chunk would take a block of 8 MiB;
     pinned in place it takes its own bytes, and the allocator makes no block at all."""
     sizes = [(1 << 20) + 7, 12347, 3]
     made_before = torch.cuda.host_memory_stats().get("num_host_alloc", 0)

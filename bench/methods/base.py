@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hift.batches import compute_loss, to_device
+from hift.precision import DTYPES
 
 
 @dataclass
@@ -29,9 +30,6 @@ class RunSpec:
     max_grad_norm: Optional[float] = 1.0  # where a method can clip without an extra pass
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # method-specific, from "name:k=v,..."
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

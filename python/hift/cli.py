@@ -25,7 +25,7 @@ def main(argv=None) -> int:
 
         return demo_main(rest) or 0
     if args.command == "plan":
-        from hift.planner import main as plan_main
+        from hift.plan.run import main as plan_main
 
         return plan_main(rest) or 0
     if args.command == "train":

@@ -164,10 +164,6 @@ class Config:
              f"keep_last must be an integer >= 1, got {self.keep_last!r}")
         need(isinstance(self.log_every, int) and self.log_every >= 1, f"log_every must be an integer >= 1, got {self.log_every!r}")
 
-    @property
-    def clipping(self) -> bool:
-        return bool(self.max_grad_norm)
-
     def with_memory(self, **chosen) -> "Config":
         """This config with the memory options left unset filled: from `chosen` (memory="auto"'s
         pick), else MANUAL_MEMORY; state_chunk_mib 0 (whole groups, asked for) becomes None."""

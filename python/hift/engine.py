@@ -15,7 +15,7 @@ from torch import nn
 from hift import checkpoint, distributed
 from hift.batches import BatchStream, compute_loss, to_device
 from hift.config import Config, ConfigError
-from hift.groups import Group, GroupingError
+from hift.groups import Group, trainable_parameters
 from hift.memory import host_peak_bytes, host_resident_bytes, peak_memory_bytes, reset_peak_memory
 from hift.memory_plan import MemoryPlan, claim_check, plan_run
 from hift.optim import HiftAdamW, model_device
@@ -110,9 +110,7 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     end; resume_from=<save_dir or checkpoint> continues a run exactly where it stopped.
     """
     cfg = Config.build(config, **options)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
+    trainable = trainable_parameters(model)
     device = model_device(trainable)
     resume = checkpoint.read(cfg.resume_from) if cfg.resume_from is not None else None
     stream = BatchStream(loader)

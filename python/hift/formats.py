@@ -45,7 +45,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-MASTER_FORMATS = ("none", "fp32", "remainder")
 MOMENT_DTYPES = ("fp32", "bf16", "int8")
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "remainder": torch.int16}
 # int8 moments: the codes' dtypes and the fp32 scales each block keeps per moment

@@ -104,6 +104,14 @@ def _is_block_list(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad, in model.parameters() order; refused in words if none do."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
+    return trainable
+
+
 def _trainable_names(model: nn.Module) -> dict[int, str]:
     """id(param) -> its first name, for the trainable parameters (shared ones appear once)."""
     return {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -136,9 +144,8 @@ def forward_order(model: nn.Module, run_forward: Callable[[], Any]) -> list[nn.M
 
 def detect_units(model: nn.Module, run_forward: Callable[[], Any]) -> list[Unit]:
     """Units of `model` in forward order; `run_forward` runs the model once on a real batch."""
+    trainable_parameters(model)  # refuses a model with none
     names = _trainable_names(model)
-    if not names:
-        raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
     block_lists = find_block_lists(model)
     if not block_lists:
         raise GroupingError(

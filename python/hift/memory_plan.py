@@ -22,7 +22,8 @@ from hift.batches import BatchError
 from hift.config import Config
 from hift.plan import auto
 from hift.plan.predict import GB, Breakdown
-from hift.plan.trace import DTYPES, UnitTrace, meta_twin, trace_units
+from hift.plan.trace import UnitTrace, meta_twin, trace_units
+from hift.precision import DTYPES
 
 CLAIM_TOLERANCE = 0.10  # a measured peak this far above the prediction is a warning...
 # ...and this much above it: a process's first steps also grow by what no plan counts (the

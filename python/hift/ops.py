@@ -1,5 +1,6 @@
-"""One entry per kernel. This module is the only place that chooses between the compiled
-extension (hift._C), the Triton kernels (hift_kernels) and the plain-torch references.
+"""One entry per kernel. This module is the only place that chooses, for a kernel, between the
+compiled extension (hift._C), the Triton kernels (hift_kernels) and the plain-torch references;
+the one other such choice is the state swapper's (hift.swap.make_swapper).
 
 Each public op has a `reference_*` twin here or in hift_kernels that defines its meaning; the
 fast paths are held to those twins by the tests. Set HIFT_KERNELS=reference to force the twins
@@ -184,19 +185,13 @@ def _as_tensor(x, device) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Gradient unscaling and norm (Triton on GPUs, references elsewhere)
+# Gradient norm (Triton on GPUs, references elsewhere). fp16 grads are not unscaled into copies:
+# the norm is of the scaled grads, and precision.check_grads folds the inverse scale and the clip
+# into `grad_scale`, which adamw_ applies as it reads each grad.
 
 
 # The twins live beside their kernels; they import without triton.
 from hift_kernels.norm import NORM_BLOCK, fold_sum, norm_blocks, reference_block_sq_sums  # noqa: E402,F401
-from hift_kernels.unscale import reference_unscale  # noqa: E402
-
-
-def unscale(grads: list[Tensor], inv_scale: Tensor, found_inf: Tensor) -> list[Tensor]:
-    """Unscaled fp32 gradients and the inf/nan flag, with no host synchronization."""
-    if _triton_runs_on(grads):
-        return _TRITON.unscale(grads, inv_scale, found_inf)
-    return reference_unscale(grads, inv_scale, found_inf)
 
 
 def block_sq_sums(t: Tensor) -> Tensor:

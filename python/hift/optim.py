@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from hift import distributed, formats, ops, reshard
 from hift.batches import probe, to_device
 from hift.config import Config, ConfigError
-from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
+from hift.groups import (Group, GroupingError, check_units_reached, detect_units, make_groups, trainable_parameters,
+                         units_from_user)
 from hift.memory_plan import MemoryPlan, plan_run, remove_temporary_state_dir
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.schedule import GroupOrder
@@ -178,9 +179,7 @@ class HiftAdamW(torch.optim.Optimizer):
         return self
 
     def _setup(self, model: nn.Module, cfg: Config, example_batch, memory_plan: Optional[MemoryPlan] = None) -> None:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
-            raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
+        trainable = trainable_parameters(model)
         device = model_device(trainable)
         if memory_plan is None:  # HiftAdamW alone: it cannot recompute the model's activations
             world = distributed.dist.get_world_size() if distributed.active() else 1
@@ -215,7 +214,7 @@ class HiftAdamW(torch.optim.Optimizer):
         shard = None
         if distributed.active():
             self.dp = distributed.DataParallel([[p.numel() for p in g.params] for g in groups], state_format.cut,
-                                               device, {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.reduce_dtype])
+                                               device, DTYPES[cfg.reduce_dtype])
             self.dp.broadcast_model(model)
             shard = self.dp.chunks(chunk_numel(state_format, cfg.state_chunk_mib))
             if state_dir is not None:

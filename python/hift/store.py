@@ -134,7 +134,7 @@ class DiskStore:
         self.paths = [self.directory / f"chunk-{c:06d}.bin" for c in range(len(numels))]
         self._create_files()
         largest = max(numels, default=0)
-        # The swapper's "groups" are the staging slots: it owns their (pinned) host buffers and,
+        # The swapper's chunks are the staging slots: it owns their (pinned) host buffers and,
         # on CUDA, the device slots they are copied through. On the CPU the update works on the
         # staging buffer itself.
         self._through_slots = device.type != "cpu" or force_slots

@@ -1,5 +1,7 @@
-"""Where each group's optimizer state rests between its steps: a flat fp32 host buffer per group
-(pinned where the system allows) and a few device slots it visits for its update.
+"""Where each chunk of optimizer state rests between its updates: a flat fp32 host buffer per chunk
+(pinned where the system allows) and a few device slots it visits for its update. The chunks are
+the caller's: HostStore's are the state's chunks, DiskStore's its staging slots (each as large as
+the largest chunk, holding whichever chunk is read from or written to disk).
 
 `make_swapper` returns the compiled swapper (torch.classes.hift.StateSwapper) for a CUDA device
 when hift._C is built, else `StateSwapper` below: the same interface and the same slot logic in
@@ -9,13 +11,13 @@ Copies run on two side streams, one per direction, so that the copy-out of one c
 copy-in of another use both copy engines at once. The streams meet each other and the compute
 stream only through events:
 
-    prefetch(g)   copy-in stream waits for the slot's last copy-out and for the last copy-out
-                  into host(g), then host(g) -> a free slot, then event in[g]
-    acquire(g)    the current stream waits on in[g]; returns g's flat device buffer
-    writeback(g)  copy-out stream waits for the current stream, slot -> host(g), then event
-                  out[slot]; the slot is free for another group once out[slot] completes
-    host(g)       the host waits for the last copy that touched host(g), if still in flight
-    wait_for_host(g) the same wait, changing nothing: another thread (the disk store's I/O
+    prefetch(c)   copy-in stream waits for the slot's last copy-out and for the last copy-out
+                  into host(c), then host(c) -> a free slot, then event in[c]
+    acquire(c)    the current stream waits on in[c]; returns c's flat device buffer
+    writeback(c)  copy-out stream waits for the current stream, slot -> host(c), then event
+                  out[slot]; the slot is free for another chunk once out[slot] completes
+    host(c)       the host waits for the last copy that touched host(c), if still in flight
+    wait_for_host(c) the same wait, changing nothing: another thread (the disk store's I/O
                   workers) may call it while this one enqueues copies
     synchronize() waits for every copy (before a checkpoint reads the host buffers)
     bytes_copied() [host-to-device, device-to-host] bytes of the copies it made (plain copies on
@@ -26,11 +28,11 @@ stream only through events:
 
 Host buffers are plain memory pinned in place (cudaHostRegister), as the compiled swapper does:
 `torch.zeros(n, pin_memory=True)` would go through the caching host allocator, which rounds each
-buffer up to a power of two (a 2.4 GB group would cost 4 GB of pinned memory). The device slots are
+buffer up to a power of two (a 2.4 GB chunk would cost 4 GB of pinned memory). The device slots are
 allocated before any host buffer is pinned, so that running out of device memory leaves nothing
 pinned; pinning runs under the swapper's device, so it makes no context on another GPU.
 
-On a CPU device there is nothing to overlap: acquire(g) hands out host(g) itself, unless
+On a CPU device there is nothing to overlap: acquire(c) hands out host(c) itself, unless
 `force_slots=True`, which runs the slot logic with plain copies (so CPU tests exercise it).
 """
 from __future__ import annotations
@@ -49,13 +51,13 @@ _PIN_WARNING = (
 )
 
 
-def make_swapper(group_numels: Sequence[int], device: Union[str, torch.device], slots: int = 2,
+def make_swapper(chunk_numels: Sequence[int], device: Union[str, torch.device], slots: int = 2,
                  pin: bool = True, force_slots: bool = False):
     """The state swapper for `device`: compiled where hift._C has one and the device is CUDA,
     else the plain-torch `StateSwapper`. `pin` is ignored on a CPU device (nothing to overlap);
     `force_slots` runs the slot logic there anyway, with plain copies."""
     device = torch.device(device)
-    numels = [int(n) for n in group_numels]
+    numels = [int(n) for n in chunk_numels]
     if device.type == "cuda" and _compiled_swapper_available():
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -117,20 +119,20 @@ class _Slot:
 
     def __init__(self, buffer: Tensor):
         self.buffer = buffer
-        self.owner = -1  # the group whose data the slot holds (or last held)
+        self.owner = -1  # the chunk whose data the slot holds (or last held)
         self.resident = False  # holds `owner` between prefetch and writeback
         self.freed_at = 0  # writeback count when released: the oldest is reused first
         self.copied_out: Optional[torch.cuda.Event] = None
 
 
 class StateSwapper:
-    """Group optimizer state in host buffers, visiting `slots` device buffers (see module doc)."""
+    """Chunks of optimizer state in host buffers, visiting `slots` device buffers (see module doc)."""
 
-    def __init__(self, group_numels: Sequence[int], device: Union[str, torch.device],
+    def __init__(self, chunk_numels: Sequence[int], device: Union[str, torch.device],
                  slots: int = 2, pin: bool = True, force_slots: bool = False):
-        self._numels = [int(n) for n in group_numels]
+        self._numels = [int(n) for n in chunk_numels]
         if any(n < 0 for n in self._numels):
-            raise ValueError(f"StateSwapper: group sizes must be >= 0, got {self._numels}")
+            raise ValueError(f"StateSwapper: chunk sizes must be >= 0, got {self._numels}")
         device = torch.device(device)
         self._async = device.type != "cpu"
         if self._async and device.type != "cuda":
@@ -170,7 +172,7 @@ class StateSwapper:
                 slot.buffer.record_stream(self._copy_out_stream)
 
     def _make_host_buffers(self, pin: bool) -> list[Tensor]:
-        """A zeroed buffer per group, pinned in place where the system allows (all or none)."""
+        """A zeroed buffer per chunk, pinned in place where the system allows (all or none)."""
         self._pinned = pin and len(self._numels) > 0
         why = None
         host = []
@@ -196,7 +198,7 @@ class StateSwapper:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def num_groups(self) -> int:
+    def num_chunks(self) -> int:
         return len(self._numels)
 
     def num_slots(self) -> int:
@@ -216,97 +218,97 @@ class StateSwapper:
     def reset_bytes_copied(self) -> None:
         self._bytes_copied = [0, 0]
 
-    def resident(self, group: int) -> bool:
-        self._check(group, "resident()")
-        return not self._use_slots or self._slot_of[group] >= 0
+    def resident(self, chunk: int) -> bool:
+        self._check(chunk, "resident()")
+        return not self._use_slots or self._slot_of[chunk] >= 0
 
     # -- the interface the engine uses -----------------------------------------------------
 
-    def host(self, group: int) -> Tensor:
-        """Group `group`'s flat fp32 host buffer, once no copy touches it any more."""
-        self._check(group, "host()")
-        busy = self._host_busy[group]
+    def host(self, chunk: int) -> Tensor:
+        """The flat fp32 host buffer of `chunk`, once no copy touches it any more."""
+        self._check(chunk, "host()")
+        busy = self._host_busy[chunk]
         if busy is not None:
             busy.synchronize()
-            self._host_busy[group] = None
-        return self._host[group]
+            self._host_busy[chunk] = None
+        return self._host[chunk]
 
-    def wait_for_host(self, group: int) -> None:
-        """Wait for the last copy that touched host(group), changing nothing (thread-safe)."""
-        self._check(group, "wait_for_host()")
-        busy = self._host_busy[group]  # one read: another thread may replace it meanwhile
+    def wait_for_host(self, chunk: int) -> None:
+        """Wait for the last copy that touched host(chunk), changing nothing (thread-safe)."""
+        self._check(chunk, "wait_for_host()")
+        busy = self._host_busy[chunk]  # one read: another thread may replace it meanwhile
         if busy is not None:
             busy.synchronize()
 
-    def prefetch(self, group: int) -> None:
-        """Start copying `group` into a free slot (a no-op if it is already there)."""
-        self._check(group, "prefetch()")
-        if not self._use_slots or self._slot_of[group] >= 0:
+    def prefetch(self, chunk: int) -> None:
+        """Start copying `chunk` into a free slot (a no-op if it is already there)."""
+        self._check(chunk, "prefetch()")
+        if not self._use_slots or self._slot_of[chunk] >= 0:
             return
-        index = self._take_free_slot(group)
+        index = self._take_free_slot(chunk)
         slot = self._slots[index]
-        dst = slot.buffer[: self._numels[group]]
+        dst = slot.buffer[: self._numels[chunk]]
         if self._async:
             stream = self._copy_in_stream
             with torch.cuda.stream(stream):
-                # The copy-out stream may still read the slot, or write host(group) (K=1).
-                for before in (slot.copied_out, self._host_busy[group]):
+                # The copy-out stream may still read the slot, or write host(chunk) (K=1).
+                for before in (slot.copied_out, self._host_busy[chunk]):
                     if before is not None:
                         stream.wait_event(before)
-                dst.copy_(self._host[group], non_blocking=True)
+                dst.copy_(self._host[chunk], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
-            self._copied_in[group] = event
-            self._host_busy[group] = event
+            self._copied_in[chunk] = event
+            self._host_busy[chunk] = event
         else:
-            dst.copy_(self._host[group])
+            dst.copy_(self._host[chunk])
         self._bytes_copied[0] += dst.nbytes
         slot.copied_out = None
-        slot.owner = group
+        slot.owner = chunk
         slot.resident = True
-        self._slot_of[group] = index
+        self._slot_of[chunk] = index
 
-    def acquire(self, group: int) -> Tensor:
-        """Group `group`'s flat fp32 device buffer; the current stream waits for its copy-in."""
-        self._check(group, "acquire()")
+    def acquire(self, chunk: int) -> Tensor:
+        """The flat fp32 device buffer of `chunk`; the current stream waits for its copy-in."""
+        self._check(chunk, "acquire()")
         if not self._use_slots:
-            return self._host[group]
-        self.prefetch(group)
-        event = self._copied_in[group]
+            return self._host[chunk]
+        self.prefetch(chunk)
+        event = self._copied_in[chunk]
         if event is not None:
             torch.cuda.current_stream(self._device).wait_event(event)
-        return self._slots[self._slot_of[group]].buffer[: self._numels[group]]
+        return self._slots[self._slot_of[chunk]].buffer[: self._numels[chunk]]
 
-    def writeback(self, group: int) -> None:
-        """Start copying `group` back to its host buffer; its slot frees once that completes."""
-        self._check(group, "writeback()")
+    def writeback(self, chunk: int) -> None:
+        """Start copying `chunk` back to its host buffer; its slot frees once that completes."""
+        self._check(chunk, "writeback()")
         if not self._use_slots:
             return
-        index = self._slot_of[group]
+        index = self._slot_of[chunk]
         if index < 0:
-            raise RuntimeError(f"StateSwapper: writeback of group {group}, which is not on the "
+            raise RuntimeError(f"StateSwapper: writeback of chunk {chunk}, which is not on the "
                                "device (prefetch/acquire it first)")
         slot = self._slots[index]
-        src = slot.buffer[: self._numels[group]]
+        src = slot.buffer[: self._numels[chunk]]
         if self._async:
-            # (the copy-in of this group is behind the update already: acquire made it wait)
+            # (the copy-in of this chunk is behind the update already: acquire made it wait)
             computed = torch.cuda.current_stream(self._device).record_event()
             stream = self._copy_out_stream
             with torch.cuda.stream(stream):
                 stream.wait_event(computed)
-                self._host[group].copy_(src, non_blocking=True)
+                self._host[chunk].copy_(src, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
             slot.copied_out = event
-            self._host_busy[group] = event
+            self._host_busy[chunk] = event
         else:
-            self._host[group].copy_(src)
+            self._host[chunk].copy_(src)
         self._bytes_copied[1] += src.nbytes
-        self._copied_in[group] = None
+        self._copied_in[chunk] = None
         slot.resident = False
         self._writebacks += 1
         slot.freed_at = self._writebacks
-        self._slot_of[group] = -1
+        self._slot_of[chunk] = -1
 
     def synchronize(self) -> None:
         """Wait for every copy in flight."""
@@ -338,14 +340,14 @@ class StateSwapper:
         for ptr in registered:
             _unpin(ptr)
 
-    def _check(self, group: int, what: str) -> None:
+    def _check(self, chunk: int, what: str) -> None:
         if self._closed:
             raise RuntimeError(f"StateSwapper: {what} after close(); the swapper's buffers are gone")
-        if not 0 <= group < len(self._numels):
-            raise IndexError(f"StateSwapper: group {group} is out of range "
-                             f"({len(self._numels)} groups)")
+        if not 0 <= chunk < len(self._numels):
+            raise IndexError(f"StateSwapper: chunk {chunk} is out of range "
+                             f"({len(self._numels)} chunks)")
 
-    def _take_free_slot(self, group: int) -> int:
+    def _take_free_slot(self, chunk: int) -> int:
         # A never-used slot first, else the one released longest ago (its copy-out is oldest).
         best = -1
         for index, slot in enumerate(self._slots):
@@ -356,7 +358,7 @@ class StateSwapper:
             if best < 0 or slot.freed_at < self._slots[best].freed_at:
                 best = index
         if best < 0:
-            raise RuntimeError(f"StateSwapper: cannot prefetch group {group}: all "
-                               f"{len(self._slots)} slots hold groups that were not written back "
+            raise RuntimeError(f"StateSwapper: cannot prefetch chunk {chunk}: all "
+                               f"{len(self._slots)} slots hold chunks that were not written back "
                                "(writeback() one first)")
         return best

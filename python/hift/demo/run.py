@@ -16,6 +16,8 @@ from contextlib import nullcontext
 
 import torch
 
+from hift.precision import DTYPES
+
 # Tuned on two CPU cores: 240 steps (30 cycles of the model's 8 groups) take about three
 # minutes there uncontended and lift held-out accuracy from chance (~33%) to about 57%.
 DEFAULTS = dict(lr=2e-4, group_size=1, order="top_down", cycles=30, batch_size=16,
@@ -74,7 +76,7 @@ def evaluate(model, loader, device: torch.device, precision: str, num_labels: in
     """(accuracy, accuracy per true label) of the model's argmax on the loader."""
     from tqdm.auto import tqdm
 
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    low = None if precision == "fp32" else DTYPES.get(precision)
     autocast = (torch.autocast(device_type=device.type, dtype=low)
                 if low is not None and device.type == "cuda" else nullcontext())
     correct = torch.zeros(num_labels, dtype=torch.long)

@@ -68,7 +68,8 @@ import torch
 
 from hift import formats
 from hift.distributed import GroupLayout, shard_chunks
-from hift.plan.trace import DTYPES, UnitTrace, block_input_bytes, meta_model, trace_units
+from hift.plan.trace import UnitTrace, block_input_bytes, meta_model, trace_units
+from hift.precision import DTYPES
 from hift.state import Chunk, StateFormat, chunk_bytes, chunk_numel, cut_into_chunks
 
 GB = 1e9

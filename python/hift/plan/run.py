@@ -19,7 +19,8 @@ from hift.plan.predict import GB, STATE_STORES, plans_from_trace
 from hift.plan.report import (HEADER, PUBLISHED, breakdown_row, formats_notes, formats_table,
                               published_table)
 from hift.plan import auto
-from hift.plan.trace import DTYPES, MODELS, block_input_bytes, meta_model, trace_units
+from hift.plan.trace import MODELS, block_input_bytes, meta_model, trace_units
+from hift.precision import DTYPES
 
 
 def main(argv=None) -> int:

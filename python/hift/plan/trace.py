@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hift.precision import DTYPES  # the weights' dtype of a run, by its precision's name
+
 # LLaMA-2 configs, written out (Touvron et al. 2023, the released config.json files).
 LLAMA2 = {
     "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -41,9 +43,6 @@ MODELS = {
                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        tie_word_embeddings=False),
 }
-
-# the weights' dtype of a run, by its precision's name
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def llama_config(name_or_dict):

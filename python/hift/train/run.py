@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import hift
 from hift import checkpoint
+from hift.precision import DTYPES
 from hift.train import TrainError
 from hift.train import examples as ex
 from hift.train import records as rec
@@ -278,7 +279,7 @@ def _load_model(source: str, fmt: str, labels: Optional[ex.Labels], precision: s
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, "auto")
+    dtype = DTYPES.get(precision, "auto")
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     kwargs = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
     cls = AutoModelForCausalLM
