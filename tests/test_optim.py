@@ -147,7 +147,7 @@ def test_state_dict_resumes_bit_for_bit(tmp_path, options):
     same_weights(model, resumed)
     ours, theirs = opt.state_dict()["hift"], opt3.state_dict()["hift"]
     assert all(torch.equal(a, b) for a, b in zip(ours["chunks"], theirs["chunks"]))
-    assert torch.equal(ours["steps"], theirs["steps"]) and ours["order"] == theirs["order"]
+    assert ours["steps"] == theirs["steps"] and ours["order"] == theirs["order"]
     opt.close()
     opt3.close()
 
@@ -275,3 +275,48 @@ def test_steps_that_reach_none_of_the_group_release_its_prefetched_chunk(referen
     train(twin, reference, batches, len(batches))
     reference.close()
     same_weights(model, twin)
+
+
+def test_state_dict_of_another_format_is_refused_naming_it():
+    model = tm.llama(layers=2)
+    opt = HiftAdamW(model, lr=1e-2)
+    train(model, opt, tm.lm_batches(2), 2)
+    state = round_trip(opt.state_dict())
+    state["hift"]["format"] = 3
+    with pytest.raises(ValueError, match="written in format 3 of hift's optimizer state.*reads format 4"):
+        opt.load_state_dict(state)
+    del state["hift"]["format"]
+    with pytest.raises(ValueError, match="a format before 4"):
+        opt.load_state_dict(state)
+    opt.close()
+
+
+def test_a_fit_checkpoint_and_a_state_dict_hold_the_same_method_state(reference_ops, tmp_path):
+    """fit's checkpoint (state/method.json and its chunk files) and HiftAdamW.state_dict()["hift"]
+    of the same run hold one MethodState, key for key, and the same chunks' bytes; each loads
+    into the other's optimizer."""
+    import json
+
+    from hift import checkpoint
+    from hift.resume import MethodState
+
+    options = dict(lr=3e-3, order="random", seed=2, max_grad_norm=1.0, state_chunk_mib=0.004)
+    model = tm.llama(layers=2)
+    twin = copy.deepcopy(model)
+    batches = tm.lm_batches(5, seed=4)
+    fit(model, batches, max_steps=5, lr_schedule="constant", progress=False, save_dir=str(tmp_path), **options)
+    saved = checkpoint.latest(tmp_path)
+    opt = HiftAdamW(twin, example_batch=batches[0], **options)
+    train(twin, opt, batches, 5)
+    ours = opt.state_dict()
+    method = json.loads((saved / checkpoint.method_file()).read_text())
+    assert method == {k: v for k, v in ours["hift"].items() if k != "chunks"}
+    assert MethodState.from_dict(method) == opt.method_state()
+    chunks = [checkpoint.load_chunk(saved, c) for c in range(len(ours["hift"]["chunks"]))]
+    assert all(torch.equal(a, b) for a, b in zip(chunks, ours["hift"]["chunks"]))
+    # the checkpoint's MethodState and chunks as a state_dict load into a fresh HiftAdamW
+    fresh = HiftAdamW(tm.llama(layers=2), example_batch=batches[0], **options)
+    fresh.load_state_dict({"state": {}, "param_groups": ours["param_groups"], "hift": {**method, "chunks": chunks}})
+    assert fresh.method_state() == opt.method_state()
+    opt.close()
+    fresh.close()
