@@ -277,6 +277,38 @@ def test_steps_that_reach_none_of_the_group_release_its_prefetched_chunk(referen
     same_weights(model, twin)
 
 
+def test_every_option_is_a_config_field_once_in_signature_and_docstring():
+    """The options are listed once, in hift.Config: HiftAdamW's keyword options, its signature and
+    its docstring follow it (a Config field fit's loop does not read is an option here too)."""
+    import dataclasses
+    import inspect
+
+    from hift.config import LOOP_FIELDS, Config
+    from hift.optim import OPTIONS
+
+    fields = [f.name for f in dataclasses.fields(Config)]
+    assert set(OPTIONS) | set(LOOP_FIELDS) == set(fields) and not set(OPTIONS) & set(LOOP_FIELDS)
+    signature = inspect.signature(HiftAdamW)
+    assert set(OPTIONS) < set(signature.parameters)
+    assert signature.parameters["max_grad_norm"].default is None  # a trainer clips already
+    for name in OPTIONS:
+        assert f" {name}" in HiftAdamW.__doc__, f"HiftAdamW's docstring does not list {name}"
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) \['num_cycles'\].*belong to hift.fit"):
+        HiftAdamW(tm.llama(layers=2), num_cycles=3)
+
+
+def test_config_and_keyword_options_make_the_same_optimizer():
+    from hift import Config
+
+    a = HiftAdamW(tm.llama(layers=2), lr=1e-2, order="random", seed=4, group_size=2)
+    b = HiftAdamW(tm.llama(layers=2), config=Config(lr=1e-3, order="random", seed=4, num_cycles=2), group_size=2,
+                  lr=1e-2)
+    assert a.fingerprint() == b.fingerprint() and [pg["lr"] for pg in b.param_groups] == [1e-2] * len(b.groups)
+    assert a.max_grad_norm is None and b.max_grad_norm == 1.0  # the Config's default where one is given
+    a.close()
+    b.close()
+
+
 def test_state_dict_of_another_format_is_refused_naming_it():
     model = tm.llama(layers=2)
     opt = HiftAdamW(model, lr=1e-2)

@@ -119,8 +119,7 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
         with recompute_blocks(model, cfg.recompute_activations):
             # the probe on the loader's first batch finds the units and checks that its loss
             # reaches each, before anything changes
-            optimizer = HiftAdamW.from_config(model, cfg, example_batch=to_device(stream.peek(), device),
-                                              cast=False)
+            optimizer = HiftAdamW(model, config=cfg, example_batch=to_device(stream.peek(), device), cast=False)
             model.train()
             loop = _Loop(model, cfg, optimizer, plan_length(cfg, loader, len(optimizer.groups)), stream)
             loop.load(resume)

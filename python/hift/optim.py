@@ -27,6 +27,7 @@ updates this rank's shard of the group from its shard of the state, and gathers 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -36,17 +37,15 @@ from torch import Tensor, nn
 
 from hift import distributed, formats, ops, resume
 from hift.batches import probe, to_device
-from hift.config import Config, ConfigError
+from hift.config import OPTIMIZER_FIELDS, Config, ConfigError
 from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.resume import MethodState, Source
 from hift.schedule import GroupOrder
 from hift.state import OptimizerState, StateFormat, chunk_numel
 
-# the Config fields that make the optimizer (the rest belong to fit's loop)
-OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "group_size", "order", "units", "seed",
-           "precision", "moment_dtype", "master_format", "state_store", "state_dir", "offload", "prefetch",
-           "pin_memory", "state_chunk_mib", "loss_scale", "loss_scale_growth_interval", "reduce_dtype")
+# the Config fields that make the optimizer (the rest belong to fit's loop): hift.config's list
+OPTIONS = OPTIMIZER_FIELDS
 
 
 @dataclass
@@ -115,10 +114,12 @@ def build_groups(model: nn.Module, cfg: Config, example_batch, device: torch.dev
 class HiftAdamW(torch.optim.Optimizer):
     """AdamW that updates one group of the model's units per step; see the module docstring.
 
-    Options are hift.Config's where they apply, with the same names and checks: lr, betas, eps,
-    weight_decay (none on 1-D parameters), max_grad_norm, group_size, order, units, seed,
-    precision, moment_dtype, master_format, state_store, state_dir, offload, prefetch,
-    pin_memory, state_chunk_mib, loss_scale, loss_scale_growth_interval. Two differ from fit:
+    Options are hift.Config's where they apply (hift.config.OPTIMIZER_FIELDS), with the same
+    names, defaults and checks: lr, betas, eps, weight_decay (none on 1-D parameters),
+    max_grad_norm, group_size, order, units, seed, precision, moment_dtype, master_format,
+    state_store, state_dir, offload, prefetch, pin_memory, state_chunk_mib, reduce_dtype,
+    loss_scale, loss_scale_growth_interval; or config=<a Config>, the options over it. Two
+    differ from fit:
     - max_grad_norm defaults to None: a trainer clips already (the Trainer's max_grad_norm sees
       only the active group's gradients, which is per-group clipping), and torch's optimizers
       do not clip. When set, the active group's gradients are clipped inside the update.
@@ -144,28 +145,16 @@ class HiftAdamW(torch.optim.Optimizer):
     weights holds). A fit checkpoint holds the same MethodState. Loading it resumes bit for bit.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 2e-5, *, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: Optional[float] = None,
-                 group_size: int = 1, order: str = "top_down", units: Optional[Sequence[Any]] = None,
-                 seed: int = 0, precision: str = "auto", moment_dtype: str = "fp32", master_format: str = "auto",
-                 state_store: str = "host", state_dir: Optional[str] = None, offload: Optional[bool] = None,
-                 prefetch: bool = True, pin_memory: bool = True, state_chunk_mib: Optional[float] = None,
-                 loss_scale: float = 2.0**16, loss_scale_growth_interval: int = 2000, reduce_dtype: str = "fp32",
-                 example_batch=None):
-        options = dict(locals())
-        cfg = Config.build(**{name: options[name] for name in OPTIONS})
-        self._build(model, cfg, example_batch)
-        self.cast_model()
-
-    @classmethod
-    def from_config(cls, model: nn.Module, config: Config, example_batch=None, cast: bool = True) -> "HiftAdamW":
-        """The optimizer of a Config's options (the loop's own fields are ignored). fit passes
-        cast=False to check a checkpoint before the model changes, and calls cast_model() then."""
-        self = cls.__new__(cls)
-        self._build(model, config, example_batch)
+    def __init__(self, model: nn.Module, lr: Optional[float] = None, *, config: Optional[Config] = None,
+                 example_batch=None, cast: bool = True, **options):
+        """config: a Config to take the options from (its loop fields are ignored), with `lr` and
+        `options` over it. cast=False leaves the model in its dtype (fit checks a checkpoint before
+        the model changes, and calls cast_model() then)."""
+        if lr is not None:
+            options["lr"] = lr
+        self._build(model, optimizer_config(config, **options), example_batch)
         if cast:
             self.cast_model()
-        return self
 
     def _build(self, model: nn.Module, cfg: Config, example_batch) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -473,3 +462,29 @@ class HiftAdamW(torch.optim.Optimizer):
                              "into one made with the same model, group_size, precision, state formats, "
                              "order and seed")
         return method, saved["chunks"]
+
+
+def optimizer_config(config: Optional[Config] = None, **options) -> Config:
+    """The Config of HiftAdamW's options: `config`'s (its loop fields are ignored) with `options`
+    over them. Without a config, max_grad_norm defaults to None (see HiftAdamW)."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"HiftAdamW got unexpected option(s) {unknown}: its options are {', '.join(OPTIONS)} "
+                        "(hift.Config's; the others belong to hift.fit's loop)")
+    if config is None:
+        options = {"max_grad_norm": None, **options}
+    return Config.build(config, **options)
+
+
+def _signature() -> inspect.Signature:
+    """HiftAdamW(model, lr, *, <every option with its default>, config, example_batch, cast), from Config."""
+    defaults, P = optimizer_config(), inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD), P("model", P.POSITIONAL_OR_KEYWORD),
+              P("lr", P.POSITIONAL_OR_KEYWORD, default=defaults.lr)]
+    params += [P(name, P.KEYWORD_ONLY, default=getattr(defaults, name)) for name in OPTIONS if name != "lr"]
+    params += [P("config", P.KEYWORD_ONLY, default=None), P("example_batch", P.KEYWORD_ONLY, default=None),
+               P("cast", P.KEYWORD_ONLY, default=True)]
+    return inspect.Signature(params)
+
+
+HiftAdamW.__init__.__signature__ = _signature()
