@@ -208,7 +208,7 @@ def test_non_finite_gradient_skips_the_update_and_moves_on():
     opt.zero_grad()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert opt.skipped_updates == 1 and opt.active_group == 2
-    assert bool(opt.last_step.found_inf)
+    assert bool(opt.last_step.skipped)
     opt.close()
 
 
@@ -222,7 +222,7 @@ def test_fp16_needs_the_loss_scaled():
     opt.zero_grad()
     opt.scale_loss(model(**batch[1]).loss).backward()
     opt.step()
-    assert opt.last_step.skipped is False and opt.steps_taken == 1
+    assert opt.last_step.retried is False and opt.steps_taken == 1
     opt.close()
 
 

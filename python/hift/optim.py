@@ -49,14 +49,27 @@ OPTIONS = OPTIMIZER_FIELDS
 
 
 @dataclass
-class StepInfo:
-    """What the last step() did (the update is enqueued, not necessarily done)."""
+class StepEvent:
+    """What one step() did: HiftAdamW.last_step, and what fit's on_step is called with (the
+    update is enqueued, not necessarily done).
 
+    `skipped` is the step's 0-d device flag, never a host bool: 1.0 where the update was skipped
+    on a non-finite loss or gradient. Reading it (bool(event.skipped)) waits for the device,
+    which the loop does only every log_every steps. fp16 reads it on the host at every step, to
+    retry the group: `retried` is that reading (False outside fp16)."""
+
+    step: int  # 0-based: the optimizer's step() calls before this one
     group: int  # the group it updated (or skipped)
     lr: float  # the learning rate it used: its cycle's
-    found_inf: Tensor  # 0-d device flag: 1.0 when the update was skipped (inf or nan)
-    skipped: Optional[bool] = None  # fp16 only, read on the host: then the group is retried
-    loss_finite: Optional[bool] = None  # fp16 only: the unscaled loss was finite
+    skipped: Tensor  # 0-d device flag, 1.0: the update was skipped (inf or nan)
+    loss: Optional[Tensor]  # 0-d, on the device: the loss the step checked (fit's: the mean over its
+    # micro-batches, what its flush reads into FitResult.losses); None where step() was given none
+    retried: bool  # fp16: the update overflowed and the same group trains at the next step
+    loss_finite: bool  # fp16: the unscaled loss was finite (read on the host); True outside fp16
+    model: nn.Module
+    groups: list[Group]
+    state: OptimizerState
+    scaler: LossScaler
 
 
 def model_device(params: list[nn.Parameter]) -> torch.device:
@@ -193,7 +206,7 @@ class HiftAdamW(torch.optim.Optimizer):
                                  growth_interval=cfg.loss_scale_growth_interval)
         self.order = GroupOrder(len(groups), cfg.order, cfg.seed)
         self.steps_taken = 0  # step() calls, skipped ones included
-        self.last_step: Optional[StepInfo] = None
+        self.last_step: Optional[StepEvent] = None
         self._cycle_lrs: Optional[list[float]] = None  # read at the step that starts a cycle
         self._lrs = torch.zeros(len(groups), dtype=torch.float32, device=device)
         self._skipped = torch.zeros((), dtype=torch.float32, device=device)
@@ -304,13 +317,15 @@ class HiftAdamW(torch.optim.Optimizer):
         self.scaler.update(check.found_inf)
         self._skipped += check.found_inf
         self._scaled = False
-        info = StepInfo(g, self._cycle_lrs[g], check.found_inf)
+        retried, loss_finite = False, True
         if self.scaler.enabled:
             # fp16 reads its flags on the host (to retry the same group on the next batch), once
             # the update and the copy-out are enqueued.
-            skipped, loss_finite = torch.stack([check.found_inf, check.loss_finite.float()]).tolist()
-            info.skipped, info.loss_finite = bool(skipped), bool(loss_finite)
-        if not info.skipped:
+            skipped, finite = torch.stack([check.found_inf, check.loss_finite.float()]).tolist()
+            retried, loss_finite = bool(skipped), bool(finite)
+        info = StepEvent(self.steps_taken, g, self._cycle_lrs[g], check.found_inf, loss, retried, loss_finite,
+                         self.model, self.groups, self.group_state, self.scaler)
+        if not retried:
             self.order.advance()
         self.steps_taken += 1
         self.last_step = info
