@@ -36,9 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from hift import distributed, formats, ops, resume
-from hift.batches import probe, to_device
 from hift.config import OPTIMIZER_FIELDS, Config, ConfigError
-from hift.groups import Group, GroupingError, check_units_reached, detect_units, make_groups, units_from_user
+from hift.groups import Group, GroupingError, build_groups
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.resume import MethodState, Source
 from hift.schedule import GroupOrder
@@ -83,45 +82,6 @@ def model_device(params: list[nn.Parameter]) -> torch.device:
 def no_decay(p: nn.Parameter) -> bool:
     """Biases and norm weights (every 1-D parameter) take no weight decay."""
     return p.dim() < 2
-
-
-def build_groups(model: nn.Module, cfg: Config, example_batch, device: torch.device) -> list[Group]:
-    """The model's K groups. A forward pass on `example_batch` orders the units and checks that
-    the model takes it and that its loss reaches every unit, before anything changes; without
-    one, a transformers model's dummy_inputs order the units (no reach check: they carry no
-    labels). It runs in eval mode on a forked RNG: it must not update batch-norm statistics or
-    consume the random numbers that dropout and shuffling will draw."""
-    reached = None
-    batch = example_batch
-    if batch is None and cfg.units is None:
-        batch = getattr(model, "dummy_inputs", None)
-        if batch is None:
-            raise GroupingError(
-                f"hift finds the units of {type(model).__name__} from one forward pass: pass "
-                "example_batch=<a batch the model takes> (or units=[...]) to HiftAdamW")
-        batch = to_device(batch, device)
-
-        def run_forward():
-            model(**batch)
-    else:
-        def run_forward():
-            nonlocal reached
-            reached = probe(model, batch)
-
-    was_training = model.training
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model.eval()
-        try:
-            if cfg.units is not None:
-                if batch is not None:
-                    run_forward()
-                units = units_from_user(model, cfg.units)
-            else:
-                units = detect_units(model, run_forward)
-        finally:
-            model.train(was_training)
-    check_units_reached(units, reached)
-    return make_groups(units, cfg.group_size)
 
 
 class HiftAdamW(torch.optim.Optimizer):
@@ -174,7 +134,7 @@ class HiftAdamW(torch.optim.Optimizer):
         if not trainable:
             raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
         device = model_device(trainable)
-        groups = build_groups(model, cfg, example_batch, device)
+        groups = build_groups(model, cfg.units, cfg.group_size, example_batch, device)
         self._ready = False
         self._gate = resume.ShardGate()
         super().__init__([{"params": list(zip(g.names, g.params))} for g in groups],
