@@ -60,7 +60,7 @@ def measure(config, batch: int, seq: int, method: str = "hift", precision: str =
     times = []
     if method == "hift":
         # one full cycle, so that the group the planner names as the peak does train
-        result = hift.fit(model, batches, lr=1e-5, num_cycles=1, precision=precision,
+        result = hift.fit(model, batches, lr=1e-5, num_cycles=1, precision=precision, memory="manual",
                           group_size=group_size, prefetch=prefetch, offload=offload, progress=False,
                           order="top_down", lr_schedule="constant", log_every=steps,
                           recompute_activations=recompute, state_chunk_mib=state_chunk_mib,

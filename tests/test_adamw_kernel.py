@@ -466,6 +466,16 @@ def reference_update(state, grads, decays, seed, step):
                          **update_args(seed, step, grads[0].device))
 
 
+def assert_master_close(ours, theirs, before, where):
+    """Masters after master - update, to fp32 rounding of the operands: an update that nearly
+    cancels the master (random states can ask for one as large as it) leaves a small result whose
+    error is a few ulps of the operands, not of the result."""
+    bound = FP32["atol"] + FP32["rtol"] * (before.abs() + theirs.abs())
+    off = (ours - theirs).abs() > bound
+    assert not off.any(), (f"{where}: {int(off.sum())} of {off.numel()} off, e.g. {ours[off][:3].tolist()} vs "
+                           f"{theirs[off][:3].tolist()} (before {before[off][:3].tolist()})")
+
+
 def bits(t):
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
@@ -495,6 +505,7 @@ def test_compact_formats_match_reference_op(weight_dtype, master, grad_dtype, mo
         note = f"seed={run_seed} step={step}"
         grads = random_grads(sizes, grad_dtype, device, gen)
         reference = fused.clone()
+        before = [m.clone() for m in fused.decoded_masters()]
         # The fp32 moments the kernel computes this step, from the same decoded state: what its
         # bf16 moments are the rounding of (stored moments round; the update uses these values).
         kernel_fp32, reference_fp32 = fused.with_fp32_moments(), fused.with_fp32_moments()
@@ -505,7 +516,7 @@ def test_compact_formats_match_reference_op(weight_dtype, master, grad_dtype, mo
 
         for i, (ours, theirs, twin) in enumerate(zip(fused.decoded_masters(), reference.decoded_masters(),
                                                      kernel_fp32.decoded_masters())):
-            torch.testing.assert_close(ours, theirs, **FP32, msg=lambda m: f"{note} master {i}: {m}")
+            assert_master_close(ours, theirs, before[i], f"{note} master {i}")
             assert torch.equal(bits(ours), bits(twin)), \
                 f"{note} master {i}: the moments' format changed the update, not only what is stored"
         if master == "remainder":

@@ -12,6 +12,7 @@ import tiny_models as tm
 from hift import checkpoint, fit
 from hift.groups import Group, Unit
 from hift.state import OptimizerState, StateFormat
+from hift.plan.auto import MemoryPlanError
 from hift.store import DiskStore, StateStoreError
 
 QUIET = dict(progress=False, lr=1e-2, order="random", seed=4, max_grad_norm=1.0)
@@ -123,13 +124,17 @@ def test_state_dir_that_cannot_be_written_is_refused_before_training(tmp_path):
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
 
-def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch):
+@pytest.mark.parametrize("memory,error,says", [
+    ("manual", StateStoreError, r"free; the optimizer state needs .* GiB there"),  # the store's own check
+    ("auto", MemoryPlanError, r"nothing fits .*disk 1e-06 GB.*Without your state_store, state_store=host"),
+])
+def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch, memory, error, says):
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**6, 10**6 - 1000, 1000))
     model = tm.llama(layers=2)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(StateStoreError, match=r"free; the optimizer state needs .* GiB there"):
-        fit(model, tm.lm_batches(2), max_steps=2, state_store="disk", state_dir=str(tmp_path), **QUIET)
+    with pytest.raises(error, match=says):
+        fit(model, tm.lm_batches(2), max_steps=2, state_store="disk", state_dir=str(tmp_path), memory=memory, **QUIET)
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
 

@@ -13,6 +13,10 @@ MOMENT_DTYPES = ("fp32", "bf16", "int8")
 MASTER_FORMATS = ("auto", "remainder", "fp32")
 STATE_STORES = ("host", "disk")
 REDUCE_DTYPES = ("fp32", "bf16")
+MEMORY_MODES = ("auto", "manual")
+# memory="manual" (and memory="auto" where the planner cannot trace the model): what the memory
+# options left unset (None) become
+MANUAL_MEMORY = dict(moment_dtype="fp32", state_store="host", recompute_activations=False)
 
 
 class ConfigError(ValueError):
@@ -45,26 +49,31 @@ class Config:
 
     # numerics and memory
     precision: str = "auto"  # auto: bf16/fp16 if the model is, else fp32
+    # "auto": before the first step the planner picks the memory options left unset (offload,
+    # state_chunk_mib, moment_dtype, recompute_activations, state_store) so that the run fits the
+    # machine's free device memory, host RAM and disk (hift/plan/auto.py says in which order);
+    # "manual": those options as given, unset ones as MANUAL_MEMORY
+    memory: str = "auto"
     offload: Optional[bool] = None  # keep inactive groups' state on the host; None = when on an accelerator
     prefetch: bool = True  # copy the next group's state in while the current one computes
     pin_memory: bool = True
     # Optimizer state formats (hift.formats): moments in fp32, or bf16 with stochastic rounding
     # (6 instead of 10 bytes per parameter with bf16 weights); a bf16 weight's master as the
     # low 16 bits beside it ("auto"/"remainder", lossless) or a full fp32 copy ("fp32").
-    moment_dtype: str = "fp32"
+    moment_dtype: Optional[str] = None  # None: memory decides (manual: fp32)
     master_format: str = "auto"
     # Where every group's state rests: "host" (RAM, pinned on CUDA; with offload) or "disk"
     # (files under state_dir, read ahead and written back on background threads: host RAM then
     # holds at most two groups' state)
-    state_store: str = "host"
+    state_store: Optional[str] = None  # None: memory decides (manual: host)
     state_dir: Optional[str] = None
     # Stream a group's state through two device slots of this many MiB during its update
     # instead of one slot holding the whole group: less device memory, and the update waits
-    # on its copies. None = whole-group slot.
+    # on its copies. None: memory decides (manual: whole groups); 0: whole groups.
     state_chunk_mib: Optional[float] = None
     # Keep only the inputs of the frozen blocks above the active group and recompute the rest
     # in backward (less activation memory, one more forward of those blocks).
-    recompute_activations: bool = False
+    recompute_activations: Optional[bool] = None  # None: memory decides (manual: False)
     # Data parallel: the dtype the active group's gradients are summed over the ranks in. fp32:
     # the mean gradient as one process on the global batch would have it, to fp32 rounding; bf16:
     # half the bytes of the largest collective, each rank's sum rounded to bf16 as DDP does for
@@ -128,18 +137,21 @@ class Config:
         need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
         need(isinstance(self.warmup_cycles, int) and self.warmup_cycles >= 0,
              f"warmup_cycles must be an integer >= 0, got {self.warmup_cycles!r}")
-        need(self.moment_dtype in MOMENT_DTYPES, f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")
+        need(self.memory in MEMORY_MODES, f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
+        need(self.moment_dtype is None or self.moment_dtype in MOMENT_DTYPES,
+             f"moment_dtype must be one of {MOMENT_DTYPES}, got {self.moment_dtype!r}")
         need(self.master_format in MASTER_FORMATS,
              f"master_format must be one of {MASTER_FORMATS}, got {self.master_format!r}")
         need(self.reduce_dtype in REDUCE_DTYPES, f"reduce_dtype must be one of {REDUCE_DTYPES}, got {self.reduce_dtype!r}")
-        need(self.state_store in STATE_STORES, f"state_store must be one of {STATE_STORES}, got {self.state_store!r}")
+        need(self.state_store is None or self.state_store in STATE_STORES,
+             f"state_store must be one of {STATE_STORES}, got {self.state_store!r}")
         need(self.state_store != "disk" or self.state_dir is not None,
              "state_store='disk' needs state_dir: a directory on a disk with room for the optimizer "
              "state (hift plan says how much)")
         need(self.state_store != "disk" or self.offload is not False,
              "state_store='disk' keeps the state off the device, which offload=False asks for: drop one")
-        need(self.state_chunk_mib is None or self.state_chunk_mib > 0,
-             f"state_chunk_mib must be > 0 or None (one slot per group), got {self.state_chunk_mib!r}")
+        need(self.state_chunk_mib is None or self.state_chunk_mib >= 0,
+             f"state_chunk_mib must be > 0, or 0 (one slot per group), got {self.state_chunk_mib!r}")
         need(self.loss_scale > 0, f"loss_scale must be > 0, got {self.loss_scale}")
         need(self.loss_scale_growth_interval >= 1, "loss_scale_growth_interval must be >= 1")
         need(isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 1,
@@ -155,6 +167,18 @@ class Config:
     @property
     def clipping(self) -> bool:
         return bool(self.max_grad_norm)
+
+    def with_memory(self, **chosen) -> "Config":
+        """This config with the memory options left unset filled: from `chosen` (memory="auto"'s
+        pick), else MANUAL_MEMORY; state_chunk_mib 0 (whole groups, asked for) becomes None."""
+        filled = {name: getattr(self, name) if getattr(self, name) is not None else chosen.get(name, default)
+                  for name, default in MANUAL_MEMORY.items()}
+        for name in ("offload", "state_chunk_mib", "state_dir"):
+            if getattr(self, name) is None and name in chosen:
+                filled[name] = chosen[name]
+        chunk = filled.get("state_chunk_mib", self.state_chunk_mib)
+        filled["state_chunk_mib"] = None if not chunk else chunk
+        return dataclasses.replace(self, **filled)
 
 
 # Config's fields that only fit's loop reads; every other field is an option of HiftAdamW as

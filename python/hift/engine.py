@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,8 +16,10 @@ from hift import checkpoint, distributed
 from hift.batches import BatchStream, compute_loss, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, GroupingError
-from hift.memory import peak_memory_bytes, reset_peak_memory
+from hift.memory import host_peak_bytes, host_resident_bytes, peak_memory_bytes, reset_peak_memory
+from hift.memory_plan import MemoryPlan, claim_check, plan_run
 from hift.optim import HiftAdamW, StepEvent, model_device
+from hift.precision import resolve_precision
 from hift.recompute import recompute_blocks
 from hift.schedule import lr_at_cycle
 
@@ -43,6 +46,9 @@ class FitResult:
     seconds: float = 0.0  # this call's wall time (a resumed run counts from its resume)
     step_seconds: list[float] = field(default_factory=list)  # this call's steps
     peak_memory_bytes: int = 0
+    # the planner's predicted device and host peaks beside the measured ones, and their ratios
+    # (hift.memory_plan.claim_check); a measured peak 10% over its prediction also warns
+    memory: dict = field(default_factory=dict)
     checkpoint: Optional[Path] = None  # the last checkpoint written, if any
 
     @property
@@ -91,15 +97,27 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     stream = BatchStream(loader)
     was_training = model.training
     optimizer = None
+    host_baseline = host_resident_bytes()  # the claim check counts the process's growth from here
     try:
+        example = to_device(stream.peek(), device)
+        # memory="auto": the options left unset, for this model on this machine (before anything
+        # changes: a run that cannot fit is refused here)
+        cfg, memory = plan_run(cfg, model, example, device, resolve_precision(cfg.precision, trainable),
+                               distributed.dist.get_world_size() if distributed.active() else 1,
+                               can_recompute=True, fixed_by_resume=_memory_of(resume))
+        if memory.choice is not None and (not distributed.active() or distributed.dist.get_rank() == 0):
+            print(memory.choice.line(), *memory.choice.notes, sep="\n")
         # (recompute_blocks finds the block lists by their trainable parameters: before the
         # optimizer leaves only the first group requiring grad)
         with recompute_blocks(model, cfg.recompute_activations):
             # the probe on the loader's first batch finds the units and checks that its loss
             # reaches each, before anything changes
-            optimizer = HiftAdamW(model, config=cfg, example_batch=to_device(stream.peek(), device), cast=False)
+            optimizer = HiftAdamW(model, config=cfg, example_batch=example, cast=False, memory_plan=memory)
+            if memory.note:  # (after the probe: a batch it refuses needs no word about the planner)
+                warnings.warn(memory.note, stacklevel=2)
             model.train()
             loop = _Loop(model, cfg, optimizer, plan_length(cfg, loader, len(optimizer.groups)), stream)
+            loop.memory_plan, loop.host_baseline = memory, host_baseline
             loop.load(resume)
             return loop.run()
     except BaseException as err:
@@ -114,6 +132,15 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
         model.train(was_training)
 
 
+def _memory_of(resume) -> Optional[dict]:
+    """The memory options a resumed run must keep: the state format it saved (chunks, the store
+    and recompute may change on resume)."""
+    if resume is None or resume[1].get("format") != checkpoint.FORMAT:
+        return None  # (check_resumable refuses another format in words)
+    moments = checkpoint.saved_methods(resume[0])[0].run.get("moments")
+    return {"moment_dtype": moments} if moments else None
+
+
 class _Loop:
     def __init__(self, model, cfg: Config, optimizer: HiftAdamW, plan: Plan, stream: BatchStream):
         self.model, self.cfg, self.optimizer, self.plan, self.stream = model, cfg, optimizer, plan, stream
@@ -123,6 +150,7 @@ class _Loop:
         # the steps whose losses and skip flags are on the device until the next flush reads them together
         self._pending: list[StepEvent] = []
         self._consecutive_skips = 0  # fp16 only: overflows in a row
+        self.memory_plan, self.host_baseline = MemoryPlan(None), host_resident_bytes()  # fit sets both
 
     def load(self, resume) -> None:
         """Check the checkpoint to resume (if any) before the model is touched; then the cast
@@ -183,6 +211,8 @@ class _Loop:
         result.seconds = time.perf_counter() - start
         result.cycles = optimizer.cycle
         result.peak_memory_bytes = peak_memory_bytes(self.device)
+        result.memory = claim_check(self.memory_plan, self.device, result.peak_memory_bytes,
+                                    host_peak_bytes() - self.host_baseline)
         if self.cfg.save_dir is not None:
             if result.checkpoint is None or not result.checkpoint.name.endswith(f"{result.steps:08d}"):
                 self.save()

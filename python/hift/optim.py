@@ -32,12 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from hift import distributed, formats, ops, resume
 from hift.config import OPTIMIZER_FIELDS, Config, ConfigError
 from hift.groups import Group, GroupingError, build_groups
+from hift.memory_plan import MemoryPlan, plan_run, remove_temporary_state_dir
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.resume import MethodState, Source
 from hift.schedule import GroupOrder
@@ -89,10 +92,10 @@ class HiftAdamW(torch.optim.Optimizer):
 
     Options are hift.Config's where they apply (hift.config.OPTIMIZER_FIELDS), with the same
     names, defaults and checks: lr, betas, eps, weight_decay (none on 1-D parameters),
-    max_grad_norm, group_size, order, units, seed, precision, moment_dtype, master_format,
-    state_store, state_dir, offload, prefetch, pin_memory, state_chunk_mib, reduce_dtype,
-    loss_scale, loss_scale_growth_interval; or config=<a Config>, the options over it. Two
-    differ from fit:
+    max_grad_norm, group_size, order, units, seed, precision, memory, moment_dtype,
+    master_format, state_store, state_dir, offload, prefetch, pin_memory, state_chunk_mib,
+    reduce_dtype, loss_scale, loss_scale_growth_interval; or config=<a Config>, the options over
+    it. Two differ from fit:
     - max_grad_norm defaults to None: a trainer clips already (the Trainer's max_grad_norm sees
       only the active group's gradients, which is per-group clipping), and torch's optimizers
       do not clip. When set, the active group's gradients are clipped inside the update.
@@ -119,22 +122,33 @@ class HiftAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: Optional[float] = None, *, config: Optional[Config] = None,
-                 example_batch=None, cast: bool = True, **options):
+                 example_batch=None, cast: bool = True, memory_plan: Optional[MemoryPlan] = None, **options):
         """config: a Config to take the options from (its loop fields are ignored), with `lr` and
         `options` over it. cast=False leaves the model in its dtype (fit checks a checkpoint before
-        the model changes, and calls cast_model() then)."""
+        the model changes, and calls cast_model() then). memory_plan: fit's (the config's memory
+        options then filled already); without one, memory="auto" plans here."""
         if lr is not None:
             options["lr"] = lr
-        self._build(model, optimizer_config(config, **options), example_batch)
+        self._build(model, optimizer_config(config, **options), example_batch, memory_plan)
         if cast:
             self.cast_model()
 
-    def _build(self, model: nn.Module, cfg: Config, example_batch) -> None:
+    def _build(self, model: nn.Module, cfg: Config, example_batch, memory_plan: Optional[MemoryPlan] = None) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise GroupingError("the model has no trainable parameters (every requires_grad is False)")
         device = model_device(trainable)
+        if memory_plan is None:  # HiftAdamW alone: it cannot recompute the model's activations
+            world = distributed.dist.get_world_size() if distributed.active() else 1
+            cfg, memory_plan = plan_run(cfg, model, example_batch if example_batch is not None
+                                        else getattr(model, "dummy_inputs", None), device,
+                                        resolve_precision(cfg.precision, trainable), world, can_recompute=False)
+            if memory_plan.choice is not None:
+                print(memory_plan.choice.line())
+        self.memory_plan = memory_plan
         groups = build_groups(model, cfg.units, cfg.group_size, example_batch, device)
+        if memory_plan.note and memory_plan.prediction is None and cfg.memory == "auto":
+            warnings.warn(memory_plan.note, stacklevel=3)  # (after the probe, which refuses a bad batch in words)
         self._ready = False
         self._gate = resume.ShardGate()
         super().__init__([{"params": list(zip(g.names, g.params))} for g in groups],
@@ -305,9 +319,10 @@ class HiftAdamW(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Wait for the copies and writes in flight, let go of the state's buffers (pinned
-        memory, I/O threads) and give every trained parameter requires_grad back. Idempotent;
-        the optimizer cannot step after it."""
+        memory, I/O threads) and give every trained parameter requires_grad back; remove the
+        state's folder if memory="auto" made it. Idempotent; the optimizer cannot step after it."""
         self.group_state.close()
+        remove_temporary_state_dir(self.memory_plan)
         for p in (p for g in self.groups for p in g.params):
             p.requires_grad_(True)
 
@@ -452,13 +467,14 @@ def optimizer_config(config: Optional[Config] = None, **options) -> Config:
 
 
 def _signature() -> inspect.Signature:
-    """HiftAdamW(model, lr, *, <every option with its default>, config, example_batch, cast), from Config."""
+    """HiftAdamW(model, lr, *, <every option with its default>, config, example_batch, cast, memory_plan),
+    from Config."""
     defaults, P = optimizer_config(), inspect.Parameter
     params = [P("self", P.POSITIONAL_OR_KEYWORD), P("model", P.POSITIONAL_OR_KEYWORD),
               P("lr", P.POSITIONAL_OR_KEYWORD, default=defaults.lr)]
     params += [P(name, P.KEYWORD_ONLY, default=getattr(defaults, name)) for name in OPTIONS if name != "lr"]
     params += [P("config", P.KEYWORD_ONLY, default=None), P("example_batch", P.KEYWORD_ONLY, default=None),
-               P("cast", P.KEYWORD_ONLY, default=True)]
+               P("cast", P.KEYWORD_ONLY, default=True), P("memory_plan", P.KEYWORD_ONLY, default=None)]
     return inspect.Signature(params)
 
 

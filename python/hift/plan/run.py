@@ -6,6 +6,7 @@ format and store.
     hift plan --model llama-2-7b --precision bf16 --group-size 1 --no-prefetch
     hift plan --config my_llama.json --batch 4 --seq 1024
     hift plan --model ./my-model-dir                 # any causal LM family: its config.json
+    hift plan --model llama-3-8b --device-memory 24 --host-memory 64   # what memory="auto" picks there
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from hift import formats
 from hift.plan.predict import GB, STATE_STORES, plans_from_trace
 from hift.plan.report import (HEADER, PUBLISHED, breakdown_row, formats_notes, formats_table,
                               published_table)
-from hift.plan.trace import DTYPES, LLAMA2, block_input_bytes, meta_model, trace_units
+from hift.plan import auto
+from hift.plan.trace import DTYPES, MODELS, block_input_bytes, meta_model, trace_units
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hift plan", description="Predict the peak device memory of a hift "
                                 "run (and of full AdamW and LOMO) from a model config, without weights; and "
                                 "hift's host RAM, disk and PCIe traffic per state format and store.")
-    p.add_argument("--model", default=None, help=f"one of {sorted(LLAMA2)}, or a local model directory "
+    p.add_argument("--model", default=None, help=f"one of {sorted(MODELS)}, or a local model directory "
                    "(any causal LM family: its config.json is read, no weights); default: the published table")
     p.add_argument("--config", default=None, help="a model's config.json (any causal LM family)")
     p.add_argument("--batch", type=int, default=1)
@@ -32,15 +34,15 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=tuple(DTYPES))
     p.add_argument("--group-size", type=int, default=1)
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false")
-    p.add_argument("--recompute", action="store_true",
+    p.add_argument("--recompute", action="store_true", default=None,
                    help="predict fit(..., recompute_activations=True)")
     p.add_argument("--state-chunk-mib", type=float, default=None,
                    help="predict fit(..., state_chunk_mib=N): the state streamed in chunks of N MiB")
-    p.add_argument("--moment-dtype", default="fp32", choices=formats.MOMENT_DTYPES,
+    p.add_argument("--moment-dtype", default=None, choices=formats.MOMENT_DTYPES,
                    help="predict fit(..., moment_dtype=...)")
     p.add_argument("--master-format", default="auto", choices=("auto", "remainder", "fp32"),
                    help="predict fit(..., master_format=...) (auto: the remainder for bf16 weights)")
-    p.add_argument("--state-store", default="host", choices=STATE_STORES,
+    p.add_argument("--state-store", default=None, choices=STATE_STORES,
                    help="predict fit(..., state_store=...): host RAM, or files under state_dir")
     p.add_argument("--ranks", type=int, default=1,
                    help="predict data parallel on N ranks (torchrun --nproc_per_node N): one rank's share")
@@ -48,6 +50,13 @@ def main(argv=None) -> int:
                    help="predict fit(..., reduce_dtype=...) under --ranks")
     p.add_argument("--cpu", action="store_true", help="predict a CPU run (offload off: every group's "
                    "state resident, unless it rests on disk; the total above the model is the process's growth)")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                   help="show what memory='auto' picks for a device with this much free (GB = 1e9 bytes), "
+                   "keeping the options given here, and what it costs")
+    p.add_argument("--host-memory", type=float, default=None, metavar="GB",
+                   help="the host RAM available to the run, for memory='auto' (with --device-memory, or --cpu)")
+    p.add_argument("--disk", type=float, default=None, metavar="GB",
+                   help="free disk under state_dir, for memory='auto' (default: the disk store is not limited)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.ranks < 1:
@@ -62,6 +71,10 @@ def main(argv=None) -> int:
     except ValueError as err:
         p.error(str(err))
     trace, _ = trace_units(model, args.batch, args.seq)
+    if args.device_memory is not None or args.host_memory is not None:
+        return _auto(args, p, trace, block_input_bytes(model, args.batch, args.seq, args.precision), device)
+    args.moment_dtype = args.moment_dtype or "fp32"
+    args.state_store = args.state_store or "host"
     boundary = block_input_bytes(model, args.batch, args.seq, args.precision) if args.recompute else None
     plans = plans_from_trace(trace, boundary, args.precision, args.group_size, args.prefetch,
                              not args.cpu, args.state_chunk_mib, moment_dtype=args.moment_dtype,
@@ -93,6 +106,44 @@ def main(argv=None) -> int:
     print(formats_table(trace, args.precision, args.group_size, args.prefetch, args.state_chunk_mib, boundary,
                         device, name=args.model, ranks=args.ranks, reduce_dtype=args.reduce_dtype))
     print("\n" + formats_notes())
+    return 0
+
+
+def _auto(args, p, trace, boundary: int, device: str) -> int:
+    """--device-memory / --host-memory: what memory="auto" picks on that machine, and its cost."""
+    if args.host_memory is None or (device == "cuda" and args.device_memory is None):
+        p.error("memory='auto' needs --host-memory, and --device-memory unless --cpu")
+    budgets = auto.Budgets(host=int(args.host_memory * GB),
+                           device=None if device == "cpu" else int(args.device_memory * GB),
+                           disk=None if args.disk is None else int(args.disk * GB))
+    fixed = {name: value for name, value in (("moment_dtype", args.moment_dtype), ("state_store", args.state_store),
+                                             ("recompute_activations", args.recompute),
+                                             ("state_chunk_mib", args.state_chunk_mib)) if value is not None}
+    try:
+        choice = auto.choose(trace, budgets, fixed, precision=args.precision, group_size=args.group_size,
+                             recompute_boundary=boundary, device=device, master_format=args.master_format,
+                             prefetch=args.prefetch, ranks=args.ranks, reduce_dtype=args.reduce_dtype)
+    except auto.MemoryPlanError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(dict(options=choice.options, chosen=list(choice.chosen), budgets=vars(budgets),
+                              plan=choice.plan.as_dict()), indent=1))
+        return 0
+    h = choice.plan
+    print(choice.line())
+    print(f"\n{HEADER}\n{breakdown_row('hift', h, None)}\n")
+    costs = []
+    if choice.options["state_chunk_mib"] is not None and device != "cpu":
+        costs.append("chunks: the update of a group larger than a chunk waits on its copies (PCIe "
+                     f"{h.pcie_per_step / GB:.2f} GB per step; at 25 GB/s about {h.pcie_per_step / 25e9 * 1e3:.0f} ms "
+                     "not hidden behind compute for the streamed groups)")
+    if choice.options["recompute_activations"]:
+        costs.append("recompute: one more forward of the frozen blocks above the active group (about a third "
+                     "more compute per step)")
+    if choice.options["state_store"] == "disk":
+        costs.append(f"disk store: {h.disk_io_per_step / GB:.2f} GB read and written per step")
+    print("expected step-time effect: " + ("; ".join(costs) if costs else "none (no chunks, no recompute, no disk)"))
     return 0
 
 

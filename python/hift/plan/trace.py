@@ -30,6 +30,18 @@ LLAMA2 = {
                         max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 
+# Newer models the planner knows by name (`hift plan --model`), from their released config.json.
+MODELS = {
+    **LLAMA2,
+    "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       tie_word_embeddings=False),
+}
+
 # the weights' dtype of a run, by its precision's name
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,12 +53,13 @@ def llama_config(name_or_dict):
     from transformers import AutoConfig, LlamaConfig
 
     if isinstance(name_or_dict, str):
-        if name_or_dict in LLAMA2:
-            return LlamaConfig(**LLAMA2[name_or_dict])
+        if name_or_dict in MODELS:
+            fields = dict(MODELS[name_or_dict])
+            return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
         path = Path(name_or_dict)
         directory = path if path.is_dir() else path.parent
         if not (directory / "config.json").is_file() or (path.is_file() and path.name != "config.json"):
-            raise ValueError(f"{name_or_dict} is neither one of the planner's models ({', '.join(LLAMA2)}) nor a "
+            raise ValueError(f"{name_or_dict} is neither one of the planner's models ({', '.join(MODELS)}) nor a "
                              "model directory with a config.json (a save_pretrained directory) nor its config.json")
         return AutoConfig.from_pretrained(str(directory))
     return LlamaConfig(**name_or_dict)
@@ -152,12 +165,15 @@ def _trace_saved(model, units, run, trainable_units: set[int]) -> tuple[list[int
     return per_unit, [3 * x for x in largest]
 
 
-def trace_units(model: nn.Module, batch: int, seq: int) -> tuple[UnitTrace, list]:
+def trace_units(model: nn.Module, batch: int, seq: int, inputs=None) -> tuple[UnitTrace, list]:
+    """The trace of a meta model on a batch of batch x seq token ids (a causal LM), or on
+    `inputs` (any batch the model takes, its tensors on the meta device)."""
     from hift.batches import compute_loss
     from hift.groups import detect_units
 
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    inputs = {"input_ids": ids, "labels": ids}
+    if inputs is None:
+        ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+        inputs = {"input_ids": ids, "labels": ids}
     # (the config's use_cache stays as it is: with no cache transformers inspects position ids
     # for packed sequences, which needs values that meta tensors do not have)
     run = lambda: compute_loss(model, inputs)
@@ -175,6 +191,18 @@ def trace_units(model: nn.Module, batch: int, seq: int) -> tuple[UnitTrace, list
                       trainable=trainable, frozen=frozen,
                       transient_trainable=t_transient, transient_frozen=f_transient)
     return trace, units
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of any model with every parameter and buffer on the meta device: its structure and
+    shapes, no storage (the copy shares nothing with the model)."""
+    import copy
+
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def block_input_bytes(model: nn.Module, batch: int, seq: int, precision: str) -> int:

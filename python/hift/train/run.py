@@ -167,6 +167,8 @@ def _run(a, options, output_dir: Path, fit_options: dict, cfg, ranks: Ranks, dev
         monitor.flush()
         if eval_loader is not None and monitor.last_eval != result.steps:
             monitor.evaluate(result.steps)
+        if log is not None:  # the claim check: the planner's peaks beside the measured ones
+            log.write([{"step": result.steps, "memory": result.memory}])
     except KeyboardInterrupt:
         latest = checkpoint.latest(cfg.save_dir)
         say("hift train: interrupted; "
@@ -304,6 +306,17 @@ def _printer(progress: bool):
     return say
 
 
+def memory_claim(memory: dict) -> str:
+    """The claim check in words: each predicted peak, the measured one and their ratio."""
+    parts = []
+    for what, label in (("device", "device peak"), ("host", "host growth")):
+        predicted, measured = memory.get(f"predicted_{what}_peak"), memory.get(f"measured_{what}_peak")
+        if predicted is not None and measured is not None:
+            parts.append(f"{label} {measured / 1e9:.2f} GB measured, {predicted / 1e9:.2f} GB predicted "
+                         f"(x{measured / predicted:.2f})" if predicted else f"{label} {measured / 1e9:.2f} GB measured")
+    return "; ".join(parts)
+
+
 def _summary(result, final: Path, metrics: Path, plot_path: Optional[Path], eval_metrics: dict) -> str:
     losses = [x for x in result.losses if x is not None]
     head = sum(losses[:10]) / max(1, len(losses[:10]))
@@ -312,6 +325,8 @@ def _summary(result, final: Path, metrics: Path, plot_path: Optional[Path], eval
              f"{result.precision}, {result.seconds:.1f} s; loss {head:.4f} (first 10 steps) -> {tail:.4f} (last 10)"]
     if eval_metrics:
         lines.append(f"  held out: {shown(eval_metrics)}")
+    if result.memory.get("predicted_host_peak") is not None:
+        lines.append("  memory: " + memory_claim(result.memory))
     lines.append(f"  model: {final}  metrics: {metrics}" + (f"  plot: {plot_path}" if plot_path else ""))
     return "\n".join(lines)
 

@@ -1,0 +1,193 @@
+"""The planner on a live run: memory="auto" picks the options left unset for this model on this
+machine, and every run's prediction is held to what it measured (the claim check).
+
+The model is traced as `hift plan` traces a config: a meta-device twin (no storage) runs the
+example batch, and what autograd saves is added up unit by unit (hift/plan/trace.py). A model
+the meta device cannot run, or a run without an example batch, is not predicted: memory="auto"
+then keeps the manual defaults and says so. Traces are cached per model shape and batch shape,
+so a process that builds many optimizers over one model traces it once.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from hift.batches import BatchError
+from hift.config import Config
+from hift.plan import auto
+from hift.plan.predict import GB, Breakdown
+from hift.plan.trace import DTYPES, UnitTrace, meta_twin, trace_units
+
+CLAIM_TOLERANCE = 0.10  # a measured peak this far above the prediction is a warning...
+# ...and this much above it: a process's first steps also grow by what no plan counts (the
+# allocator's arenas, libraries' first use), which only a small run would notice
+CLAIM_SLACK = {"device": 64 * 2**20, "host": 256 * 2**20}
+_TRACES: dict = {}
+_TRACE_CACHE_SIZE = 32
+
+
+@dataclass
+class MemoryPlan:
+    """What a run was predicted to need (None where it could not be predicted), and the choice."""
+
+    prediction: Optional[Breakdown]
+    choice: Optional[auto.MemoryChoice] = None
+    note: str = ""
+    temporary_state_dir: Optional[str] = None  # made for the disk store by auto: removed at close
+
+
+def default_state_dir() -> str:
+    """Where memory="auto" puts the disk store's files when it chooses the disk and no
+    state_dir was given: $HIFT_STATE_DIR, else ~/.cache/hift/state, in a folder of this run's
+    own (removed when the optimizer closes)."""
+    base = os.environ.get("HIFT_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hift", "state")
+    return os.path.join(base, f"run-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _meta_inputs(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch.to("meta")
+    if isinstance(batch, dict):
+        # no attention mask: transformers reads its values (is any token padded?), which meta
+        # tensors do not have; what autograd saves is the same (the trace's attention is fused)
+        return {k: _meta_inputs(v) for k, v in batch.items() if k != "attention_mask"}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_meta_inputs(v) for v in batch)
+    return batch
+
+
+def _shape_key(x):
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype)
+    if isinstance(x, dict):
+        return tuple((k, _shape_key(v)) for k, v in sorted(x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_shape_key(v) for v in x)
+    return repr(x)
+
+
+def trace_model(model: nn.Module, example_batch, precision: str) -> tuple[Optional[UnitTrace], str]:
+    """The model's UnitTrace on example_batch, in the run's weight dtype; (None, why) where the
+    model cannot be traced on the meta device."""
+    if example_batch is None:
+        return None, "no example batch to trace the model with"
+    key = (type(model).__qualname__, precision,
+           tuple((n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()), _shape_key(example_batch))
+    if key in _TRACES:
+        return _TRACES[key], ""
+    try:
+        twin = meta_twin(model).to(DTYPES[precision])
+        trace, _ = trace_units(twin, 0, 0, inputs=_meta_inputs(example_batch))
+    except BatchError:  # the batch itself is wrong: the probe says so in words, next
+        return None, ""
+    except Exception as err:  # a forward the meta device cannot run (data-dependent shapes, .item())
+        return None, f"the planner cannot trace {type(model).__name__} on the meta device ({type(err).__name__}: {err})"
+    if len(_TRACES) >= _TRACE_CACHE_SIZE:
+        _TRACES.pop(next(iter(_TRACES)))
+    _TRACES[key] = trace
+    return trace, ""
+
+
+def _recompute_boundary(model: nn.Module, example_batch, precision: str) -> Optional[int]:
+    """One block's input bytes (what recompute keeps per frozen block), for a transformers model
+    with token ids; None where unknown (then recompute is not chosen)."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    ids = example_batch.get("input_ids") if isinstance(example_batch, dict) else None
+    if hidden is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    return ids.shape[0] * ids.shape[1] * hidden * DTYPES[precision].itemsize
+
+
+def _fixed(cfg: Config, can_recompute: bool) -> dict:
+    fixed = {name: getattr(cfg, name) for name in auto.AUTO_OPTIONS if getattr(cfg, name) is not None}
+    if "state_chunk_mib" in fixed and not fixed["state_chunk_mib"]:
+        fixed["state_chunk_mib"] = None  # 0: whole groups, asked for
+    if not can_recompute:
+        fixed.setdefault("recompute_activations", False)
+    return fixed
+
+
+def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device, precision: str, ranks: int,
+             can_recompute: bool, fixed_by_resume: Optional[dict] = None) -> tuple[Config, MemoryPlan]:
+    """Fill the memory options cfg left unset (memory="auto": the planner's choice for this
+    machine; "manual" or where the model cannot be predicted: Config.MANUAL_MEMORY), and the
+    prediction for the run. Raises auto.MemoryPlanError, before anything changes, where nothing
+    fits."""
+    trace, why = trace_model(model, example_batch, precision)
+    unset = [name for name in auto.AUTO_OPTIONS if getattr(cfg, name) is None]
+    if fixed_by_resume:
+        cfg = Config.build(cfg, **{k: v for k, v in fixed_by_resume.items() if getattr(cfg, k) is None})
+    device_kind = "cuda" if device.type == "cuda" else "cpu"
+    boundary = _recompute_boundary(model, example_batch, precision)
+    common = dict(precision=precision, group_size=cfg.group_size, recompute_boundary=boundary, device=device_kind,
+                  master_format=cfg.master_format, prefetch=cfg.prefetch, ranks=ranks, reduce_dtype=cfg.reduce_dtype)
+    if cfg.memory == "manual" or trace is None or not unset:
+        note = "" if cfg.memory == "manual" or not unset or not why else \
+            f"hift memory=auto: {why}; the manual defaults are used"
+        cfg = cfg.with_memory()
+        prediction = None
+        if trace is not None:
+            options = {"offload": cfg.offload if cfg.offload is not None else device.type != "cpu",
+                       "state_chunk_mib": cfg.state_chunk_mib, "moment_dtype": cfg.moment_dtype,
+                       "recompute_activations": bool(cfg.recompute_activations), "state_store": cfg.state_store}
+            prediction = auto.predict(trace, options, **common)
+        return cfg, MemoryPlan(prediction, note=note)
+    temporary = None
+    state_dir = cfg.state_dir
+    if cfg.state_store is None and state_dir is None:
+        state_dir = temporary = default_state_dir()
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                      if t.device == device)
+    budgets = auto.machine_budgets(device_kind, device.index, model_bytes, state_dir)
+    choice = auto.choose(trace, budgets, _fixed(cfg, can_recompute), **common)
+    chosen = dict(choice.options)
+    if device_kind == "cpu":
+        del chosen["offload"]  # nothing to offload from: the state's place is its store
+    if chosen["state_store"] == "disk" and cfg.state_dir is None:
+        chosen["state_dir"] = state_dir
+    else:
+        temporary = None
+    if temporary is not None:
+        choice.notes.append(f"the state rests in {temporary} (removed when the run ends; pass state_dir to keep it)")
+    return cfg.with_memory(**chosen), MemoryPlan(choice.plan, choice, temporary_state_dir=temporary)
+
+
+def claim_check(plan: MemoryPlan, device: torch.device, measured_device: int, measured_host_growth: int) -> dict:
+    """The prediction against what the run measured: the device peak (max_memory_allocated on
+    CUDA) and the host's (the process's growth in resident memory over the run on a CPU, its
+    peak resident set on a GPU machine), their ratios, and a warning in words where a measured
+    peak is more than CLAIM_TOLERANCE above its prediction."""
+    out = dict(measured_device_peak=measured_device if device.type == "cuda" else None,
+               measured_host_peak=measured_host_growth)
+    p = plan.prediction
+    if p is None:
+        return {**out, "predicted_device_peak": None, "predicted_host_peak": None, "note": plan.note or "not predicted"}
+    # on a CPU the planner's total above the weights is what the process grows by
+    predicted_host = p.above_model if device.type != "cuda" else p.host
+    out.update(predicted_device_peak=p.total if device.type == "cuda" else None, predicted_host_peak=predicted_host)
+    if device.type == "cuda":
+        out["device_ratio"] = measured_device / p.total if p.total else None
+    out["host_ratio"] = measured_host_growth / predicted_host if predicted_host else None
+    for what in ("device", "host"):
+        ratio = out.get(f"{what}_ratio")
+        over = (out[f"measured_{what}_peak"] or 0) - (out[f"predicted_{what}_peak"] or 0)
+        if ratio is not None and ratio > 1 + CLAIM_TOLERANCE and over > CLAIM_SLACK[what]:
+            message = (f"hift: the measured {what} peak, {out[f'measured_{what}_peak'] / GB:.2f} GB, is {ratio:.2f}x "
+                       f"the planner's prediction ({out[f'predicted_{what}_peak'] / GB:.2f} GB): please report it, "
+                       "with the model and options")
+            warnings.warn(message, stacklevel=3)
+            out.setdefault("warnings", []).append(message)
+    return out
+
+
+def remove_temporary_state_dir(plan: Optional[MemoryPlan]) -> None:
+    if plan is not None and plan.temporary_state_dir:
+        import shutil
+
+        shutil.rmtree(plan.temporary_state_dir, ignore_errors=True)
