@@ -120,3 +120,27 @@ def test_a_shard_file_that_holds_a_pickled_object_is_refused_before_it_runs(tmp_
     with pytest.raises(pickle.UnpicklingError):
         hift.load_shards(opt, tmp_path)
     assert not marker.exists()
+
+
+def test_every_shard_file_loads_with_weights_only_on_another_number_of_ranks(tmp_path):
+    """On another number of ranks load_shards reads every saving rank's file: a pickled object
+    planted in any of them is refused before it runs, as in this rank's own."""
+    import hift
+    from hift.shards import SHARD_FILE
+
+    model = tm.llama(layers=2)
+    batch = tm.lm_batches(1)[0]
+    opt = hift.HiftAdamW(model, lr=1e-3, example_batch=batch)
+    model(**batch).loss.backward()
+    opt.step()
+    path = hift.save_shard(opt, tmp_path)
+    state = torch.load(path, weights_only=True)
+    state["hift"]["world"] = 2  # as if two ranks saved it: this process reads both files
+    torch.save(state, path)
+    marker = tmp_path / "ran"
+    state["hift"].update(rank=1, planted=_RunsCodeWhenUnpickled(marker))
+    torch.save(state, tmp_path / SHARD_FILE.format(rank=1))
+    with pytest.raises(pickle.UnpicklingError):
+        hift.load_shards(opt, tmp_path)
+    assert not marker.exists()
+    opt.close()

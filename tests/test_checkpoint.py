@@ -188,3 +188,20 @@ def test_loading_much_state_shows_a_progress_bar(tmp_path, monkeypatch, capsys, 
     capsys.readouterr()
     fit(tm.llama(layers=2), batches, max_steps=4, resume_from=str(tmp_path), **dict(QUIET, progress=True))
     assert ("hift: loading optimizer state" in capsys.readouterr().err) == shown
+
+
+def test_a_checkpoint_resumes_without_unpickling_anything(tmp_path, monkeypatch):
+    """A fit checkpoint is safetensors and JSON: resuming one never calls torch.load or pickle,
+    so a file planted in it cannot run code."""
+    import pickle
+
+    fit(tm.llama(layers=2), tm.lm_batches(4), max_steps=2, save_dir=str(tmp_path), **QUIET)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+
+    monkeypatch.setattr(torch, "load", refused)
+    monkeypatch.setattr(pickle, "load", refused)
+    monkeypatch.setattr(pickle, "loads", refused)
+    monkeypatch.setattr(pickle, "Unpickler", refused)
+    assert fit(tm.llama(layers=2), tm.lm_batches(4), max_steps=4, resume_from=str(tmp_path), **QUIET).steps == 4

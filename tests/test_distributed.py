@@ -219,7 +219,7 @@ def _one_rank_overflows(rank, world):
         opt.step()
         opt.zero_grad()
         groups.append(opt.last_step.group)
-        skipped.append(opt.last_step.skipped)
+        skipped.append(opt.last_step.retried)
         scales.append(float(opt.scaler.scale))
         if step == 1:
             unchanged = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

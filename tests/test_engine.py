@@ -437,3 +437,17 @@ def test_int8_moments_train_and_each_fused_update_is_its_reference(kernel, preci
     assert mean(result.losses[-4:]) < mean(result.losses[:4]) - 0.2
     assert abs(mean(result.losses[-4:]) / mean(full.losses[-4:]) - 1) < 0.01
     assert not torch.equal(next(model.parameters()), next(twin.parameters()))  # not the same run
+
+
+def test_on_step_sees_one_step_event_with_the_loss_fit_records():
+    """fit hands on_step the optimizer's own record of the step (HiftAdamW.last_step): its loss is
+    the value fit flushes into FitResult.losses, its skip flag a 0-d device tensor (no host read)."""
+    from hift import StepEvent
+
+    events = []
+    result = fit(tm.llama(layers=2), tm.lm_batches(10), max_steps=5, accum_steps=2, log_every=2, lr=3e-3,
+                 on_step=events.append, **QUIET)
+    assert all(isinstance(e, StepEvent) for e in events) and [e.step for e in events] == list(range(5))
+    assert [float(e.loss) for e in events] == result.losses
+    assert [e.group for e in events] == result.groups and [e.lr for e in events] == result.lrs
+    assert all(e.skipped.dim() == 0 and not bool(e.skipped) and e.retried is False for e in events)

@@ -148,7 +148,7 @@ def test_state_dict_resumes_bit_for_bit(tmp_path, options):
     ours, theirs = opt.state_dict()["hift"], opt3.state_dict()["hift"]
     assert len(ours["chunks"]) == len(theirs["chunks"]) > 0
     assert all(torch.equal(a, b) for a, b in zip(ours["chunks"], theirs["chunks"], strict=True))
-    assert torch.equal(ours["steps"], theirs["steps"]) and ours["order"] == theirs["order"]
+    assert ours["steps"] == theirs["steps"] and ours["order"] == theirs["order"]
     opt.close()
     opt3.close()
 
@@ -209,7 +209,7 @@ def test_non_finite_gradient_skips_the_update_and_moves_on():
     opt.zero_grad()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert opt.skipped_updates == 1 and opt.active_group == 2
-    assert bool(opt.last_step.found_inf)
+    assert bool(opt.last_step.skipped)
     opt.close()
 
 
@@ -223,7 +223,7 @@ def test_fp16_needs_the_loss_scaled():
     opt.zero_grad()
     opt.scale_loss(model(**batch[1]).loss).backward()
     opt.step()
-    assert opt.last_step.skipped is False and opt.steps_taken == 1
+    assert opt.last_step.retried is False and opt.steps_taken == 1
     opt.close()
 
 
@@ -276,3 +276,80 @@ def test_steps_that_reach_none_of_the_group_release_its_prefetched_chunk(referen
     train(twin, reference, batches, len(batches))
     reference.close()
     same_weights(model, twin)
+
+
+def test_every_option_is_a_config_field_once_in_signature_and_docstring():
+    """The options are listed once, in hift.Config: HiftAdamW's keyword options, its signature and
+    its docstring follow it (a Config field fit's loop does not read is an option here too)."""
+    import dataclasses
+    import inspect
+
+    from hift.config import LOOP_FIELDS, Config
+    from hift.optim import OPTIONS
+
+    fields = [f.name for f in dataclasses.fields(Config)]
+    assert set(OPTIONS) | set(LOOP_FIELDS) == set(fields) and not set(OPTIONS) & set(LOOP_FIELDS)
+    signature = inspect.signature(HiftAdamW)
+    assert set(OPTIONS) < set(signature.parameters)
+    assert signature.parameters["max_grad_norm"].default is None  # a trainer clips already
+    for name in OPTIONS:
+        assert f" {name}" in HiftAdamW.__doc__, f"HiftAdamW's docstring does not list {name}"
+    with pytest.raises(TypeError, match=r"unexpected option\(s\) \['num_cycles'\].*belong to hift.fit"):
+        HiftAdamW(tm.llama(layers=2), num_cycles=3)
+
+
+def test_config_and_keyword_options_make_the_same_optimizer():
+    from hift import Config
+
+    a = HiftAdamW(tm.llama(layers=2), lr=1e-2, order="random", seed=4, group_size=2)
+    b = HiftAdamW(tm.llama(layers=2), config=Config(lr=1e-3, order="random", seed=4, num_cycles=2), group_size=2,
+                  lr=1e-2)
+    assert a.fingerprint() == b.fingerprint() and [pg["lr"] for pg in b.param_groups] == [1e-2] * len(b.groups)
+    assert a.max_grad_norm is None and b.max_grad_norm == 1.0  # the Config's default where one is given
+    a.close()
+    b.close()
+
+
+def test_state_dict_of_another_format_is_refused_naming_it():
+    model = tm.llama(layers=2)
+    opt = HiftAdamW(model, lr=1e-2)
+    train(model, opt, tm.lm_batches(2), 2)
+    state = round_trip(opt.state_dict())
+    state["hift"]["format"] = 3
+    with pytest.raises(ValueError, match="written in format 3 of hift's optimizer state.*reads format 4"):
+        opt.load_state_dict(state)
+    del state["hift"]["format"]
+    with pytest.raises(ValueError, match="a format before 4"):
+        opt.load_state_dict(state)
+    opt.close()
+
+
+def test_a_fit_checkpoint_and_a_state_dict_hold_the_same_method_state(reference_ops, tmp_path):
+    """fit's checkpoint (state/method.json and its chunk files) and HiftAdamW.state_dict()["hift"]
+    of the same run hold one MethodState, key for key, and the same chunks' bytes; each loads
+    into the other's optimizer."""
+    import json
+
+    from hift import checkpoint
+    from hift.resume import MethodState
+
+    options = dict(lr=3e-3, order="random", seed=2, max_grad_norm=1.0, state_chunk_mib=0.004)
+    model = tm.llama(layers=2)
+    twin = copy.deepcopy(model)
+    batches = tm.lm_batches(5, seed=4)
+    fit(model, batches, max_steps=5, lr_schedule="constant", progress=False, save_dir=str(tmp_path), **options)
+    saved = checkpoint.latest(tmp_path)
+    opt = HiftAdamW(twin, example_batch=batches[0], **options)
+    train(twin, opt, batches, 5)
+    ours = opt.state_dict()
+    method = json.loads((saved / checkpoint.method_file()).read_text())
+    assert method == {k: v for k, v in ours["hift"].items() if k != "chunks"}
+    assert MethodState.from_dict(method) == opt.method_state()
+    chunks = [checkpoint.load_chunk(saved, c) for c in range(len(ours["hift"]["chunks"]))]
+    assert all(torch.equal(a, b) for a, b in zip(chunks, ours["hift"]["chunks"]))
+    # the checkpoint's MethodState and chunks as a state_dict load into a fresh HiftAdamW
+    fresh = HiftAdamW(tm.llama(layers=2), example_batch=batches[0], **options)
+    fresh.load_state_dict({"state": {}, "param_groups": ours["param_groups"], "hift": {**method, "chunks": chunks}})
+    assert fresh.method_state() == opt.method_state()
+    opt.close()
+    fresh.close()

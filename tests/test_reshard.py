@@ -141,17 +141,31 @@ def test_a_run_resumes_with_another_state_chunk_mib_bit_for_bit(tmp_path, saved_
         assert torch.equal(resumed_model.state_dict()[key], value), key
 
 
-def test_a_checkpoint_that_does_not_record_its_layout_needs_its_chunking(tmp_path):
-    """Checkpoints of a hift before re-sharding: resumed with their own chunking, refused in
-    words with another."""
+def test_a_checkpoint_of_an_older_format_is_refused_naming_it(tmp_path):
+    """A checkpoint of a hift before one MethodState (format 3: the method's state in
+    trainer.json, no state/method.json) is refused in words that name its format."""
     batches = tm.lm_batches(6, batch=2, seed=5)
     fit(tm.llama(layers=2), batches, max_steps=3, state_chunk_mib=0.003, save_dir=str(tmp_path), **OPTIONS)
     saved = checkpoint.latest(tmp_path)
-    repack_to_the_layout_before_alignment(saved, StateFormat("remainder", "int8"), drop_layout=True)
-    with pytest.raises(checkpoint.CheckpointError, match="state_chunks.*its state_chunk_mib .it predates re-sharding"):
-        fit(tm.llama(layers=2), batches, max_steps=6, resume_from=str(saved), state_chunk_mib=None, **OPTIONS)
-    result = fit(tm.llama(layers=2), batches, max_steps=6, resume_from=str(saved), state_chunk_mib=0.003, **OPTIONS)
-    assert result.steps == 6
+    meta = json.loads((saved / "trainer.json").read_text())
+    meta.update(format=3, state_layout=json.loads((saved / checkpoint.method_file()).read_text())["layout"])
+    (saved / checkpoint.method_file()).unlink()
+    rewrite(saved, "trainer.json", json.dumps(meta), drop=[checkpoint.method_file()])
+    model = tm.llama(layers=2)
+    before = weights(model)
+    with pytest.raises(checkpoint.CheckpointError, match="written in format 3 of hift's checkpoints.*reads format 4"):
+        fit(model, batches, max_steps=6, resume_from=str(saved), state_chunk_mib=0.003, **OPTIONS)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def rewrite(saved, name, text, drop=()):
+    """Write `name` into checkpoint `saved` and its manifest entry to match (dropping `drop`'s)."""
+    (saved / name).write_text(text)
+    manifest = json.loads((saved / "manifest.json").read_text())
+    for gone in drop:
+        del manifest[gone]
+    manifest[name] = {"bytes": (saved / name).stat().st_size, "sha256": checkpoint._sha256(saved / name)}
+    (saved / "manifest.json").write_text(json.dumps(manifest))
 
 
 # ------------------------------------------------------------------------- the data side
@@ -231,12 +245,12 @@ def test_every_piece_of_a_chunk_starts_16_byte_aligned(format):
             state.close()
 
 
-def repack_to_the_layout_before_alignment(saved, format, drop_layout=False):
-    """Rewrite a checkpoint as a hift before piece alignment wrote it: each chunk's pieces end to
-    end in their sections, its layout without an alignment (or no layout at all: before
-    re-sharding), and the manifest's hashes to match."""
-    meta = json.loads((saved / "trainer.json").read_text())
-    layout = meta["state_layout"]
+def repack_to_the_layout_before_alignment(saved, format):
+    """Rewrite a checkpoint's chunks with each chunk's pieces end to end in their sections, its
+    layout without an alignment (as a hift before piece alignment cut them), and the manifest's
+    hashes to match."""
+    method = json.loads((saved / checkpoint.method_file()).read_text())
+    layout = method["layout"]
     manifest = json.loads((saved / "manifest.json").read_text())
     for c, entry in enumerate(layout):
         name = checkpoint.chunk_file(c)
@@ -244,26 +258,20 @@ def repack_to_the_layout_before_alignment(saved, format, drop_layout=False):
         packed = SavedState([(saved / name, entry)], format).assemble(Chunk(entry[0], pieces), align=PACKED)
         save_file({"bytes": packed}, str(saved / name))
         manifest[name] = {"bytes": (saved / name).stat().st_size, "sha256": checkpoint._sha256(saved / name)}
-    if drop_layout:
-        del meta["state_layout"]
-    else:
-        meta["state_layout"] = [entry[:2] for entry in layout]
-    (saved / "trainer.json").write_text(json.dumps(meta))
-    manifest["trainer.json"] = {"bytes": (saved / "trainer.json").stat().st_size,
-                                "sha256": checkpoint._sha256(saved / "trainer.json")}
     (saved / "manifest.json").write_text(json.dumps(manifest))
+    method["layout"] = [entry[:2] for entry in layout]
+    rewrite(saved, checkpoint.method_file(), json.dumps(method))
 
 
-@pytest.mark.parametrize("drop_layout", [False, True], ids=["layout-unaligned", "no-layout"])
-def test_a_checkpoint_of_pieces_end_to_end_resumes_bit_for_bit(tmp_path, drop_layout):
-    """Checkpoints written before pieces were aligned (their layout says no alignment, or they
-    record no layout at all) still resume exactly: their bytes are re-laid as they load."""
+def test_a_checkpoint_of_pieces_end_to_end_resumes_bit_for_bit(tmp_path):
+    """A saved layout that records no alignment (its pieces end to end in each section) resumes
+    exactly: the bytes are re-laid as they load."""
     batches = tm.lm_batches(9, batch=2, seed=5)
     straight = tm.llama(layers=2)
     fit(straight, batches, max_steps=9, state_chunk_mib=0.003, **OPTIONS)
     fit(tm.llama(layers=2), batches, max_steps=4, state_chunk_mib=0.003, save_dir=str(tmp_path), **OPTIONS)
     saved = checkpoint.latest(tmp_path)
-    repack_to_the_layout_before_alignment(saved, StateFormat("remainder", "int8"), drop_layout)
+    repack_to_the_layout_before_alignment(saved, StateFormat("remainder", "int8"))
     resumed = tm.llama(layers=2)
     fit(resumed, batches, max_steps=9, resume_from=str(saved), state_chunk_mib=0.003, **OPTIONS)
     for key, value in weights(straight).items():

@@ -137,7 +137,7 @@ def test_trainer_resumes_from_checkpoint_exactly(tmp_path, precision):
         assert p.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
         assert torch.equal(p, q), name
     assert all(torch.equal(a, b) for a, b in zip(state["chunks"], resumed_state["chunks"]))
-    assert state["order"] == resumed_state["order"] and torch.equal(state["steps"], resumed_state["steps"])
+    assert state["order"] == resumed_state["order"] and state["steps"] == resumed_state["steps"]
 
 
 def tiny_tokenizer():
@@ -175,4 +175,40 @@ def test_sft_trainer_trains_with_hift(tmp_path):
         assert not torch.equal(p, q), f"{name} never moved"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert sum(losses[-3:]) < sum(losses[:3])
+    opt.close()
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickled_object_planted_in_optimizer_pt_is_refused_before_it_runs(tmp_path):
+    """A Trainer's optimizer.pt holds HiftAdamW.state_dict(): plain data (a MethodState and the
+    chunks' bytes) that the Trainer loads with weights_only=True, so an object planted in it is
+    refused on resume before it runs."""
+    import pickle
+
+    def trainer(output):
+        opt = HiftAdamW(tm.llama(layers=2), lr=1e-2)
+        return Trainer(model=opt.model, args=arguments(output, max_steps=4, save_strategy="steps", save_steps=2),
+                       train_dataset=samples(6), optimizers=(opt, None)), opt
+
+    first, opt = trainer(tmp_path)
+    first.train()
+    opt.close()
+    path = tmp_path / "checkpoint-2" / "optimizer.pt"
+    state = torch.load(path, weights_only=True)
+    marker = tmp_path / "ran"
+    state["hift"]["planted"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(state, path)
+    second, opt = trainer(tmp_path)
+    with pytest.raises(pickle.UnpicklingError):
+        second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert not marker.exists()
     opt.close()

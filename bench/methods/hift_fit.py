@@ -7,8 +7,6 @@ casts the model itself after taking the fp32 masters, so this method does not ca
 """
 from __future__ import annotations
 
-import torch
-
 import hift
 from bench.methods.base import Method
 
@@ -40,24 +38,15 @@ class Hift(Method):
         for key in ("offload", "prefetch"):
             if key in options:
                 options[key] = bool(int(options[key]))
-        last_loss = {}
-
-        def capture(module, args, output):
-            loss = getattr(output, "loss", None)
-            if loss is None and isinstance(output, torch.Tensor):
-                loss = output
-            if loss is not None:
-                last_loss["value"] = loss.detach()
 
         def step_done(event):
             self.state_bytes = _state_device_bytes(event.state)
             self.extra = {"group_state_bytes": [n * 4 for n in event.state.numels],
                           "offload": bool(event.state.offload), "num_groups": len(event.groups)}
             self.grad_bytes = max(g.numel for g in event.groups) * next(model.parameters()).element_size()
-            if on_step(float(last_loss["value"])):
+            if on_step(float(event.loss)):  # the loss fit records for the step
                 raise _Stop
 
-        handle = model.register_forward_hook(capture)
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         try:
             self.result = hift.fit(model, batches, lr=spec.lr, max_steps=spec.max_steps,
@@ -66,8 +55,6 @@ class Hift(Method):
                                    log_every=1, on_step=step_done, **options)
         except _Stop:
             pass
-        finally:
-            handle.remove()
         return model
 
 

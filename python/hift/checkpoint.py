@@ -2,28 +2,31 @@
 
 A checkpoint is a directory `step-NNNNNNNN/` holding
   model.safetensors      every model tensor (shared ones once)
-  optimizer.safetensors  the per-group step counts, RNG states, the data stream's state
+  optimizer.safetensors  the RNG states and the data stream's tensors
+  trainer.json           the format, the data position, fit's history
+  state/method.json      the optimizer's hift.resume.MethodState (what a HiftAdamW.state_dict()
+                         holds under "hift", all but the chunks' bytes)
   state/chunk-N.safetensors  each chunk of optimizer state, its bytes in their formats (one
                          file per chunk, so that no more than one chunk is ever in memory)
-  trainer.json           schedule position, loss scaler, data position, history, the run's shape
   manifest.json          size and sha256 of every file above, written last
 Data parallel (hift.distributed): each rank writes its own shard under state/rank-RRRRR/ (its
-chunks, rank.safetensors with its RNG and data-stream tensors, rank.json with its stream's
-position); rank 0 writes the files above. Every rank fsyncs its files, then rank 0, once it has
-heard from all (the collective is the barrier), writes manifest.json over every rank's files
-and renames the directory into place: no rank's files count before all are written.
-Each checkpoint records how its state was cut into chunks (state_layout: trainer.json, or each
-rank's rank.json), so it resumes on another number of ranks or with another state_chunk_mib:
-each rank assembles its chunks from the saved ones (hift.reshard), and its data stream goes on
-after the samples the saving ranks took (BatchStream.resume_by_samples).
+method.json and chunks, rank.safetensors with its RNG and data-stream tensors, rank.json with its
+stream's position); rank 0 writes the files above. commit() seals both: every rank fsyncs its
+files, then rank 0, once it has heard from all (the collective is the barrier), writes
+manifest.json over every rank's files and renames the directory into place: no rank's files
+count before all are written.
+Each MethodState records how its chunks were cut (its layout), so a checkpoint resumes on another
+number of ranks or with another state_chunk_mib: each rank assembles its chunks from the saved
+ones (hift.resume.chunk_reader), and its data stream goes on after the samples the saving ranks
+took (BatchStream.resume_by_samples). A checkpoint of another format (an older hift's) is refused
+in words that name its format.
 It is written into a hidden temporary directory, flushed to disk, then renamed into place:
 a process killed mid-save leaves the previous checkpoint untouched, and a checkpoint without a
 manifest that matches its files is refused. Only safetensors and JSON are read back, never
 pickle, so a checkpoint from elsewhere cannot run code.
 
 save_run and restore_run say what a run's checkpoint holds: the model, the optimizer's method
-state (HiftAdamW: step counts, rotation, loss scale, chunks), the data stream's position, the
-global RNG and fit's history.
+state and chunks, the data stream's position, the global RNG and fit's history.
 """
 from __future__ import annotations
 
@@ -38,12 +41,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 
-from hift import reshard
-from hift.optim import world_of
+from hift import resume
+from hift.reshard import LayoutError
+from hift.resume import MethodState
 
 # 2: the data stream keeps its own state (data.* tensors); 3: state chunks are raw bytes in
-# their formats (hift.formats), not fp32
-FORMAT = 3
+# their formats (hift.formats), not fp32; 4: the optimizer's state is a MethodState (resume.FORMAT)
+FORMAT = resume.FORMAT
 PREFIX = "step-"
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
 STATE = "state"
@@ -56,6 +60,10 @@ def rank_dir(rank: int) -> str:
 
 def chunk_file(c: int, rank: Optional[int] = None) -> str:
     return f"{STATE if rank is None else rank_dir(rank)}/chunk-{c:06d}.safetensors"
+
+
+def method_file(rank: Optional[int] = None) -> str:
+    return f"{STATE if rank is None else rank_dir(rank)}/method.json"
 
 
 def load_chunk(path: Path, c: int, rank: Optional[int] = None) -> torch.Tensor:
@@ -93,101 +101,48 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def save(root, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
-         keep_last: int = 2, write_state: Optional[Callable[[Callable[[int, torch.Tensor], None]], None]] = None) -> Path:
-    """Write checkpoint `step` atomically; write_state(write) hands each state chunk's bytes
-    to write(c, bytes)."""
+def save(root, step: int, write: Callable[[Path], list[str]], keep_last: int = 2, dp=None) -> Path:
+    """Write checkpoint `step` atomically: write(tmp) writes this rank's files into the hidden
+    directory tmp and returns their names; commit() seals it. Data parallel (dp: hift.distributed.
+    DataParallel): every rank calls it, into one directory."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer.json").write_text(json.dumps(meta))
-    names = list(FILES)
-    if write_state is not None:
-        (tmp / STATE).mkdir()
-
-        def write(c: int, data: torch.Tensor) -> None:
-            name = chunk_file(c)
-            save_file({"bytes": data.contiguous()}, str(tmp / name))
-            names.append(name)
-
-        write_state(write)
-    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for name in (*names, "manifest.json"):
-        _fsync(tmp / name)
-    if write_state is not None:
-        _fsync(tmp / STATE)
-    if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync(root)
-    for old in checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(f".tmp-{PREFIX}*"):  # left by killed saves
-        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / (f".tmp-{PREFIX}{step:08d}-{os.getpid()}" if dp is None else f".tmp-{PREFIX}{step:08d}-ranks")
+    if dp is None or dp.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if dp is not None:
+        dp.barrier()
+    commit(tmp, final, write(tmp), keep_last, dp)
     return final
 
 
-def save_sharded(root, step: int, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict, dp,
-                 rank_tensors: dict[str, torch.Tensor], rank_meta: dict, keep_last: int = 2,
-                 write_state: Optional[Callable[[Callable[[int, torch.Tensor], None]], None]] = None) -> Path:
-    """Checkpoint `step` of a data-parallel run (hift.distributed.DataParallel `dp`), called by
-    every rank: each writes its shard (write_state, rank_tensors, rank_meta), rank 0 the model
-    and `tensors`/`meta` too; atomic as a whole (see the module docstring)."""
-    root = Path(root)
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-ranks"  # one name every rank knows
-    if dp.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / STATE).mkdir(parents=True)
-    dp.barrier()
-    mine = rank_dir(dp.rank)
-    (tmp / mine).mkdir()
-    names = []
-
-    def write(c: int, data: torch.Tensor) -> None:
-        name = chunk_file(c, dp.rank)
-        save_file({"bytes": data.contiguous()}, str(tmp / name))
-        names.append(name)
-
-    if write_state is not None:
-        write_state(write)
-    save_file({k: v.detach().contiguous().cpu() for k, v in rank_tensors.items()}, str(tmp / mine / "rank.safetensors"))
-    (tmp / mine / "rank.json").write_text(json.dumps(rank_meta))
-    names += [f"{mine}/rank.safetensors", f"{mine}/rank.json"]
-    if dp.rank == 0:
-        save_model(model, str(tmp / "model.safetensors"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps(meta))
-        names += list(FILES)
+def commit(tmp: Path, final: Path, names: list[str], keep_last: int, dp=None) -> None:
+    """Seal the checkpoint written into tmp: fsync every file, then write manifest.json (each
+    file's size and sha256; under data parallel rank 0 writes it over every rank's files, after
+    all have fsynced theirs), rename tmp to final and keep the last keep_last checkpoints."""
     entries = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
     for name in names:
         _fsync(tmp / name)
-    _fsync(tmp / mine)
-    # every rank's files are on disk before rank 0 hears from it: the manifest comes after all
-    everyone = dp.all_gather_object(entries)
-    if dp.rank == 0:
-        manifest = {name: entry for ranks in everyone for name, entry in sorted(ranks.items())}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for folder in sorted({(tmp / name).parent for name in names}):
+        _fsync(folder)
+    if dp is not None:  # every rank's files are on disk before rank 0 hears from it
+        entries = {name: entry for ranks in dp.all_gather_object(entries) for name, entry in sorted(ranks.items())}
+    if dp is None or dp.rank == 0:
+        (tmp / "manifest.json").write_text(json.dumps(entries, indent=1))
         _fsync(tmp / "manifest.json")
-        _fsync(tmp / STATE)
         _fsync(tmp)
-        if final.exists():
+        if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync(root)
-        for old in checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        _fsync(final.parent)
+        for old in checkpoints(final.parent)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(f".tmp-{PREFIX}*"):
+        for stale in final.parent.glob(f".tmp-{PREFIX}*"):  # left by killed saves
             shutil.rmtree(stale, ignore_errors=True)
-    dp.barrier()  # no rank goes on (or reads it) before it is in place
-    return final
+    if dp is not None:
+        dp.barrier()  # no rank goes on (or reads it) before it is in place
 
 
 def verify(path: Path) -> None:
@@ -252,62 +207,73 @@ def latest(root) -> Optional[Path]:
 
 
 def save_run(root, model: torch.nn.Module, optimizer, stream, history: dict, keep_last: int = 2) -> Path:
-    """Checkpoint `history["steps"]` of a run: the model, the optimizer's method state
+    """Checkpoint `history["steps"]` of a run: the model, the optimizer's MethodState and chunks
     (hift.HiftAdamW), the stream's position (hift.batches.BatchStream), the global RNG and
     `history` (fit's losses, lrs, groups, skipped_steps)."""
-    optimizer.group_state.synchronize()
-    tensors = {"steps": optimizer.group_state.steps, "rng_cpu": torch.get_rng_state()}
+    method = optimizer.method_state()
     data_meta, data_tensors = stream.state_dict()
-    tensors.update({f"data.{k}": v for k, v in data_tensors.items()})
+    tensors = {"rng_cpu": torch.get_rng_state(), **{f"data.{k}": v for k, v in data_tensors.items()}}
     if optimizer.device.type == "cuda":
         tensors["rng_cuda"] = torch.cuda.get_rng_state(optimizer.device)
-    dp = getattr(optimizer, "dp", None)
-    meta = {
-        "format": FORMAT,
-        "run": optimizer.fingerprint(),
-        "order": optimizer.order.state_dict(),
-        "scaler": optimizer.scaler.state_dict(),
-        "data": data_meta,
-        "history": history,
-    }
-    # how the state was cut into chunks: another layout can read them (hift.reshard)
-    layout = optimizer.group_state.layout()
-    if dp is not None:  # each rank's RNG, data position and chunks are its own
-        rank_tensors = {k: v for k, v in tensors.items() if k != "steps"}
-        return save_sharded(root, history["steps"], model, tensors, meta, dp, rank_tensors,
-                            {"data": data_meta, "state_layout": layout}, keep_last=keep_last,
-                            write_state=optimizer.save_chunks)
-    meta["state_layout"] = layout
-    return save(root, history["steps"], model, tensors, meta, keep_last=keep_last, write_state=optimizer.save_chunks)
+    rank = method.rank if method.world > 1 else None  # data parallel: each rank's state is its own
+
+    def write(tmp: Path) -> list[str]:
+        names = []
+        (tmp / (STATE if rank is None else rank_dir(rank))).mkdir(parents=True, exist_ok=True)
+
+        def write_chunk(c: int, data: torch.Tensor) -> None:
+            names.append(chunk_file(c, rank))
+            save_file({"bytes": data.contiguous()}, str(tmp / names[-1]))
+
+        optimizer.save_chunks(write_chunk)
+        names.append(_write_json(tmp, method_file(rank), method.to_dict()))
+        if rank is not None:  # its RNG and data position
+            names.append(_write_tensors(tmp, f"{rank_dir(rank)}/rank.safetensors", tensors))
+            names.append(_write_json(tmp, f"{rank_dir(rank)}/rank.json", {"data": data_meta}))
+        if not rank:
+            save_model(model, str(tmp / "model.safetensors"))
+            names += ["model.safetensors", _write_tensors(tmp, "optimizer.safetensors", tensors),
+                      _write_json(tmp, "trainer.json", {"format": FORMAT, "data": data_meta, "history": history})]
+        return names
+
+    return save(root, history["steps"], write, keep_last=keep_last, dp=optimizer.dp if rank is not None else None)
 
 
-def saved_world(meta: dict) -> int:
-    """How many ranks saved a checkpoint (1: one process)."""
-    return world_of(meta["run"])
+def _write_json(folder: Path, name: str, data: dict) -> str:
+    (folder / name).write_text(json.dumps(data))
+    return name
 
 
-def saved_layouts(path: Path, meta: dict) -> Optional[list[list]]:
-    """Per saving rank, how its state was cut into chunks (OptimizerState.layout()); None where
-    the checkpoint does not say (written by a hift before re-sharding)."""
-    if saved_world(meta) == 1:
-        return [meta["state_layout"]] if "state_layout" in meta else None
-    layouts = [_rank_meta(path, rank).get("state_layout") for rank in range(saved_world(meta))]
-    return None if None in layouts else layouts
+def _write_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> str:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / name))
+    return name
+
+
+def saved_methods(path: Path) -> list[MethodState]:
+    """Every saving rank's MethodState, in rank order (one: a run of one process)."""
+    path = Path(path)
+
+    def method(rank: Optional[int]) -> MethodState:
+        return MethodState.from_dict(json.loads((path / method_file(rank)).read_text()), str(path))
+
+    if (path / method_file()).is_file():
+        return [method(None)]
+    first = method(0)
+    return [first] + [method(rank) for rank in range(1, first.world)]
 
 
 def check_resumable(path: Path, meta: dict, optimizer) -> None:
     """Refuse a checkpoint of another format or another run before anything is loaded. Another
-    number of ranks or another state_chunk_mib is this run, where the checkpoint records its
-    layout (the state is re-cut as it loads: hift.reshard)."""
+    number of ranks or another state_chunk_mib is this run (the state is re-cut as it loads)."""
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')}; this hift reads {FORMAT}")
-    any_layout = saved_layouts(path, meta) is not None
-    differ = optimizer.differences(meta["run"], any_layout=any_layout)
+        raise CheckpointError(f"{path} was written in format {meta.get('format')} of hift's checkpoints, and this "
+                              f"hift reads format {FORMAT} only: resume it with the hift that wrote it, or start "
+                              "the run again")
+    differ = optimizer.differences(saved_methods(path)[0])
     if differ:
         raise CheckpointError(
             f"{path} was made by another run ({differ}); resume with the same model, group_size, "
-            "precision, state formats, order and seed as the run that saved it"
-            + ("" if any_layout else ", and its state_chunk_mib (it predates re-sharding)"))
+            "precision, state formats, order and seed as the run that saved it")
 
 
 def _rank_meta(path: Path, rank: int) -> dict:
@@ -324,7 +290,7 @@ def resume_stream(path: Path, meta: dict, stream, rank: int = 0, world: int = 1)
     yields the same batches, so it runs before the model is cast or loaded. A data-parallel
     rank resumes its own stream; on another number of ranks, the pass goes on after the
     samples the saving ranks took (BatchStream.resume_by_samples)."""
-    saved = saved_world(meta)
+    saved = saved_methods(path)[0].world
     if saved == 1:
         data_meta, tensors = meta["data"], load_tensors(path, prefix="data.", strip=True)
     else:  # the ranks' streams stood at the same batch; a rank that did not save takes one's RNG
@@ -334,30 +300,6 @@ def resume_stream(path: Path, meta: dict, stream, rank: int = 0, world: int = 1)
         stream.load_state_dict(data_meta, tensors)
     else:
         stream.resume_by_samples(data_meta, tensors, saved)
-
-
-def _chunk_reader(path: Path, meta: dict, optimizer, rank: int, world: int) -> Callable[[int], torch.Tensor]:
-    """read(c): this rank's state chunk c from the checkpoint: the saved file itself where this
-    rank saved it in this layout, else assembled from the saved chunks (hift.reshard)."""
-    state, saved, layouts = optimizer.group_state, saved_world(meta), saved_layouts(path, meta)
-    if layouts is not None and saved == world and layouts[rank] == state.layout():
-        return lambda c: load_chunk(path, c, rank if saved > 1 else None)
-    if layouts is None:  # before re-sharding: this rank's own chunks, cut as here, pieces end to end
-        files = [(Path(path) / chunk_file(c, rank if saved > 1 else None), entry[:2])
-                 for c, entry in enumerate(state.layout())]
-    else:
-        files = [(Path(path) / chunk_file(c, r if saved > 1 else None), entry)
-                 for r, layout in enumerate(layouts) for c, entry in enumerate(layout)]
-    source = reshard.SavedState(files, state.format)
-
-    def assemble(c: int) -> torch.Tensor:
-        try:
-            return source.assemble(state.chunks[c])
-        except reshard.LayoutError as err:
-            raise CheckpointError(f"{path} was saved from a different model ({err}); resume with the model it "
-                                  "was made from") from None
-
-    return assemble
 
 
 PROGRESS_BYTES = 1 << 30  # less state loads in seconds: no bar
@@ -387,14 +329,27 @@ def restore_run(path: Path, meta: dict, model: torch.nn.Module, optimizer, progr
     progress: a bar over the state's bytes where they are many (a large model's take minutes)."""
     load_weights(path, model)
     tensors = load_tensors(path)
-    history = meta["history"]
-    (rank, world), saved = optimizer.rank_and_world, saved_world(meta)
+    methods = saved_methods(path)
+    rank, saved = optimizer.rank_and_world[0], methods[0].world
     if saved > 1:
         tensors.update(_rank_tensors(path, rank % saved))  # this rank's RNG (or a saving rank's)
-    read_chunk = _counted(_chunk_reader(path, meta, optimizer, rank, world), optimizer.group_state, progress)
-    optimizer.load_method_state(steps=tensors["steps"], order=meta["order"], scaler=meta["scaler"],
-                                steps_taken=history["steps"], read_chunk=read_chunk, skipped=history["skipped_steps"])
+    files = [(m, [Path(path) / chunk_file(c, m.rank if saved > 1 else None) for c in range(len(m.layout))])
+             for m in methods]
+    optimizer.load_method_state(files, wrap_reader=lambda read: _counted(_refusing(read, path),
+                                                                         optimizer.group_state, progress))
     torch.set_rng_state(tensors["rng_cpu"])
     if "rng_cuda" in tensors and optimizer.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng_cuda"], optimizer.device)
-    return history
+    return meta["history"]
+
+
+def _refusing(read: Callable[[int], torch.Tensor], path: Path) -> Callable[[int], torch.Tensor]:
+    """read, with saved chunks that miss some of this run's elements refused in words."""
+    def checked(c: int) -> torch.Tensor:
+        try:
+            return read(c)
+        except LayoutError as err:
+            raise CheckpointError(f"{path} was saved from a different model ({err}); resume with the model it "
+                                  "was made from") from None
+
+    return checked

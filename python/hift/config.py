@@ -175,3 +175,11 @@ class Config:
         chunk = filled.get("state_chunk_mib", self.state_chunk_mib)
         filled["state_chunk_mib"] = None if not chunk else chunk
         return dataclasses.replace(self, **filled)
+
+
+# Config's fields that only fit's loop reads; every other field is an option of HiftAdamW as
+# well (OPTIMIZER_FIELDS): its keyword options, its signature and its docstring follow this.
+LOOP_FIELDS = ("num_cycles", "max_steps", "epochs", "accum_steps", "lr_schedule", "warmup_cycles",
+               "recompute_activations", "max_consecutive_skips", "save_dir", "save_every", "keep_last",
+               "resume_from", "progress", "on_step", "log_every")
+OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in LOOP_FIELDS)

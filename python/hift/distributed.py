@@ -168,12 +168,6 @@ class DataParallel:
         rank = self.rank if rank is None else rank
         return [shard_chunks(layout, rank, max_numel, self.block) for layout in self.layouts]
 
-    def fingerprint(self, max_numel: Optional[int]) -> dict:
-        """What a resumed run must share: the world size and every rank's chunk sizes."""
-        return {"world_size": self.world,
-                "state_chunks": [[sum(p.numel for p in chunk) for group in self.chunks(max_numel, r) for chunk in group]
-                                 for r in range(self.world)]}
-
     # ------------------------------------------------------------------------ collectives
 
     def _run(self, collective: Callable, *args, **kwargs):

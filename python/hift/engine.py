@@ -18,11 +18,10 @@ from hift.config import Config, ConfigError
 from hift.groups import Group, trainable_parameters
 from hift.memory import host_peak_bytes, host_resident_bytes, peak_memory_bytes, reset_peak_memory
 from hift.memory_plan import MemoryPlan, claim_check, plan_run
-from hift.optim import HiftAdamW, model_device
-from hift.precision import LossScaler, resolve_precision
+from hift.optim import HiftAdamW, StepEvent, model_device
+from hift.precision import resolve_precision
 from hift.recompute import recompute_blocks
 from hift.schedule import lr_at_cycle
-from hift.state import OptimizerState
 
 
 class NonFiniteError(FloatingPointError):
@@ -56,26 +55,6 @@ class FitResult:
     def median_step_seconds(self) -> float:
         s = sorted(self.step_seconds)
         return s[len(s) // 2] if s else 0.0
-
-
-@dataclass
-class StepEvent:
-    """What `on_step` sees after each step (the update is enqueued, not necessarily done)."""
-
-    step: int  # 0-based index of the step just taken
-    group: int
-    lr: float
-    found_inf: torch.Tensor  # 0-d device flag: 1.0 when the update was skipped
-    model: nn.Module
-    groups: list[Group]
-    state: OptimizerState
-    scaler: LossScaler
-
-    @property
-    def skipped(self) -> bool:
-        """Whether the update was skipped (a non-finite loss or gradient); reading it waits for
-        the device, so the loop itself never does outside fp16."""
-        return bool(self.found_inf.item())
 
 
 @dataclass
@@ -131,7 +110,7 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
         with recompute_blocks(model, cfg.recompute_activations):
             # the probe on the loader's first batch finds the units and checks that its loss
             # reaches each, before anything changes
-            optimizer = HiftAdamW.from_config(model, cfg, example_batch=example, cast=False, memory_plan=memory)
+            optimizer = HiftAdamW(model, config=cfg, example_batch=example, cast=False, memory_plan=memory)
             if memory.note:  # (after the probe: a batch it refuses needs no word about the planner)
                 warnings.warn(memory.note, stacklevel=2)
             model.train()
@@ -154,9 +133,9 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
 def _memory_of(resume) -> Optional[dict]:
     """The memory options a resumed run must keep: the state format it saved (chunks, the store
     and recompute may change on resume)."""
-    if resume is None:
-        return None
-    moments = resume[1].get("run", {}).get("moments")
+    if resume is None or resume[1].get("format") != checkpoint.FORMAT:
+        return None  # (check_resumable refuses another format in words)
+    moments = checkpoint.saved_methods(resume[0])[0].run.get("moments")
     return {"moment_dtype": moments} if moments else None
 
 
@@ -166,8 +145,8 @@ class _Loop:
         self.groups = optimizer.groups
         self.device = optimizer.device
         self.result = FitResult(num_groups=len(self.groups), precision=optimizer.precision)
-        # (step, group, loss, found_inf) on the device until the next flush reads them together
-        self._pending: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        # the steps whose losses and skip flags are on the device until the next flush reads them together
+        self._pending: list[StepEvent] = []
         self._consecutive_skips = 0  # fp16 only: overflows in a row
         self.memory_plan, self.host_baseline = MemoryPlan(None), host_resident_bytes()  # fit sets both
 
@@ -212,11 +191,10 @@ class _Loop:
             result.groups.append(info.group)
             result.lrs.append(info.lr)
             result.steps += 1
-            if info.skipped is not None:
+            if optimizer.scaler.enabled:
                 self.count_fp16_skip(info)
             if self.cfg.on_step is not None:
-                self.cfg.on_step(StepEvent(result.steps - 1, info.group, info.lr, info.found_inf, self.model,
-                                           self.groups, optimizer.group_state, optimizer.scaler))
+                self.cfg.on_step(info)
             if result.steps % self.cfg.log_every == 0:
                 self.flush_losses(bar)
             if self.cfg.save_dir is not None and self.cfg.save_every and result.steps % self.cfg.save_every == 0:
@@ -244,7 +222,6 @@ class _Loop:
         """Train the active group on accum_steps micro-batches (only its parameters require
         grad: the optimizer set them)."""
         optimizer = self.optimizer
-        g = optimizer.active_group
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.cfg.accum_steps):
             batch = to_device(next(self.stream), self.device)
@@ -253,9 +230,8 @@ class _Loop:
             loss_sum += loss.detach().float()
         loss_mean = loss_sum / self.cfg.accum_steps
         optimizer.step(loss=loss_mean)
-        info = optimizer.last_step
-        self._pending.append((self.result.steps, g, loss_mean, info.found_inf))
-        return info
+        self._pending.append(optimizer.last_step)
+        return optimizer.last_step
 
     def count_fp16_skip(self, info) -> None:
         """Count an fp16 overflow (the optimizer retries the group). An overflow of the scaled
@@ -264,7 +240,7 @@ class _Loop:
         if not info.loss_finite:
             self.result.skipped_steps += 1
             self.stop(self.result.steps - 1, info.group, "loss")
-        if not info.skipped:
+        if not info.retried:
             self._consecutive_skips = 0
             return
         self.result.skipped_steps += 1
@@ -279,7 +255,7 @@ class _Loop:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        losses, flags = torch.stack([torch.stack([loss.float(), flag]) for *_, loss, flag in pending]).T
+        losses, flags = torch.stack([torch.stack([event.loss.float(), event.skipped]) for event in pending]).T
         if self.optimizer.dp is not None:  # the global batch's loss: the same history on every rank
             losses = self.optimizer.dp.mean(losses)  # (the skip flags are agreed already)
         losses, flags = losses.tolist(), flags.tolist()
@@ -288,7 +264,7 @@ class _Loop:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         if self.optimizer.scaler.enabled:  # fp16 counted its skips step by step
             return
-        skipped = [(step, g, loss) for (step, g, *_), loss, flag in zip(pending, losses, flags) if flag]
+        skipped = [(event.step, event.group, loss) for event, loss, flag in zip(pending, losses, flags) if flag]
         self.result.skipped_steps += len(skipped)
         if skipped:
             step, g, loss = skipped[0]

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointFunction
 
+from hift.batches import probe, to_device
+
 
 class GroupingError(ValueError):
     """The model's layers cannot be split into groups; the message says what to pass."""
@@ -342,3 +344,44 @@ def make_groups(units: list[Unit], group_size: int) -> list[Group]:
         Group(index=i // group_size, units=units[i : i + group_size])
         for i in range(0, len(units), group_size)
     ]
+
+
+def build_groups(model: nn.Module, given_units: Optional[Sequence[Any]], group_size: int, example_batch,
+                 device: torch.device) -> list[Group]:
+    """The model's K groups: given_units (HiftAdamW's units=), else the units detected. A forward
+    pass on `example_batch` orders the units and checks that the model takes it and that its loss
+    reaches every unit, before anything changes; without one, a transformers model's
+    dummy_inputs order the units (no reach check: they carry no labels). It runs in eval mode on
+    a forked RNG: it must not update batch-norm statistics or consume the random numbers that
+    dropout and shuffling will draw."""
+    reached = None
+    batch = example_batch
+    if batch is None and given_units is None:
+        batch = getattr(model, "dummy_inputs", None)
+        if batch is None:
+            raise GroupingError(
+                f"hift finds the units of {type(model).__name__} from one forward pass: pass "
+                "example_batch=<a batch the model takes> (or units=[...]) to HiftAdamW")
+        batch = to_device(batch, device)
+
+        def run_forward():
+            model(**batch)
+    else:
+        def run_forward():
+            nonlocal reached
+            reached = probe(model, batch)
+
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.eval()
+        try:
+            if given_units is not None:
+                if batch is not None:
+                    run_forward()
+                units = units_from_user(model, given_units)
+            else:
+                units = detect_units(model, run_forward)
+        finally:
+            model.train(was_training)
+    check_units_reached(units, reached)
+    return make_groups(units, group_size)

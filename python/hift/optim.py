@@ -27,6 +27,7 @@ updates this rank's shard of the group from its shard of the state, and gathers 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -36,31 +37,41 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from hift import distributed, formats, ops, reshard
-from hift.batches import probe, to_device
-from hift.config import Config, ConfigError
-from hift.groups import (Group, GroupingError, check_units_reached, detect_units, make_groups, trainable_parameters,
-                         units_from_user)
+from hift import distributed, formats, ops, resume
+from hift.config import OPTIMIZER_FIELDS, Config, ConfigError
+from hift.groups import Group, GroupingError, build_groups, trainable_parameters
 from hift.memory_plan import MemoryPlan, plan_run, remove_temporary_state_dir
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
+from hift.resume import MethodState, Source
 from hift.schedule import GroupOrder
 from hift.state import OptimizerState, StateFormat, chunk_numel
 
-# the Config fields that make the optimizer (the rest belong to fit's loop)
-OPTIONS = ("lr", "betas", "eps", "weight_decay", "max_grad_norm", "group_size", "order", "units", "seed",
-           "precision", "memory", "moment_dtype", "master_format", "state_store", "state_dir", "offload", "prefetch",
-           "pin_memory", "state_chunk_mib", "loss_scale", "loss_scale_growth_interval", "reduce_dtype")
+# the Config fields that make the optimizer (the rest belong to fit's loop): hift.config's list
+OPTIONS = OPTIMIZER_FIELDS
 
 
 @dataclass
-class StepInfo:
-    """What the last step() did (the update is enqueued, not necessarily done)."""
+class StepEvent:
+    """What one step() did: HiftAdamW.last_step, and what fit's on_step is called with (the
+    update is enqueued, not necessarily done).
 
+    `skipped` is the step's 0-d device flag, never a host bool: 1.0 where the update was skipped
+    on a non-finite loss or gradient. Reading it (bool(event.skipped)) waits for the device,
+    which the loop does only every log_every steps. fp16 reads it on the host at every step, to
+    retry the group: `retried` is that reading (False outside fp16)."""
+
+    step: int  # 0-based: the optimizer's step() calls before this one
     group: int  # the group it updated (or skipped)
     lr: float  # the learning rate it used: its cycle's
-    found_inf: Tensor  # 0-d device flag: 1.0 when the update was skipped (inf or nan)
-    skipped: Optional[bool] = None  # fp16 only, read on the host: then the group is retried
-    loss_finite: Optional[bool] = None  # fp16 only: the unscaled loss was finite
+    skipped: Tensor  # 0-d device flag, 1.0: the update was skipped (inf or nan)
+    loss: Optional[Tensor]  # 0-d, on the device: the loss the step checked (fit's: the mean over its
+    # micro-batches, what its flush reads into FitResult.losses); None where step() was given none
+    retried: bool  # fp16: the update overflowed and the same group trains at the next step
+    loss_finite: bool  # fp16: the unscaled loss was finite (read on the host); True outside fp16
+    model: nn.Module
+    groups: list[Group]
+    state: OptimizerState
+    scaler: LossScaler
 
 
 def model_device(params: list[nn.Parameter]) -> torch.device:
@@ -76,57 +87,15 @@ def no_decay(p: nn.Parameter) -> bool:
     return p.dim() < 2
 
 
-def build_groups(model: nn.Module, cfg: Config, example_batch, device: torch.device) -> list[Group]:
-    """The model's K groups. A forward pass on `example_batch` orders the units and checks that
-    the model takes it and that its loss reaches every unit, before anything changes; without
-    one, a transformers model's dummy_inputs order the units (no reach check: they carry no
-    labels). It runs in eval mode on a forked RNG: it must not update batch-norm statistics or
-    consume the random numbers that dropout and shuffling will draw."""
-    reached = None
-    batch = example_batch
-    if batch is None and cfg.units is None:
-        batch = getattr(model, "dummy_inputs", None)
-        if batch is None:
-            raise GroupingError(
-                f"hift finds the units of {type(model).__name__} from one forward pass: pass "
-                "example_batch=<a batch the model takes> (or units=[...]) to HiftAdamW")
-        batch = to_device(batch, device)
-
-        def run_forward():
-            model(**batch)
-    else:
-        def run_forward():
-            nonlocal reached
-            reached = probe(model, batch)
-
-    was_training = model.training
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model.eval()
-        try:
-            if cfg.units is not None:
-                if batch is not None:
-                    run_forward()
-                units = units_from_user(model, cfg.units)
-            else:
-                units = detect_units(model, run_forward)
-        finally:
-            model.train(was_training)
-    check_units_reached(units, reached)
-    return make_groups(units, cfg.group_size)
-
-
-def world_of(run: dict) -> int:
-    """How many ranks made a run, from its fingerprint (HiftAdamW.fingerprint())."""
-    return int(run.get("world_size", 1))
-
-
 class HiftAdamW(torch.optim.Optimizer):
     """AdamW that updates one group of the model's units per step; see the module docstring.
 
-    Options are hift.Config's where they apply, with the same names and checks: lr, betas, eps,
-    weight_decay (none on 1-D parameters), max_grad_norm, group_size, order, units, seed,
-    precision, memory, moment_dtype, master_format, state_store, state_dir, offload, prefetch,
-    pin_memory, state_chunk_mib, loss_scale, loss_scale_growth_interval. Two differ from fit:
+    Options are hift.Config's where they apply (hift.config.OPTIMIZER_FIELDS), with the same
+    names, defaults and checks: lr, betas, eps, weight_decay (none on 1-D parameters),
+    max_grad_norm, group_size, order, units, seed, precision, memory, moment_dtype,
+    master_format, state_store, state_dir, offload, prefetch, pin_memory, state_chunk_mib,
+    reduce_dtype, loss_scale, loss_scale_growth_interval; or config=<a Config>, the options over
+    it. Two differ from fit:
     - max_grad_norm defaults to None: a trainer clips already (the Trainer's max_grad_norm sees
       only the active group's gradients, which is per-group clipping), and torch's optimizers
       do not clip. When set, the active group's gradients are clipped inside the update.
@@ -145,40 +114,26 @@ class HiftAdamW(torch.optim.Optimizer):
 
     param_groups: one per group, in group order, with its params and param_names and the keys
     lr, betas, eps, weight_decay. state_dict() carries, beside param_groups, the state of the
-    method under "hift": per-group step counts, the rotation's position, the current cycle's
-    learning rates, the loss scale, the seed (the only randomness: the random order and the
-    stochastic rounding are functions of it), and every state chunk's bytes (a state_dict taken
+    method under "hift": a hift.resume.MethodState (per-group step counts, the rotation's
+    position, the current cycle's learning rates, the loss scale, the run's fingerprint with its
+    seed, the only randomness, and the layout) and every state chunk's bytes (a state_dict taken
     before the first step carries none: the state is then the one any optimizer made on these
-    weights holds). Loading it resumes bit for bit.
+    weights holds). A fit checkpoint holds the same MethodState. Loading it resumes bit for bit.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 2e-5, *, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: Optional[float] = None,
-                 group_size: int = 1, order: str = "top_down", units: Optional[Sequence[Any]] = None,
-                 seed: int = 0, precision: str = "auto", memory: str = "auto", moment_dtype: Optional[str] = None,
-                 master_format: str = "auto", state_store: Optional[str] = None, state_dir: Optional[str] = None,
-                 offload: Optional[bool] = None,
-                 prefetch: bool = True, pin_memory: bool = True, state_chunk_mib: Optional[float] = None,
-                 loss_scale: float = 2.0**16, loss_scale_growth_interval: int = 2000, reduce_dtype: str = "fp32",
-                 example_batch=None):
-        options = dict(locals())
-        cfg = Config.build(**{name: options[name] for name in OPTIONS})
-        self._setup(model, cfg, example_batch)
-        self.cast_model()
-
-    @classmethod
-    def from_config(cls, model: nn.Module, config: Config, example_batch=None, cast: bool = True,
-                    memory_plan: Optional[MemoryPlan] = None) -> "HiftAdamW":
-        """The optimizer of a Config's options (the loop's own fields are ignored). fit passes
-        cast=False to check a checkpoint before the model changes, and calls cast_model() then;
-        and its memory plan (the config's memory options then filled already)."""
-        self = cls.__new__(cls)
-        self._setup(model, config, example_batch, memory_plan)
+    def __init__(self, model: nn.Module, lr: Optional[float] = None, *, config: Optional[Config] = None,
+                 example_batch=None, cast: bool = True, memory_plan: Optional[MemoryPlan] = None, **options):
+        """config: a Config to take the options from (its loop fields are ignored), with `lr` and
+        `options` over it. cast=False leaves the model in its dtype (fit checks a checkpoint before
+        the model changes, and calls cast_model() then). memory_plan: fit's (the config's memory
+        options then filled already); without one, memory="auto" plans here."""
+        if lr is not None:
+            options["lr"] = lr
+        self._build(model, optimizer_config(config, **options), example_batch, memory_plan)
         if cast:
             self.cast_model()
-        return self
 
-    def _setup(self, model: nn.Module, cfg: Config, example_batch, memory_plan: Optional[MemoryPlan] = None) -> None:
+    def _build(self, model: nn.Module, cfg: Config, example_batch, memory_plan: Optional[MemoryPlan] = None) -> None:
         trainable = trainable_parameters(model)
         device = model_device(trainable)
         if memory_plan is None:  # HiftAdamW alone: it cannot recompute the model's activations
@@ -189,13 +144,11 @@ class HiftAdamW(torch.optim.Optimizer):
             if memory_plan.choice is not None:
                 print(memory_plan.choice.line())
         self.memory_plan = memory_plan
-        groups = build_groups(model, cfg, example_batch, device)
+        groups = build_groups(model, cfg.units, cfg.group_size, example_batch, device)
         if memory_plan.note and memory_plan.prediction is None and cfg.memory == "auto":
             warnings.warn(memory_plan.note, stacklevel=3)  # (after the probe, which refuses a bad batch in words)
         self._ready = False
-        self._shard_of_rank: Optional[int] = None  # another rank's shard was handed to load_state_dict
-        self._loaded = False  # a state_dict was loaded since the last step
-        self._saved_world = 1  # how many ranks saved the state_dict loaded last
+        self._gate = resume.ShardGate()
         super().__init__([{"params": list(zip(g.names, g.params))} for g in groups],
                          dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay))
         self._ready = True
@@ -225,7 +178,7 @@ class HiftAdamW(torch.optim.Optimizer):
                                  growth_interval=cfg.loss_scale_growth_interval)
         self.order = GroupOrder(len(groups), cfg.order, cfg.seed)
         self.steps_taken = 0  # step() calls, skipped ones included
-        self.last_step: Optional[StepInfo] = None
+        self.last_step: Optional[StepEvent] = None
         self._cycle_lrs: Optional[list[float]] = None  # read at the step that starts a cycle
         self._lrs = torch.zeros(len(groups), dtype=torch.float32, device=device)
         self._skipped = torch.zeros((), dtype=torch.float32, device=device)
@@ -295,8 +248,7 @@ class HiftAdamW(torch.optim.Optimizer):
                 result = closure()
             if loss is None and isinstance(result, Tensor):
                 loss = result.detach()
-        if self._loaded:
-            self._check_own_shards()
+        self._gate.check(self.dp)
         g = self.order.current
         group, options = self.groups[g], self.param_groups[g]
         if group.params[0].device != self.device:
@@ -337,13 +289,15 @@ class HiftAdamW(torch.optim.Optimizer):
         self.scaler.update(check.found_inf)
         self._skipped += check.found_inf
         self._scaled = False
-        info = StepInfo(g, self._cycle_lrs[g], check.found_inf)
+        retried, loss_finite = False, True
         if self.scaler.enabled:
             # fp16 reads its flags on the host (to retry the same group on the next batch), once
             # the update and the copy-out are enqueued.
-            skipped, loss_finite = torch.stack([check.found_inf, check.loss_finite.float()]).tolist()
-            info.skipped, info.loss_finite = bool(skipped), bool(loss_finite)
-        if not info.skipped:
+            skipped, finite = torch.stack([check.found_inf, check.loss_finite.float()]).tolist()
+            retried, loss_finite = bool(skipped), bool(finite)
+        info = StepEvent(self.steps_taken, g, self._cycle_lrs[g], check.found_inf, loss, retried, loss_finite,
+                         self.model, self.groups, self.group_state, self.scaler)
+        if not retried:
             self.order.advance()
         self.steps_taken += 1
         self.last_step = info
@@ -374,50 +328,56 @@ class HiftAdamW(torch.optim.Optimizer):
 
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that saved: the groups and the state's
-        layout, and the rotation (another order or seed would silently train other groups)."""
+        formats, and the rotation (another order or seed would silently train other groups).
+        The number of ranks and the chunking may differ: the state is re-cut as it loads."""
         state = self.group_state
-        run = {"groups": [g.names for g in self.groups], "master": state.format.master,
-               "moments": state.format.moments, "precision": self.precision,
-               "state_chunks": [c.numel for c in state.chunks], "order": self.config.order,
-               "seed": self.config.seed}
-        if self.dp is not None:  # every rank's chunks, so that each rank checks the same thing
-            run.update(self.dp.fingerprint(chunk_numel(state.format, self.config.state_chunk_mib)))
-        return run
+        return {"groups": [g.names for g in self.groups], "master": state.format.master,
+                "moments": state.format.moments, "precision": self.precision, "order": self.config.order,
+                "seed": self.config.seed}
 
-    def differences(self, theirs: dict, any_layout: bool = False) -> Optional[str]:
-        """How a saved fingerprint differs from this optimizer's, in words (None: it does not).
-        any_layout: the saved state can be re-cut (a checkpoint that records its layout), so
-        another number of ranks or state_chunk_mib is no difference."""
-        ours = self.fingerprint()
-        world = (world_of(theirs), world_of(ours))
-        if any_layout:
-            ours = {k: v for k, v in ours.items() if k not in ("world_size", "state_chunks")}
-        elif world[0] != world[1]:
-            return (f"it was saved by {world[0]} rank(s) and this run has {world[1]}: each rank holds its "
-                    f"own shard of the optimizer state, so resume with {world[0]} rank(s) (torchrun "
-                    f"--nproc_per_node {world[0]} on one node)")
-        differ = [k for k in ours if theirs.get(k) != ours[k]]
-        if not differ:
-            return None
+    def differences(self, saved: MethodState) -> Optional[str]:
+        """How a saved state's run differs from this one, in words (None: it does not)."""
+        return resume.differences(self.fingerprint(), saved.run)
 
-        def shown(run, key):
-            value = run.get(key)
-            return f"{len(value)} entries" if isinstance(value, list) else repr(value)
+    @property
+    def awaiting_own_shard(self) -> bool:
+        """Another rank's shard was loaded (all but its chunks), and this rank's own has not come:
+        step() refuses until load_state_dict(its own) or load_sharded_state_dicts(every rank's)."""
+        return self._gate.waiting
 
-        return "; ".join(f"{k}: {shown(theirs, k)} there, {shown(ours, k)} here" for k in differ)
+    def method_state(self) -> MethodState:
+        """The method's state as plain data, all but the chunks' bytes (waits for the copies in flight)."""
+        state = self.group_state
+        state.synchronize()
+        rank, world = self.rank_and_world
+        return MethodState(run=self.fingerprint(), steps=state.steps.tolist(), order=self.order.state_dict(),
+                           cycle_lrs=self._cycle_lrs, scaler=self.scaler.state_dict(), steps_taken=self.steps_taken,
+                           skipped=float(self._skipped), rank=rank, world=world, layout=state.layout())
 
     def save_chunks(self, write: Callable[[int, Tensor], None]) -> None:
         """Hand each state chunk's resting bytes to write(c, bytes), one chunk at a time."""
         self.group_state.save_chunks(write)
 
-    def load_method_state(self, *, steps: Tensor, order: dict, scaler: dict, steps_taken: int,
-                          read_chunk: Optional[Callable[[int], Tensor]], cycle_lrs: Optional[list[float]] = None,
-                          skipped: float = 0.0, chunks_follow: bool = False) -> None:
-        """Set the method's state from a checkpoint (hift.checkpoint) or a state_dict: the
-        chunks' bytes from read_chunk(c) (None: keep them, only valid before a first step or
-        where chunks_follow, a later load bringing them), the step counts, the rotation, the loss
-        scale and the cycle's learning rates (None: the next step reads them from param_groups)."""
-        if read_chunk is None and self.steps_taken and not chunks_follow:
+    def load_method_state(self, saved: Sequence[tuple[MethodState, Optional[Sequence[Source]]]],
+                          wrap_reader: Optional[Callable[[Callable[[int], Tensor]], Callable[[int], Tensor]]] = None
+                          ) -> None:
+        """Load what one or every rank of a run saved: each its MethodState and its chunks (safetensors
+        files or bytes; None: saved before a first step, so none). This rank's chunks come from
+        them where they hold its elements (its own shard, one process's state, or every rank's),
+        re-cut where the layout differs; else all but the chunks loads (the ranks must train the
+        same group) and step() refuses until this rank's own arrive. wrap_reader(read) wraps
+        the chunk reader (a progress bar). The caller checked differences() first."""
+        methods = [method for method, _ in saved]
+        method = min(methods, key=lambda m: m.rank)
+        rank, world = self.rank_and_world
+        read_chunk, foreign = None, None
+        if all(chunks is not None for _, chunks in saved):
+            if resume.covers(methods, rank, world, self.group_state.layout()):
+                read_chunk = resume.chunk_reader(self.group_state, saved, rank, world)
+                read_chunk = wrap_reader(read_chunk) if wrap_reader is not None else read_chunk
+            else:
+                foreign = method.rank
+        elif self.steps_taken:
             raise ValueError("this state was saved before its first step, so it carries no optimizer "
                              "state, and this HiftAdamW has stepped: make a fresh HiftAdamW to load it")
         self._release_prefetch()
@@ -425,14 +385,15 @@ class HiftAdamW(torch.optim.Optimizer):
             p.requires_grad_(False)
         if read_chunk is not None:
             self.group_state.load_chunks(read_chunk)
-        self.group_state.steps.copy_(steps)
-        self.order.load_state_dict(order)
-        self.scaler.load_state_dict(scaler)
-        self.steps_taken = int(steps_taken)
-        self._skipped.fill_(skipped)
+        self.group_state.steps.copy_(torch.tensor(method.steps, dtype=torch.float32))
+        self.order.load_state_dict(method.order)
+        self.scaler.load_state_dict(method.scaler)
+        self.steps_taken = int(method.steps_taken)
+        self._skipped.fill_(method.skipped)
         self._cycle_lrs = None
-        if cycle_lrs is not None:
-            self._begin_cycle(cycle_lrs)
+        if method.cycle_lrs is not None:
+            self._begin_cycle(method.cycle_lrs)
+        self._gate.loaded(foreign, method.world)
         self._arm()
 
     def _release_prefetch(self) -> None:
@@ -444,117 +405,75 @@ class HiftAdamW(torch.optim.Optimizer):
             self.group_state.release(self._prefetched)
             self._prefetched = None
 
-    def _check_own_shards(self) -> None:
-        """Before the first step after a load: every rank loaded its own shard, or every rank
-        refuses (agreed in one all-reduce, so that no rank goes on alone)."""
-        self._loaded = False
-        rank = self.dp.rank if self.dp is not None else 0
-        missing = [self._shard_of_rank is not None]
-        if self.dp is not None:
-            flags = torch.zeros(self.dp.world)
-            flags[rank] = float(missing[0])
-            missing = [bool(f) for f in self.dp.mean(flags) > 0]
-        if any(missing):
-            ranks = ", ".join(str(r) for r, m in enumerate(missing) if m)
-            raise ValueError(
-                f"rank(s) {ranks} were given another rank's shard of the optimizer state to load, and never their "
-                f"own (this is rank {rank}; the state was saved by {self._saved_world} rank(s)): each rank holds its "
-                "own shard. A 🤗 Trainer saves optimizer.pt from rank 0 alone; pass callbacks=[hift.TrainerShards()] "
-                "to the Trainer, which saves every rank's shard in each checkpoint and loads this rank's share on "
-                "resume, on any number of ranks. Elsewhere (accelerate's save_state, your own loop), call "
-                "hift.save_shard(opt, folder) on every rank when you save and hift.load_shards(opt, folder) when "
-                "you load")
-
     def state_dict(self) -> dict[str, Any]:
+        """torch's, with the method's state under "hift": a MethodState's fields and "chunks", each
+        chunk's bytes (None before the first step: the state is then the one any optimizer made
+        on these weights holds). Plain data: it loads with torch.load(weights_only=True)."""
         saved = super().state_dict()
         state = self.group_state
-        state.synchronize()
-        saved["hift"] = {
-            "run": self.fingerprint(),
-            "steps": state.steps.clone(),
-            "order": self.order.state_dict(),
-            "cycle_lrs": self._cycle_lrs,
-            "scaler": self.scaler.state_dict(),
-            "steps_taken": self.steps_taken,
-            "skipped": float(self._skipped),
-            "chunks": [state.storage(c).view(torch.uint8) for c in range(len(state.chunks))]
-            if self.steps_taken else None,
-            "rank": self.dp.rank if self.dp is not None else 0,  # whose shard the chunks are
-            "layout": state.layout(),  # how they are cut (another layout re-cuts them: hift.reshard)
-        }
+        saved["hift"] = self.method_state().to_dict()
+        saved["hift"]["chunks"] = ([state.storage(c).view(torch.uint8) for c in range(len(state.chunks))]
+                                   if self.steps_taken else None)
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict() of this run: this rank's own shard, or one process's whole state
         on any number of ranks or state_chunk_mib (each rank cuts its share out). Another rank's
         shard loads all but the chunks (a 🤗 Trainer hands every rank rank 0's optimizer.pt), and
-        step() refuses until this rank's own arrive: load_state_dict(its own), or
-        load_sharded_state_dicts(every saving rank's) where the number of ranks changed."""
-        method = self._method_of(state_dict)
-        rank, world = self.rank_and_world
-        saved_world = world_of(method["run"])
-        chunks, layout = method["chunks"], self.group_state.layout()
-        own = saved_world == world and method.get("rank", 0) == rank
-        if "layout" not in method and own:  # before re-sharding: cut as here, pieces end to end
-            method = dict(method, layout=_pieces(layout))
-        saved_layout = method.get("layout")
-        read_chunk, foreign = None, False
-        if chunks is not None and own and saved_layout == layout:
-            read_chunk = chunks.__getitem__
-        elif chunks is not None and saved_layout is not None and (
-                saved_world == 1 or own and _pieces(saved_layout) == _pieces(layout)):
-            read_chunk = self._recut([method])  # the whole state, or its own laid out otherwise
-        elif chunks is not None:
-            # all but the chunks is the same on every rank and is loaded, so that the ranks
-            # train the same group; step() refuses until this rank's share arrives
-            foreign = True
-        self._shard_of_rank = method.get("rank", 0) if foreign else None
-        self._saved_world = saved_world
-        self._loaded = True
-        self._load_method(state_dict, method, read_chunk, chunks_follow=foreign)
+        step() refuses until this rank's own arrive (awaiting_own_shard): load_state_dict(its
+        own), or load_sharded_state_dicts(every saving rank's) where the number of ranks changed."""
+        method, chunks = self._saved_of(state_dict)
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        self.load_method_state([(method, chunks)])
 
     def load_sharded_state_dicts(self, state_dicts: Sequence[dict[str, Any]]) -> None:
-        """Load every rank's state_dict() of a data-parallel run (in rank order; torch.load them
+        """Load every rank's state_dict() of a data-parallel run (in any order; torch.load them
         with mmap=True, so that only what this rank takes is read) on any number of ranks: this
         rank's share is cut out of their shards."""
-        methods = [self._method_of(sd) for sd in state_dicts]
-        saved_world = world_of(methods[0]["run"])
-        if sorted(m.get("rank", 0) for m in methods) != list(range(saved_world)) or any(
-                "layout" not in m or m["chunks"] is None for m in methods):
-            raise ValueError(f"pass every rank's state_dict of the run, each saved after its first step by a hift "
-                             f"that records its layout: {saved_world} rank(s) saved it, "
-                             f"{len(methods)} were given")
-        methods = sorted(methods, key=lambda m: m.get("rank", 0))
-        self._shard_of_rank = None
-        self._loaded = True
-        self._load_method(state_dicts[0], methods[0], self._recut(methods), chunks_follow=False)
+        saved = [self._saved_of(sd) for sd in state_dicts]
+        world = saved[0][0].world
+        if sorted(m.rank for m, _ in saved) != list(range(world)) or any(c is None for _, c in saved):
+            raise ValueError(f"pass every rank's state_dict of the run, each saved after its first step: "
+                             f"{world} rank(s) saved it, {len(saved)} were given")
+        super().load_state_dict({"state": {}, "param_groups": state_dicts[0]["param_groups"]})
+        self.load_method_state(saved)
 
-    def _method_of(self, state_dict: dict[str, Any]) -> dict:
-        method = state_dict.get("hift")
-        if method is None:
+    def _saved_of(self, state_dict: dict[str, Any]) -> tuple[MethodState, Optional[list[Tensor]]]:
+        """A state_dict's MethodState and chunks, refused unless it is this run's, in this format."""
+        saved = state_dict.get("hift")
+        if saved is None:
             raise ValueError("this state_dict is not a HiftAdamW's (it has no 'hift' entry)")
-        differ = self.differences(method["run"], any_layout="layout" in method)
+        method = MethodState.from_dict(saved, "this state_dict")
+        differ = self.differences(method)
         if differ:
             raise ValueError(f"this state_dict was saved by a HiftAdamW of another run ({differ}); load it "
                              "into one made with the same model, group_size, precision, state formats, "
                              "order and seed")
-        return method
-
-    def _recut(self, methods: list[dict]) -> Callable[[int], Tensor]:
-        """read(c): this optimizer's chunk c, assembled from the saved ranks' chunks."""
-        state = self.group_state
-        source = reshard.SavedState([(chunk, entry) for m in methods for chunk, entry in zip(m["chunks"], m["layout"])],
-                                    state.format)
-        return lambda c: source.assemble(state.chunks[c])
-
-    def _load_method(self, state_dict: dict, method: dict, read_chunk, chunks_follow: bool) -> None:
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-        self.load_method_state(
-            steps=method["steps"], order=method["order"], scaler=method["scaler"],
-            steps_taken=method["steps_taken"], cycle_lrs=method["cycle_lrs"], skipped=method["skipped"],
-            read_chunk=read_chunk, chunks_follow=chunks_follow)
+        return method, saved["chunks"]
 
 
-def _pieces(layout: list) -> list:
-    """A layout's chunks and pieces, without how the pieces lie in the chunk buffers."""
-    return [entry[:2] for entry in layout]
+def optimizer_config(config: Optional[Config] = None, **options) -> Config:
+    """The Config of HiftAdamW's options: `config`'s (its loop fields are ignored) with `options`
+    over them. Without a config, max_grad_norm defaults to None (see HiftAdamW)."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"HiftAdamW got unexpected option(s) {unknown}: its options are {', '.join(OPTIONS)} "
+                        "(hift.Config's; the others belong to hift.fit's loop)")
+    if config is None:
+        options = {"max_grad_norm": None, **options}
+    return Config.build(config, **options)
+
+
+def _signature() -> inspect.Signature:
+    """HiftAdamW(model, lr, *, <every option with its default>, config, example_batch, cast, memory_plan),
+    from Config."""
+    defaults, P = optimizer_config(), inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD), P("model", P.POSITIONAL_OR_KEYWORD),
+              P("lr", P.POSITIONAL_OR_KEYWORD, default=defaults.lr)]
+    params += [P(name, P.KEYWORD_ONLY, default=getattr(defaults, name)) for name in OPTIONS if name != "lr"]
+    params += [P("config", P.KEYWORD_ONLY, default=None), P("example_batch", P.KEYWORD_ONLY, default=None),
+               P("cast", P.KEYWORD_ONLY, default=True), P("memory_plan", P.KEYWORD_ONLY, default=None)]
+    return inspect.Signature(params)
+
+
+HiftAdamW.__init__.__signature__ = _signature()

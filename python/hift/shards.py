@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from hift.optim import HiftAdamW, world_of
+from hift.optim import HiftAdamW
+from hift.resume import MethodState
 
 SHARD_FILE = "hift_optimizer_rank{rank:05d}.pt"
 
@@ -60,7 +61,7 @@ def load_shards(optimizer, folder) -> None:
                                 "resume from a checkpoint that every rank saved its shard into (hift.save_shard, "
                                 "or callbacks=[hift.TrainerShards()] with a Trainer)")
     first = torch.load(saved[0], map_location="cpu", weights_only=True, mmap=True)
-    saved_world = world_of(first["hift"]["run"])
+    saved_world = MethodState.from_dict(first["hift"], str(saved[0])).world
     paths = [folder / SHARD_FILE.format(rank=r) for r in range(saved_world)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -68,7 +69,7 @@ def load_shards(optimizer, folder) -> None:
                                 f"saved by {saved_world} rank(s), and rank {rank} of {world} needs all of them)")
     if saved_world == world:
         opt.load_state_dict(torch.load(paths[rank], map_location="cpu", weights_only=True))
-        if opt._shard_of_rank is None:
+        if not opt.awaiting_own_shard:
             return
     # another number of ranks (or another state_chunk_mib)
     opt.load_sharded_state_dicts([torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in paths])

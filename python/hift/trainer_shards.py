@@ -27,6 +27,6 @@ class TrainerShards(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         opt = unwrap(optimizer)
-        if opt is None or opt._shard_of_rank is None:  # nothing to load, or this rank's own is loaded
+        if opt is None or not opt.awaiting_own_shard:  # nothing to load, or this rank's own is loaded
             return
         load_shards(opt, Path(args.output_dir) / f"checkpoint-{state.global_step}")

@@ -47,9 +47,9 @@ class TrainRun:
 
 class Monitor:
     """fit's on_step: each step's loss, lr and group into metrics.jsonl, and the held-out data
-    evaluated every eval_every steps. The losses are those of the training forwards (a forward
-    hook on the model, train mode only: fit's probe and the evaluations run in eval mode), read
-    from the device every log_every steps together, as fit reads its own."""
+    evaluated every eval_every steps. The losses are the ones fit records (StepEvent.loss: the
+    mean over the step's micro-batches), read from the device every log_every steps together,
+    as fit reads its own."""
 
     def __init__(self, log: Optional[MetricsLog], log_every: int, eval_every: Optional[int], run_eval, say,
                  ranks: Ranks = Ranks()):
@@ -58,20 +58,13 @@ class Monitor:
         self.log, self.log_every, self.eval_every = log, log_every, eval_every
         self.ranks = ranks
         self.run_eval, self.say = run_eval, say
-        self.losses: list[torch.Tensor] = []  # since the last step
         self.pending: list[tuple[dict, Optional[torch.Tensor], dict]] = []  # (step, loss on the device, the rest)
         self.last_eval: Optional[int] = None
         self.eval_metrics: dict = {}
 
-    def capture(self, module, args, output) -> None:
-        loss = getattr(output, "loss", None)
-        if module.training and isinstance(loss, torch.Tensor):
-            self.losses.append(loss.detach().float())
-
     def on_step(self, event) -> None:
         step = event.step + 1
-        loss = torch.stack(self.losses).mean() if self.losses else None
-        self.losses = []
+        loss = event.loss.float() if event.loss is not None else None
         self.pending.append(({"step": step}, loss, {"lr": event.lr, "group": event.group}))
         if self.eval_every and step % self.eval_every == 0:
             self.evaluate(step)
@@ -169,7 +162,6 @@ def _run(a, options, output_dir: Path, fit_options: dict, cfg, ranks: Ranks, dev
                       lambda: evaluate(model, eval_loader, device, classification), say, ranks)
     if eval_loader is not None and resume_step is None:
         monitor.evaluate(0)
-    hook = model.register_forward_hook(monitor.capture)
     started = time.time()
     try:
         result = hift.fit(model, train_loader, **{**fit_options, "on_step": monitor.on_step})
@@ -184,7 +176,6 @@ def _run(a, options, output_dir: Path, fit_options: dict, cfg, ranks: Ranks, dev
             + (f"--resume continues from {latest}" if latest else "no checkpoint was written yet"))
         raise
     finally:
-        hook.remove()
         monitor.flush()
         plot_path = plot(log.path, output_dir / PLOT) if ranks.main else None
     metrics_path, final = output_dir / METRICS, output_dir / FINAL
