@@ -127,7 +127,8 @@ def test_each_format_trains_and_writes_its_outputs(fmt, model_dir, tmp_path):
     # the claim check: the planner's host peak beside the measured one (a CPU run: no device peak)
     (memory,) = [r["memory"] for r in rows if "memory" in r]
     assert rows[-1] == {"step": 30, "memory": memory}
-    assert memory["predicted_host_peak"] > 0 and memory["measured_host_peak"] > 0
+    # (a small run's growth can be 0: the allocator reuses pages the process already holds)
+    assert memory["predicted_host_peak"] > 0 and memory["measured_host_peak"] >= 0
     assert memory["host_ratio"] == pytest.approx(memory["measured_host_peak"] / memory["predicted_host_peak"])
     if fmt == "classification":
         assert evals[-1]["eval_accuracy"] >= 0.75

@@ -210,7 +210,7 @@ class _Loop:
         result.cycles = optimizer.cycle
         result.peak_memory_bytes = peak_memory_bytes(self.device)
         result.memory = claim_check(self.memory_plan, self.device, result.peak_memory_bytes,
-                                    host_peak_bytes() - self.host_baseline)
+                                    max(0, host_peak_bytes() - self.host_baseline))
         if self.cfg.save_dir is not None:
             if result.checkpoint is None or not result.checkpoint.name.endswith(f"{result.steps:08d}"):
                 self.save()
