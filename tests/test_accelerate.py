@@ -6,7 +6,6 @@ that went straight. Every sample is the same, so every batch is, whatever the ra
 over ranks is exact and the runs must agree bit for bit."""
 from pathlib import Path
 
-import os
 import pickle
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tiny_models as tm
+from planted import RunsCodeWhenUnpickled
 from torchrun_like import become_rank, free_port, reference_threads
 
 pytest.importorskip("accelerate")
@@ -91,19 +91,9 @@ def test_load_shards_names_what_is_missing(tmp_path):
     opt.close()
 
 
-class _RunsCodeWhenUnpickled:
-    """What a hostile shard file could hold: unpickling it calls os.system."""
 
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_a_shard_file_that_holds_a_pickled_object_is_refused_before_it_runs(tmp_path):
-    """Shard files are state_dicts (tensors, numbers, strings, lists, dicts): they load with
-    weights_only=True, so a file planted in a shared checkpoint folder cannot run code."""
+def stepped_with_shard(folder):
+    """A HiftAdamW one step in, and the shard file save_shard wrote of it into folder."""
     import hift
 
     model = tm.llama(layers=2)
@@ -111,11 +101,19 @@ def test_a_shard_file_that_holds_a_pickled_object_is_refused_before_it_runs(tmp_
     opt = hift.HiftAdamW(model, lr=1e-3, example_batch=batch)
     model(**batch).loss.backward()
     opt.step()
-    path = hift.save_shard(opt, tmp_path)
+    return opt, hift.save_shard(opt, folder)
+
+
+def test_a_shard_file_that_holds_a_pickled_object_is_refused_before_it_runs(tmp_path):
+    """Shard files are state_dicts (tensors, numbers, strings, lists, dicts): they load with
+    weights_only=True, so a file planted in a shared checkpoint folder cannot run code."""
+    import hift
+
+    opt, path = stepped_with_shard(tmp_path)
     hift.load_shards(opt, tmp_path)  # its own file loads
     state = torch.load(path, weights_only=True)
     marker = tmp_path / "ran"
-    state["hift"]["planted"] = _RunsCodeWhenUnpickled(marker)
+    state["hift"]["planted"] = RunsCodeWhenUnpickled(marker)
     torch.save(state, path)
     with pytest.raises(pickle.UnpicklingError):
         hift.load_shards(opt, tmp_path)
@@ -128,17 +126,12 @@ def test_every_shard_file_loads_with_weights_only_on_another_number_of_ranks(tmp
     import hift
     from hift.shards import SHARD_FILE
 
-    model = tm.llama(layers=2)
-    batch = tm.lm_batches(1)[0]
-    opt = hift.HiftAdamW(model, lr=1e-3, example_batch=batch)
-    model(**batch).loss.backward()
-    opt.step()
-    path = hift.save_shard(opt, tmp_path)
+    opt, path = stepped_with_shard(tmp_path)
     state = torch.load(path, weights_only=True)
     state["hift"]["world"] = 2  # as if two ranks saved it: this process reads both files
     torch.save(state, path)
     marker = tmp_path / "ran"
-    state["hift"].update(rank=1, planted=_RunsCodeWhenUnpickled(marker))
+    state["hift"].update(rank=1, planted=RunsCodeWhenUnpickled(marker))
     torch.save(state, tmp_path / SHARD_FILE.format(rank=1))
     with pytest.raises(pickle.UnpicklingError):
         hift.load_shards(opt, tmp_path)

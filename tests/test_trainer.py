@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny_models as tm
+from planted import RunsCodeWhenUnpickled
 from hift import HiftAdamW
 
 transformers = pytest.importorskip("transformers")
@@ -178,15 +179,6 @@ def test_sft_trainer_trains_with_hift(tmp_path):
     opt.close()
 
 
-class _RunsCodeWhenUnpickled:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
 
 def test_a_pickled_object_planted_in_optimizer_pt_is_refused_before_it_runs(tmp_path):
     """A Trainer's optimizer.pt holds HiftAdamW.state_dict(): plain data (a MethodState and the
@@ -205,7 +197,7 @@ def test_a_pickled_object_planted_in_optimizer_pt_is_refused_before_it_runs(tmp_
     path = tmp_path / "checkpoint-2" / "optimizer.pt"
     state = torch.load(path, weights_only=True)
     marker = tmp_path / "ran"
-    state["hift"]["planted"] = _RunsCodeWhenUnpickled(marker)
+    state["hift"]["planted"] = RunsCodeWhenUnpickled(marker)
     torch.save(state, path)
     second, opt = trainer(tmp_path)
     with pytest.raises(pickle.UnpicklingError):

@@ -114,8 +114,8 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
             if memory.note:  # (after the probe: a batch it refuses needs no word about the planner)
                 warnings.warn(memory.note, stacklevel=2)
             model.train()
-            loop = _Loop(model, cfg, optimizer, plan_length(cfg, loader, len(optimizer.groups)), stream)
-            loop.memory_plan, loop.host_baseline = memory, host_baseline
+            loop = _Loop(model, cfg, optimizer, plan_length(cfg, loader, len(optimizer.groups)), stream, memory,
+                         host_baseline)
             loop.load(resume)
             return loop.run()
     except BaseException as err:
@@ -140,7 +140,8 @@ def _memory_of(resume) -> Optional[dict]:
 
 
 class _Loop:
-    def __init__(self, model, cfg: Config, optimizer: HiftAdamW, plan: Plan, stream: BatchStream):
+    def __init__(self, model, cfg: Config, optimizer: HiftAdamW, plan: Plan, stream: BatchStream,
+                 memory_plan: MemoryPlan, host_baseline: int):
         self.model, self.cfg, self.optimizer, self.plan, self.stream = model, cfg, optimizer, plan, stream
         self.groups = optimizer.groups
         self.device = optimizer.device
@@ -148,7 +149,7 @@ class _Loop:
         # the steps whose losses and skip flags are on the device until the next flush reads them together
         self._pending: list[StepEvent] = []
         self._consecutive_skips = 0  # fp16 only: overflows in a row
-        self.memory_plan, self.host_baseline = MemoryPlan(None), host_resident_bytes()  # fit sets both
+        self.memory_plan, self.host_baseline = memory_plan, host_baseline  # for the claim check at the end
 
     def load(self, resume) -> None:
         """Check the checkpoint to resume (if any) before the model is touched; then the cast

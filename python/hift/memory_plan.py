@@ -10,6 +10,7 @@ so a process that builds many optimizers over one model traces it once.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -189,6 +190,4 @@ def claim_check(plan: MemoryPlan, device: torch.device, measured_device: int, me
 
 def remove_temporary_state_dir(plan: Optional[MemoryPlan]) -> None:
     if plan is not None and plan.temporary_state_dir:
-        import shutil
-
         shutil.rmtree(plan.temporary_state_dir, ignore_errors=True)
