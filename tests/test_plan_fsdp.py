@@ -173,6 +173,10 @@ def test_cli_flags_print_and_json(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)["hift"]
     assert plan["offload_weights"] and plan["weights"] == 0 and plan["ranks_per_node"] == 1
     assert plan["steps"][0]["weights_h2d_forward"] == plan["steps"][0]["weights_h2d_backward"] > 0
+    # memory="auto" in `hift plan` may place the weights: it names them among what it chose
+    assert plan_main(["--config", config, "--seq", "16", "--device-memory", "100", "--host-memory", "100", "--json"]) == 0
+    choice = json.loads(capsys.readouterr().out)
+    assert {"shard_weights", "offload_weights"} <= set(choice["chosen"]) and not choice["options"]["offload_weights"]
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -170,7 +170,10 @@ def _auto(args, p, trace, boundary: int, device: str) -> int:
         return 0
     h = choice.plan
     print(choice.line())
-    print(f"\n{HEADER}\n{breakdown_row('hift', h, None)}\n")
+    if choice.options.get("shard_weights") or choice.options.get("offload_weights"):
+        print(f"\n{PLACED_HEADER}\n{_placed_row(h, h.host)}\n")
+    else:
+        print(f"\n{HEADER}\n{breakdown_row('hift', h, None)}\n")
     costs = []
     if choice.options["state_chunk_mib"] is not None and device != "cpu":
         costs.append("chunks: the update of a group larger than a chunk waits on its copies (PCIe "
@@ -191,6 +194,12 @@ def _auto(args, p, trace, boundary: int, device: str) -> int:
 PLACED_HEADER = ("| method | weights resting | weights in flight | grads | optimizer (resident) "
                  "| optimizer (in flight) | activations | total | host RAM per node |\n"
                  "|---|---|---|---|---|---|---|---|---|")
+
+
+def _placed_row(b, host_per_node: int) -> str:
+    return (f"| hift | {b.weights / GB:.2f} | {b.gathered / GB:.2f} | {b.gradients / GB:.2f} | "
+            f"{b.optimizer_resident / GB:.2f} | {b.optimizer_in_flight / GB:.2f} | {b.activations / GB:.2f} | "
+            f"**{b.total / GB:.2f}** | {host_per_node / GB:.2f} |")
 
 
 def _placed(args, config, trace, boundary) -> int:
@@ -216,9 +225,7 @@ def _placed(args, config, trace, boundary) -> int:
           f"shard_weights={args.shard_weights}, offload_weights={args.offload_weights}, {args.state_store} store"
           + (", recompute" if boundary is not None else "") + " (GB = 1e9 bytes; one GPU's share)\n")
     print(PLACED_HEADER)
-    print(f"| hift | {b.weights / GB:.2f} | {b.gathered / GB:.2f} | {b.gradients / GB:.2f} | "
-          f"{b.optimizer_resident / GB:.2f} | {b.optimizer_in_flight / GB:.2f} | {b.activations / GB:.2f} | "
-          f"**{b.total / GB:.2f}** | {plan.host_per_node / GB:.2f} |\n")
+    print(_placed_row(b, plan.host_per_node) + "\n")
     for note in b.notes:
         print(f"hift: {note}")
     print(f"\nper step, one rank, the largest (group {s.group}) and the mean of a cycle:")
