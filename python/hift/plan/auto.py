@@ -90,7 +90,7 @@ class MemoryChoice:
                 f"recompute_activations={o['recompute_activations']}"]
         if self.plan.device != "cpu":
             what += [f"offload={o['offload']}", f"state_chunk_mib={_mib(o['state_chunk_mib'])}"]
-        what += [f"{name}={o[name]}" for name in WEIGHT_OPTIONS if name in o]
+        what += [f"{name}=True" for name in WEIGHT_OPTIONS if o.get(name)]  # only where placed
         p = self.plan
         pred = _prediction(p) + (f", PCIe {gb(p.pcie_per_step)} per step" if p.device != "cpu" else "")
         return f"hift memory=auto: {', '.join(what)} -> predicted {pred}; budgets {self.budgets.describe()}"
