@@ -79,6 +79,13 @@ class Config:
     # half the bytes of the largest collective, each rank's sum rounded to bf16 as DDP does for
     # a bf16 model.
     reduce_dtype: str = "fp32"
+    # Weights that do not fit one device (hift.fsdp): shard_weights makes every unit an FSDP2
+    # module (fully_shard, over every rank of the process group) once the state's masters are
+    # taken and the model is cast; offload_weights keeps FSDP's shards and their gradients in
+    # host memory (CPUOffloadPolicy), and the update runs there, beside the state. A model you
+    # sharded yourself with fully_shard needs neither.
+    shard_weights: bool = False
+    offload_weights: bool = False
     loss_scale: float = 2.0**16
     loss_scale_growth_interval: int = 2000
     # fp16: this many overflows in a row end the run (the scale has then fallen 2**N-fold, so
@@ -152,6 +159,9 @@ class Config:
              "state_store='disk' keeps the state off the device, which offload=False asks for: drop one")
         need(self.state_chunk_mib is None or self.state_chunk_mib >= 0,
              f"state_chunk_mib must be > 0, or 0 (one slot per group), got {self.state_chunk_mib!r}")
+        need(not self.offload_weights or self.shard_weights,
+             "offload_weights keeps the shards hift makes in host memory: it needs shard_weights=True (a model "
+             "you shard yourself: pass offload_policy=CPUOffloadPolicy() to fully_shard)")
         need(self.loss_scale > 0, f"loss_scale must be > 0, got {self.loss_scale}")
         need(self.loss_scale_growth_interval >= 1, "loss_scale_growth_interval must be >= 1")
         need(isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 1,
