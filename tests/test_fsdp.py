@@ -27,7 +27,7 @@ import tiny_models as tm
 from torchrun_like import reference_threads
 from hift import HiftAdamW, fit, ops
 from hift.batches import compute_loss
-from hift.config import Config, ConfigError
+from hift.config import ConfigError
 from hift.fsdp import NormLayout, rank_pieces, rows_of
 from hift.memory_plan import FSDP_NOTE
 from hift.state import OptimizerState, chunk_numel, chunk_pieces
@@ -135,8 +135,9 @@ def case_model(case, world):
     if how.startswith("you"):
         bf16 = "bf16" in how and world != 3
         shard_yourself(model, offload="offload" in how, dtype=torch.bfloat16 if bf16 else None)
-    else:
-        options = dict(options, shard_weights=True, offload_weights="offload" in how)
+    else:  # (offload on one rank alone: FSDP2 over that rank, no shard_weights needed)
+        offload = "offload" in how
+        options = dict(options, shard_weights=not offload or world > 1, offload_weights=offload)
     return model, options
 
 
@@ -272,6 +273,9 @@ def _refusals(rank):
     batch = tm.lm_batches(1)[0]
     out["cast"] = refused(lambda: HiftAdamW(model, lr=LR, precision="bf16", example_batch=batch, memory="manual"))
     out["twice"] = refused(lambda: HiftAdamW(model, lr=LR, shard_weights=True, example_batch=batch, memory="manual"))
+    plain = tm.llama(layers=2)
+    out["offload_alone"] = refused(lambda: HiftAdamW(plain, lr=LR, offload_weights=True, example_batch=batch,
+                                                     memory="manual"))
     out["checkpoint"] = refused(lambda: fit(model, [batch], max_steps=1, save_dir="unused", **QUIET))
     out["cast_unchanged"] = all(torch.equal(v, before[k]) for k, v in full_weights(model).items())
     with warnings.catch_warnings(record=True) as caught:
@@ -496,6 +500,7 @@ def test_refusals_come_in_words_before_anything_changes(two_ranks):
         refused = out["refusals"]
         assert "hift casts no sharded weight" in refused["cast"] and "before fully_shard" in refused["cast"]
         assert "sharded already" in refused["twice"]
+        assert "offload_weights on 2 ranks" in refused["offload_alone"] and "shard_weights=True" in refused["offload_alone"]
         assert "does not checkpoint an FSDP2-sharded model yet" in refused["checkpoint"]
         assert refused["cast_unchanged"]
         assert FSDP_NOTE in refused["auto_note"]
@@ -516,16 +521,12 @@ def test_the_clip_clips():
     assert any(not torch.equal(a, b) for a, b in zip(*weights))
 
 
-def test_offload_weights_needs_shard_weights():
-    with pytest.raises(ConfigError, match="needs shard_weights=True"):
-        Config(offload_weights=True)
-
-
-def test_shard_weights_without_a_process_group_is_refused_before_anything_changes():
+@pytest.mark.parametrize("asked", ["shard_weights", "offload_weights"])
+def test_sharding_without_a_process_group_is_refused_before_anything_changes(asked):
     model = tm.llama(layers=2)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ConfigError, match="process group"):
-        HiftAdamW(model, lr=LR, shard_weights=True, example_batch=tm.lm_batches(1)[0], memory="manual")
+    with pytest.raises(ConfigError, match=f"{asked} runs the model on FSDP2, over the ranks of a process group"):
+        HiftAdamW(model, lr=LR, example_batch=tm.lm_batches(1)[0], memory="manual", **{asked: True})
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.requires_grad for p in model.parameters())
 

@@ -82,8 +82,9 @@ class Config:
     # Weights that do not fit one device (hift.fsdp): shard_weights makes every unit an FSDP2
     # module (fully_shard, over every rank of the process group) once the state's masters are
     # taken and the model is cast; offload_weights keeps FSDP's shards and their gradients in
-    # host memory (CPUOffloadPolicy), and the update runs there, beside the state. A model you
-    # sharded yourself with fully_shard needs neither.
+    # host memory (CPUOffloadPolicy), and the update runs there, beside the state (on one rank
+    # alone it needs no shard_weights: FSDP2 over that rank; on several, pass both). A model
+    # you sharded yourself with fully_shard needs neither.
     shard_weights: bool = False
     offload_weights: bool = False
     loss_scale: float = 2.0**16
@@ -159,9 +160,6 @@ class Config:
              "state_store='disk' keeps the state off the device, which offload=False asks for: drop one")
         need(self.state_chunk_mib is None or self.state_chunk_mib >= 0,
              f"state_chunk_mib must be > 0, or 0 (one slot per group), got {self.state_chunk_mib!r}")
-        need(not self.offload_weights or self.shard_weights,
-             "offload_weights keeps the shards hift makes in host memory: it needs shard_weights=True (a model "
-             "you shard yourself: pass offload_policy=CPUOffloadPolicy() to fully_shard)")
         need(self.loss_scale > 0, f"loss_scale must be > 0, got {self.loss_scale}")
         need(self.loss_scale_growth_interval >= 1, "loss_scale_growth_interval must be >= 1")
         need(isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 1,
@@ -173,6 +171,11 @@ class Config:
         need(isinstance(self.keep_last, int) and self.keep_last >= 1,
              f"keep_last must be an integer >= 1, got {self.keep_last!r}")
         need(isinstance(self.log_every, int) and self.log_every >= 1, f"log_every must be an integer >= 1, got {self.log_every!r}")
+
+    @property
+    def hift_shards(self) -> bool:
+        """Whether hift wraps the model in FSDP2 itself (shard_weights, offload_weights)."""
+        return self.shard_weights or self.offload_weights
 
     def with_memory(self, **chosen) -> "Config":
         """This config with the memory options left unset filled: from `chosen` (memory="auto"'s

@@ -91,7 +91,7 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     cfg = Config.build(config, **options)
     trainable = trainable_parameters(model)
     device = compute_device(trainable)
-    if (cfg.shard_weights or fsdp.sharded(trainable)) and (cfg.save_dir or cfg.resume_from):
+    if (cfg.hift_shards or fsdp.sharded(trainable)) and (cfg.save_dir or cfg.resume_from):
         raise ConfigError("fit does not checkpoint an FSDP2-sharded model yet (its weights are every rank's rows): "
                           "train without save_dir and resume_from, or save each rank's HiftAdamW.state_dict() "
                           "(hift.save_shard) and the model with torch.distributed.checkpoint in your own loop")

@@ -1,4 +1,5 @@
-"""Config.shard_weights: hift shards the model with FSDP2 itself, one FSDP module per unit.
+"""Config.shard_weights (offload_weights): hift shards the model with FSDP2 itself, one FSDP
+module per unit.
 
 The units are found on the unsharded model (hift.groups); the optimizer state and its masters
 are made from the full weights, the model is cast to the run's precision, and only then is
@@ -111,15 +112,21 @@ def _refuse_shared(model, units, modules, holders, parent) -> None:
                 "units= that keep its modules in one unit, or shard the model yourself")
 
 
-def default_mesh():
+def default_mesh(cfg):
     """fully_shard's default mesh: every rank of the default process group, on the accelerator
-    (each rank's current device) where there is one, else the CPU."""
+    (each rank's current device) where there is one, else the CPU. Refused in words: no process
+    group; offload_weights on several ranks without shard_weights (FSDP2 shards over them)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    asked = "shard_weights" if cfg.shard_weights else "offload_weights"
     if not (dist.is_available() and dist.is_initialized()):
-        raise ConfigError("shard_weights shards the model over the ranks of a process group: start the run with "
-                          "torchrun and call hift.distributed.init_process_group() (or torch's) first")
+        raise ConfigError(f"{asked} runs the model on FSDP2, over the ranks of a process group: start the run with "
+                          "torchrun (one rank too: --nproc_per_node 1) and call hift.distributed.init_process_group() "
+                          "(or torch's) first")
+    if not cfg.shard_weights and dist.get_world_size() > 1:
+        raise ConfigError(f"offload_weights on {dist.get_world_size()} ranks: FSDP2 offloads each rank's shard of the "
+                          "weights, so pass shard_weights=True with it (on one rank it needs none)")
     accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     return init_device_mesh(accelerator.type if accelerator is not None else "cpu", (dist.get_world_size(),))
 

@@ -125,7 +125,7 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
     prediction for the run. Raises auto.MemoryPlanError, before anything changes, where nothing
     fits."""
     unset = [name for name in auto.AUTO_OPTIONS if getattr(cfg, name) is None]
-    if cfg.shard_weights or sharded_model(model):  # (a meta twin of DTensors is not the model's)
+    if cfg.hift_shards or sharded_model(model):  # (a meta twin of DTensors is not the model's)
         note = FSDP_NOTE if cfg.memory == "auto" and unset else ""
         return cfg.with_memory(**(fixed_by_resume or {})), MemoryPlan(None, note=note)
     trace, why = trace_model(model, example_batch, precision)

@@ -24,7 +24,7 @@ ceil(W/K) cycles. The other hyperparameters (betas, eps, weight_decay) are read 
 Made while a default process group of several ranks is initialized, the optimizer trains
 data-parallel (hift.distributed): step() reduces the active group's gradients over the ranks,
 updates this rank's shard of the group from its shard of the state, and gathers the weights.
-Made on a model sharded with FSDP2 (fully_shard), or with shard_weights=True, which shards it,
+Made on a model sharded with FSDP2 (fully_shard), or with shard_weights (offload_weights), which shard it,
 each rank updates its rows of the weights from FSDP's reduced gradient rows and its share of
 the state (hift.fsdp); FSDP's next forward gathers them.
 """
@@ -113,9 +113,9 @@ class HiftAdamW(torch.optim.Optimizer):
       each (fit uses its loader's first batch). A transformers model can do without it (its
       dummy_inputs then order the units).
     A precision other than the weights' casts the model (bf16: the fp32 weights become the
-    masters first, so no bit is lost). shard_weights then shards it with FSDP2, one FSDP module
-    per unit (hift.fsdp_wrap); a model sharded already (fully_shard) trains as it is, in its
-    dtype.
+    masters first, so no bit is lost). shard_weights (offload_weights: its rows in host memory)
+    then shards it with FSDP2, one FSDP module per unit (hift.fsdp_wrap); a model sharded already
+    (fully_shard) trains as it is, in its dtype.
 
     The model must sit on its device before the optimizer is made. The optimizer owns the
     parameters' requires_grad flags until close(): only the active group's are set. step()
@@ -149,12 +149,12 @@ class HiftAdamW(torch.optim.Optimizer):
         trainable = trainable_parameters(model)
         probe_device = compute_device(trainable)
         sharded = fsdp.sharded(trainable)
-        if sharded and cfg.shard_weights:
-            raise ConfigError("shard_weights=True shards the model, and it is sharded already (fully_shard): "
-                              "drop shard_weights")
+        if sharded and cfg.hift_shards:
+            raise ConfigError("shard_weights / offload_weights make hift shard the model, and it is sharded already "
+                              "(fully_shard): drop them (offload: fully_shard(..., offload_policy=CPUOffloadPolicy()))")
         # FSDP2: the mesh (the model's, or a new one over every rank: refused without a process group)
         mesh = fsdp.check_sharding(trainable, [n for n, p in model.named_parameters() if p.requires_grad]) \
-            if sharded else fsdp_wrap.default_mesh() if cfg.shard_weights else None
+            if sharded else fsdp_wrap.default_mesh(cfg) if cfg.hift_shards else None
         if memory_plan is None:  # HiftAdamW alone: it cannot recompute the model's activations
             world = distributed.dist.get_world_size() if distributed.active() else 1
             cfg, memory_plan = plan_run(cfg, model, example_batch if example_batch is not None
@@ -175,7 +175,7 @@ class HiftAdamW(torch.optim.Optimizer):
         # (FSDP2: this rank's rows) are updated and the state is used, the host under CPU offload
         self.model, self.config, self.groups = model, cfg, groups
         self.device = fsdp.mesh_device(mesh) if mesh is not None else probe_device
-        self.update_device = fsdp_wrap.shard_device(mesh, cfg.offload_weights) if cfg.shard_weights else \
+        self.update_device = fsdp_wrap.shard_device(mesh, cfg.offload_weights) if cfg.hift_shards else \
             model_device(trainable)
         self.precision = resolve_precision(cfg.precision, trainable)
         self.dtype = DTYPES[self.precision]
@@ -184,9 +184,9 @@ class HiftAdamW(torch.optim.Optimizer):
                 f"the model is sharded by FSDP2 in {sorted({str(p.dtype) for p in trainable})} and the run's precision "
                 f"is {self.precision}: hift casts no sharded weight. Cast the model to {self.dtype} before fully_shard, "
                 "or pass shard_weights=True on the unsharded model so that hift shards it (after taking fp32 masters)")
-        # shard_weights: the units' FSDP modules (refused in words here), sharded in cast_model; the
-        # state is made where the shards will be
-        self._shard_plan = fsdp_wrap.plan(model, groups) if cfg.shard_weights else None
+        # shard_weights / offload_weights: the units' FSDP modules (refused in words here), sharded
+        # in cast_model; the state is made where the shards will be
+        self._shard_plan = fsdp_wrap.plan(model, groups) if cfg.hift_shards else None
         self._mesh = mesh
         device = self.update_device
         self.max_grad_norm = cfg.max_grad_norm
@@ -195,7 +195,7 @@ class HiftAdamW(torch.optim.Optimizer):
         # The state is made before the cast so an fp32 model's masters keep every bit it had.
         state_format = StateFormat(formats.master_format(self.dtype, cfg.master_format), cfg.moment_dtype)
         state_dir = cfg.state_dir if cfg.state_store == "disk" else None
-        # FSDP2 (a sharded model, or shard_weights): each rank holds the state of its rows of every
+        # FSDP2 (a sharded model, or hift shards it): each rank holds the state of its rows of every
         # parameter and reads weights and gradients through their local rows (hift.fsdp). Data
         # parallel (a default process group of several ranks): every rank starts from rank 0's
         # weights and holds its shard of each group's state (hift.distributed).
@@ -248,7 +248,8 @@ class HiftAdamW(torch.optim.Optimizer):
 
     def cast_model(self) -> None:
         """Cast the model to the run's precision, the trained weights rounded as their masters'
-        format says (a no-op when it is there already); with shard_weights, then shard it."""
+        format says (a no-op when it is there already); with shard_weights or offload_weights,
+        then shard it."""
         if any(p.dtype != self.dtype for g in self.groups for p in g.params):
             self.group_state.cast_weights(self.dtype)
             self.model.to(self.dtype)  # the rest
