@@ -167,6 +167,7 @@ def _run_cases(rank, world, root, saved_by_two):
         if saved_by_two is not None:
             out["from_two"] = _load_two_ranks_state_dicts(saved_by_two)
         if world == 2:
+            out["backward"] = _what_backward_gathers(rank)
             out["refusals"] = _refusals(rank)
             out["skip"] = _one_rank_skips(rank)
         torch.save(out, root / f"rank-{rank}.pt")
@@ -233,6 +234,34 @@ def _load_two_ranks_state_dicts(saved_by_two):
         except ValueError as err:
             out[moments] = str(err)
         opt.close()
+    return out
+
+
+def _what_backward_gathers(rank):
+    """Per step of a cycle (bottom up): the FSDP modules whose backward ran and those FSDP
+    prefetched in backward, read from its record_function labels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for how in ("you", "hift"):
+        model = tm.llama(layers=2)
+        batches = rank_share(global_batches(2), rank)
+        if how == "you":
+            shard_yourself(model)
+        opt = HiftAdamW(model, lr=LR, example_batch=batches[0], memory="manual", order="bottom_up",
+                        shard_weights=how == "hift")
+        steps = []
+        for batch in batches[: len(opt.groups)]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                compute_loss(model, batch).backward()
+            names = [e.name for e in prof.events()]
+            ran = {n[len("FSDP::pre_backward") :].strip(" ()") for n in names if n.startswith("FSDP::pre_backward")}
+            gathered = {n[len("FSDP::backward_prefetch for ") :] for n in names
+                        if n.startswith("FSDP::backward_prefetch for ")}
+            steps.append((opt.active_group, ran, gathered))
+            opt.step()
+        opt.close()
+        out[how] = steps
     return out
 
 
@@ -486,6 +515,22 @@ def test_a_state_dict_of_two_ranks_loads_on_three(two_ranks, three_ranks):
                 assert torch.equal(m, saved[0][g][param][lo:hi]), f"rank {rank}, group {g}, param {param}"
                 assert torch.equal(v, saved[1][g][param][lo:hi]), f"rank {rank}, group {g}, param {param}"
         assert "int8" in loaded["int8"] and "rows" in loaded["int8"], loaded["int8"]
+
+
+def test_backward_gathers_every_module_it_reaches_and_no_other(two_ranks):
+    """FSDP2 prefetches, in backward, the module before each one it reaches; below the active
+    group that would be a module hift's backward never reaches (fsdp.BackwardStop: the lowest
+    reached module prefetches itself, a no-op). Every other reached module is still prefetched:
+    the root ("") comes first in backward and nothing prefetches it; it prefetches the last module
+    where it holds parameters (a model sharded by block), and nothing where it holds none (hift's
+    wrapping, every unit a module of its own: lm_head then unshards as its backward starts)."""
+    for rank, out in enumerate(two_ranks[2]):
+        for how, steps in out["backward"].items():
+            for group, ran, gathered in steps:
+                where = f"rank {rank}, {how}, group {group}"
+                assert gathered <= ran, f"{where}: {sorted(gathered - ran)} gathered for nothing"
+                missing = ran - gathered - {""} - ({"lm_head"} if how == "hift" else set())
+                assert not missing, f"{where}: {sorted(missing)} not prefetched"
 
 
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(two_ranks):

@@ -264,6 +264,52 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def fsdp_module_of(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The FSDP module that holds parameter `name` (the nearest FSDPModule around its module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    path = name.split(".")[:-1]
+    modules = [model]
+    for part in path:
+        modules.append(getattr(modules[-1], part))
+    return next((m for m in reversed(modules) if isinstance(m, FSDPModule)), None)
+
+
+class BackwardStop:
+    """FSDP2's backward all-gathers, beside each FSDP module it reaches, the one that ran before
+    it in forward (its default prefetch). hift's backward stops at the active group's lowest
+    unit, so that prefetch gathers a module backward never reaches: one unit's weights for
+    nothing, on the network and in memory until backward ends. The active group's lowest FSDP
+    module is made to prefetch itself instead (an explicit list turns the default off, and
+    unsharding what is unsharded is a no-op; an empty list would restore the default, which
+    every other module keeps).
+
+    The root holds its units (embeddings, the final norm and head of a model sharded by block)
+    beside the blocks: as the lowest module it keeps its default (the last block) where a unit of
+    another module lies above the group's, and stops where none does."""
+
+    def __init__(self, model: nn.Module, groups):
+        units = [u for g in groups for u in g.units]  # forward order
+        owners = [fsdp_module_of(model, u.names[0]) for u in units]
+        self.stops: list[Optional[nn.Module]] = []
+        at = 0
+        for g in groups:
+            owner = owners[at]
+            above = owners[at + 1 :]
+            reaches_below = owner is model and any(o is not model for o in above)
+            self.stops.append(None if owner is None or reaches_below else owner)
+            at += len(g.units)
+        self._stopped: Optional[nn.Module] = None
+
+    def arm(self, g: Optional[int]) -> None:
+        """Group g trains next (None: none does; every module keeps FSDP's default)."""
+        if self._stopped is not None:
+            self._stopped.set_modules_to_backward_prefetch([])
+        self._stopped = self.stops[g] if g is not None else None
+        if self._stopped is not None:
+            self._stopped.set_modules_to_backward_prefetch([self._stopped])
+
+
 @contextlib.contextmanager
 def leaves_in_forward(model: nn.Module) -> Iterator[dict[int, int]]:
     """FSDP2 swaps a module's sharded parameters for unsharded ones while it runs, and those

@@ -227,6 +227,8 @@ class HiftAdamW(torch.optim.Optimizer):
         self._prefetched: Optional[int] = None  # the chunk a prefetch brought in, not yet acquired
         for p in (p for g in groups for p in g.params):
             p.requires_grad_(False)
+        # FSDP2's backward would all-gather the module below the active group (hift.fsdp)
+        self._backward_stop = fsdp.BackwardStop(model, groups) if sharded else None
         self._arm()
 
     # ------------------------------------------------------------------------ the method
@@ -268,6 +270,8 @@ class HiftAdamW(torch.optim.Optimizer):
                 p.requires_grad_(False)
             for p in self.groups[self.order.current].params:
                 p.requires_grad_(True)
+            self._backward_stop = fsdp.BackwardStop(self.model, self.groups)
+            self._backward_stop.arm(self.order.current)
 
     def _names(self) -> list[str]:
         return [name for g in self.groups for name in g.names]
@@ -283,6 +287,8 @@ class HiftAdamW(torch.optim.Optimizer):
         g = self.order.current
         for p in self.groups[g].params:
             p.requires_grad_(True)
+        if self._backward_stop is not None:
+            self._backward_stop.arm(g)
         if self.prefetch:
             first = self.group_state.chunks_of[g][0]
             self.group_state.prefetch(first)
@@ -382,6 +388,8 @@ class HiftAdamW(torch.optim.Optimizer):
         state's folder if memory="auto" made it. Idempotent; the optimizer cannot step after it."""
         self.group_state.close()
         remove_temporary_state_dir(self.memory_plan)
+        if self._backward_stop is not None:
+            self._backward_stop.arm(None)
         for p in (p for g in self.groups for p in g.params):
             p.requires_grad_(True)
 
