@@ -112,6 +112,20 @@ def test_saved_state_that_misses_elements_is_refused(tmp_path):
         source.assemble(Chunk(0, pieces))
 
 
+def test_int8_blocks_cut_at_other_rows_are_refused_in_words():
+    """FSDP2 rows: int8 blocks start at each rank's first row, so 2 ranks' saved blocks of a
+    61 x 24 parameter (rows 0-30, 31-60) are not 3 ranks' (0-20, 21-41, 42-60): a block's scales
+    hold for its own elements only."""
+    format = StateFormat("none", "int8")
+    logical = logical_bytes(torch.Generator().manual_seed(1), format, [61 * 24])
+    saved = [[Piece(0, 0, 31 * 24)], [Piece(0, 31 * 24, 61 * 24)]]
+    source = SavedState([(write_chunk(pieces, logical), [0, [[p.param, p.lo, p.hi] for p in pieces], PIECE_ALIGN])
+                         for pieces in saved], format)
+    assert torch.equal(source.assemble(Chunk(0, saved[1])), write_chunk(saved[1], logical))  # the same rows
+    with pytest.raises(LayoutError, match="int8 moments of parameter 0 of group 0 were saved in blocks from element 0"):
+        source.assemble(Chunk(0, [Piece(0, 21 * 24, 42 * 24)]))
+
+
 # ------------------------------------------------------------------------- a whole run
 
 OPTIONS = dict(progress=False, lr=3e-3, order="random", seed=3, precision="bf16", moment_dtype="int8",

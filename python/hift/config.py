@@ -79,6 +79,14 @@ class Config:
     # half the bytes of the largest collective, each rank's sum rounded to bf16 as DDP does for
     # a bf16 model.
     reduce_dtype: str = "fp32"
+    # Weights that do not fit one device (hift.fsdp): shard_weights makes every unit an FSDP2
+    # module (fully_shard, over every rank of the process group) once the state's masters are
+    # taken and the model is cast; offload_weights keeps FSDP's shards and their gradients in
+    # host memory (CPUOffloadPolicy), and the update runs there, beside the state (on one rank
+    # alone it needs no shard_weights: FSDP2 over that rank; on several, pass both). A model
+    # you sharded yourself with fully_shard needs neither.
+    shard_weights: bool = False
+    offload_weights: bool = False
     loss_scale: float = 2.0**16
     loss_scale_growth_interval: int = 2000
     # fp16: this many overflows in a row end the run (the scale has then fallen 2**N-fold, so
@@ -163,6 +171,11 @@ class Config:
         need(isinstance(self.keep_last, int) and self.keep_last >= 1,
              f"keep_last must be an integer >= 1, got {self.keep_last!r}")
         need(isinstance(self.log_every, int) and self.log_every >= 1, f"log_every must be an integer >= 1, got {self.log_every!r}")
+
+    @property
+    def hift_shards(self) -> bool:
+        """Whether hift wraps the model in FSDP2 itself (shard_weights, offload_weights)."""
+        return self.shard_weights or self.offload_weights
 
     def with_memory(self, **chosen) -> "Config":
         """This config with the memory options left unset filled: from `chosen` (memory="auto"'s

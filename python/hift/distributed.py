@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from hift import ops
 from hift.precision import GradCheck, LossScaler, check_grads
-from hift.state import Piece, cut_into_chunks
+from hift.state import Piece, chunk_pieces
 
 # torch 2.13 renamed the flat collectives
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -125,12 +125,7 @@ class GroupLayout:
 def shard_chunks(layout: GroupLayout, rank: int, max_numel: Optional[int], block: int) -> list[list[Piece]]:
     """Rank's shard of a group cut into state chunks of at most max_numel elements (one chunk
     when None; one empty chunk where the rank owns none of the group)."""
-    shard = layout.pieces(rank)
-    if not shard:
-        return [[]]
-    cuts = cut_into_chunks([p.numel for p in shard], max_numel, block)
-    return [[Piece(shard[c.param].param, shard[c.param].lo + c.lo, shard[c.param].lo + c.hi) for c in chunk]
-            for chunk in cuts]
+    return chunk_pieces(layout.pieces(rank), max_numel, block)
 
 
 @dataclass
@@ -146,19 +141,54 @@ class Traffic:
         return self.reduce_scatter + self.all_gather + self.all_reduce
 
 
-class DataParallel:
+class Ranks:
+    """What every multi-rank HiftAdamW shares (its `dp`): this rank, the number of ranks and the
+    small collectives the loop and the checkpoints use, on one process group (None: the default).
+    DataParallel and hift.fsdp.ShardedParallel add a step's reduction to it. comm_device: where
+    the group's backend takes tensors, when not the training device (FSDP's rows offloaded to the
+    host, nccl on the GPU)."""
+
+    def __init__(self, device: torch.device, group=None, comm_device: Optional[torch.device] = None):
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.device = device
+        self.comm_device = device if comm_device is None else comm_device
+        self.traffic = Traffic()
+
+    def _run(self, collective: Callable, *args, **kwargs):
+        try:
+            return collective(*args, **kwargs)
+        except Exception as err:  # gloo and nccl raise RuntimeError subclasses on timeout or a lost peer
+            raise RankFailedError(f"rank {self.rank}: a collective failed ({type(err).__name__}: {err})"
+                                  + peer_failure()) from err
+
+    def barrier(self) -> None:
+        self._run(dist.barrier, group=self.group)
+
+    def mean(self, values: Tensor) -> Tensor:
+        """The mean over ranks of a small tensor (fit's pending losses: the global batch's)."""
+        total = values.to(self.comm_device, torch.float32, copy=True).contiguous()  # a fresh, dense buffer
+        self._run(dist.all_reduce, total, group=self.group)
+        self.traffic.all_reduce += total.numel() * total.element_size()
+        return total / self.world
+
+    def all_gather_object(self, value) -> list:
+        out = [None] * self.world
+        self._run(dist.all_gather_object, out, value, group=self.group)
+        return out
+
+
+class DataParallel(Ranks):
     """The collectives of one HiftAdamW on the default process group (see the module docstring)."""
 
     def __init__(self, sizes_of_groups: list[list[int]], block: int, device: torch.device,
                  reduce_dtype: torch.dtype = torch.float32):
         """block: where a state chunk may cut a parameter (StateFormat.cut: whole int8 blocks,
         16-byte aligned pieces)."""
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = device
+        super().__init__(device)
         self.reduce_dtype = reduce_dtype  # of the gradients' reduce-scatter (Config.reduce_dtype)
         self.block = block
         self.layouts = [GroupLayout.of(sizes, self.world, block) for sizes in sizes_of_groups]
-        self.traffic = Traffic()
         self._reduced: Optional[tuple[int, Tensor, list[bool]]] = None
 
     # -------------------------------------------------------------------- the rank's shards
@@ -170,33 +200,11 @@ class DataParallel:
 
     # ------------------------------------------------------------------------ collectives
 
-    def _run(self, collective: Callable, *args, **kwargs):
-        try:
-            return collective(*args, **kwargs)
-        except Exception as err:  # gloo and nccl raise RuntimeError subclasses on timeout or a lost peer
-            raise RankFailedError(f"rank {self.rank}: a collective failed ({type(err).__name__}: {err})"
-                                  + peer_failure()) from err
-
     def broadcast_model(self, model: nn.Module) -> None:
         """Every rank starts from rank 0's parameters and buffers (as DDP does when it is made)."""
         with torch.no_grad():
             for t in [*model.parameters(), *model.buffers()]:
                 self._run(dist.broadcast, t.data, src=0)
-
-    def barrier(self) -> None:
-        self._run(dist.barrier)
-
-    def mean(self, values: Tensor) -> Tensor:
-        """The mean over ranks of a small tensor (fit's pending losses: the global batch's)."""
-        total = values.to(self.device, torch.float32, copy=True).contiguous()  # a fresh, dense buffer
-        self._run(dist.all_reduce, total)
-        self.traffic.all_reduce += total.numel() * total.element_size()
-        return total / self.world
-
-    def all_gather_object(self, value) -> list:
-        out = [None] * self.world
-        self._run(dist.all_gather_object, out, value)
-        return out
 
     def reduce(self, g: int, params: list[nn.Parameter], loss: Optional[Tensor], scaler: LossScaler,
                max_grad_norm: Optional[float]) -> tuple[GradCheck, list[bool]]:

@@ -12,13 +12,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hift import checkpoint, distributed
+from hift import checkpoint, distributed, fsdp
 from hift.batches import BatchStream, compute_loss, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, trainable_parameters
 from hift.memory import host_peak_bytes, host_resident_bytes, peak_memory_bytes, reset_peak_memory
 from hift.memory_plan import MemoryPlan, claim_check, plan_run
-from hift.optim import HiftAdamW, StepEvent, model_device
+from hift.optim import HiftAdamW, StepEvent, compute_device
 from hift.precision import resolve_precision
 from hift.recompute import recompute_blocks
 from hift.schedule import lr_at_cycle
@@ -90,7 +90,11 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     """
     cfg = Config.build(config, **options)
     trainable = trainable_parameters(model)
-    device = model_device(trainable)
+    device = compute_device(trainable)
+    if (cfg.hift_shards or fsdp.sharded(trainable)) and (cfg.save_dir or cfg.resume_from):
+        raise ConfigError("fit does not checkpoint an FSDP2-sharded model yet (its weights are every rank's rows): "
+                          "train without save_dir and resume_from, or save each rank's HiftAdamW.state_dict() "
+                          "(hift.save_shard) and the model with torch.distributed.checkpoint in your own loop")
     resume = checkpoint.read(cfg.resume_from) if cfg.resume_from is not None else None
     stream = BatchStream(loader)
     was_training = model.training
@@ -256,7 +260,9 @@ class _Loop:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        losses, flags = torch.stack([torch.stack([event.loss.float(), event.skipped]) for event in pending]).T
+        # (FSDP2 with CPU offload: the skip flag is the host's, where the update ran)
+        losses, flags = torch.stack([torch.stack([event.loss.float(), event.skipped.to(event.loss.device)])
+                                     for event in pending]).T
         if self.optimizer.dp is not None:  # the global batch's loss: the same history on every rank
             losses = self.optimizer.dp.mean(losses)  # (the skip flags are agreed already)
         losses, flags = losses.tolist(), flags.tolist()

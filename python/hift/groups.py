@@ -26,6 +26,7 @@ parameter or class names:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -34,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointFunction
 
 from hift.batches import probe, to_device
+from hift.fsdp import leaves_in_forward, reshard, sharded_model
 
 
 class GroupingError(ValueError):
@@ -364,15 +366,26 @@ def build_groups(model: nn.Module, given_units: Optional[Sequence[Any]], group_s
                 "example_batch=<a batch the model takes> (or units=[...]) to HiftAdamW")
         batch = to_device(batch, device)
 
-        def run_forward():
+        def forward():
             model(**batch)
     else:
-        def run_forward():
+        def forward():
             nonlocal reached
             reached = probe(model, batch)
 
+    # FSDP2: the root keeps its unsharded parameters after a forward (for a backward the probe
+    # never runs): the sharded ones back before the units are read; and the graph's leaves are
+    # the unsharded ones: mapped back to the sharded ones after
+    sharded = sharded_model(model)
+
+    def run_forward():
+        forward()
+        if sharded:
+            reshard(model)
+
     was_training = model.training
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    leaves = leaves_in_forward(model) if sharded else contextlib.nullcontext({})
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), leaves as aliases:
         model.eval()
         try:
             if given_units is not None:
@@ -383,5 +396,7 @@ def build_groups(model: nn.Module, given_units: Optional[Sequence[Any]], group_s
                 units = detect_units(model, run_forward)
         finally:
             model.train(was_training)
+    if reached is not None and aliases:
+        reached = {aliases.get(i, i) for i in reached}
     check_units_reached(units, reached)
     return make_groups(units, group_size)

@@ -21,6 +21,7 @@ from torch import nn
 
 from hift.batches import BatchError
 from hift.config import Config
+from hift.fsdp import sharded_model
 from hift.plan import auto
 from hift.plan.predict import GB, Breakdown
 from hift.plan.trace import UnitTrace, meta_twin, trace_units
@@ -30,6 +31,8 @@ CLAIM_TOLERANCE = 0.10  # a measured peak this far above the prediction is a war
 # ...and this much above it: a process's first steps also grow by what no plan counts (the
 # allocator's arenas, libraries' first use), which only a small run would notice
 CLAIM_SLACK = {"device": 64 * 2**20, "host": 256 * 2**20}
+# the planner predicts no FSDP2 run yet (hift plan --shard-weights is being built)
+FSDP_NOTE = "hift memory=auto: the planner does not predict FSDP-sharded runs yet; the manual defaults are used"
 _TRACES: dict = {}
 _TRACE_CACHE_SIZE = 32
 
@@ -121,8 +124,11 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
     machine; "manual" or where the model cannot be predicted: Config.MANUAL_MEMORY), and the
     prediction for the run. Raises auto.MemoryPlanError, before anything changes, where nothing
     fits."""
-    trace, why = trace_model(model, example_batch, precision)
     unset = [name for name in auto.AUTO_OPTIONS if getattr(cfg, name) is None]
+    if cfg.hift_shards or sharded_model(model):  # (a meta twin of DTensors is not the model's)
+        note = FSDP_NOTE if cfg.memory == "auto" and unset else ""
+        return cfg.with_memory(**(fixed_by_resume or {})), MemoryPlan(None, note=note)
+    trace, why = trace_model(model, example_batch, precision)
     if fixed_by_resume:
         cfg = Config.build(cfg, **{k: v for k, v in fixed_by_resume.items() if getattr(cfg, k) is None})
     device_kind = "cuda" if device.type == "cuda" else "cpu"

@@ -24,6 +24,9 @@ ceil(W/K) cycles. The other hyperparameters (betas, eps, weight_decay) are read 
 Made while a default process group of several ranks is initialized, the optimizer trains
 data-parallel (hift.distributed): step() reduces the active group's gradients over the ranks,
 updates this rank's shard of the group from its shard of the state, and gathers the weights.
+Made on a model sharded with FSDP2 (fully_shard), or with shard_weights (offload_weights), which shard it,
+each rank updates its rows of the weights from FSDP's reduced gradient rows and its share of
+the state (hift.fsdp); FSDP's next forward gathers them.
 """
 from __future__ import annotations
 
@@ -37,14 +40,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from hift import distributed, formats, ops, resume
+from hift import distributed, formats, fsdp, fsdp_wrap, ops, resume
 from hift.config import OPTIMIZER_FIELDS, Config, ConfigError
 from hift.groups import Group, GroupingError, build_groups, trainable_parameters
 from hift.memory_plan import MemoryPlan, plan_run, remove_temporary_state_dir
 from hift.precision import DTYPES, LossScaler, check_grads, resolve_precision
 from hift.resume import MethodState, Source
 from hift.schedule import GroupOrder
-from hift.state import OptimizerState, StateFormat, chunk_numel
+from hift.state import OptimizerState, StateFormat, chunk_numel, whole
 
 # the Config fields that make the optimizer (the rest belong to fit's loop): hift.config's list
 OPTIONS = OPTIMIZER_FIELDS
@@ -75,11 +78,18 @@ class StepEvent:
 
 
 def model_device(params: list[nn.Parameter]) -> torch.device:
-    devices = {p.device for p in params}
+    """The device the trainable parameters sit on (FSDP2's: where their local rows are)."""
+    devices = {fsdp.held_device(p) for p in params}
     if len(devices) != 1:
         raise ConfigError(f"the trainable parameters are spread over {sorted(map(str, devices))}; "
                           "hift trains a model that sits on one device: move it with model.to(device)")
     return next(iter(devices))
+
+
+def compute_device(params: list[nn.Parameter]) -> torch.device:
+    """Where the model computes and its inputs go: an FSDP2 model's mesh device (its rows may rest
+    on the host, CPUOffloadPolicy), else model_device."""
+    return fsdp.mesh_device(params[0].device_mesh) if fsdp.sharded(params) else model_device(params)
 
 
 def no_decay(p: nn.Parameter) -> bool:
@@ -94,8 +104,8 @@ class HiftAdamW(torch.optim.Optimizer):
     names, defaults and checks: lr, betas, eps, weight_decay (none on 1-D parameters),
     max_grad_norm, group_size, order, units, seed, precision, memory, moment_dtype,
     master_format, state_store, state_dir, offload, prefetch, pin_memory, state_chunk_mib,
-    reduce_dtype, loss_scale, loss_scale_growth_interval; or config=<a Config>, the options over
-    it. Two differ from fit:
+    reduce_dtype, shard_weights, offload_weights, loss_scale, loss_scale_growth_interval; or
+    config=<a Config>, the options over it. Two differ from fit:
     - max_grad_norm defaults to None: a trainer clips already (the Trainer's max_grad_norm sees
       only the active group's gradients, which is per-group clipping), and torch's optimizers
       do not clip. When set, the active group's gradients are clipped inside the update.
@@ -103,7 +113,9 @@ class HiftAdamW(torch.optim.Optimizer):
       each (fit uses its loader's first batch). A transformers model can do without it (its
       dummy_inputs then order the units).
     A precision other than the weights' casts the model (bf16: the fp32 weights become the
-    masters first, so no bit is lost).
+    masters first, so no bit is lost). shard_weights (offload_weights: its rows in host memory)
+    then shards it with FSDP2, one FSDP module per unit (hift.fsdp_wrap); a model sharded already
+    (fully_shard) trains as it is, in its dtype.
 
     The model must sit on its device before the optimizer is made. The optimizer owns the
     parameters' requires_grad flags until close(): only the active group's are set. step()
@@ -135,16 +147,23 @@ class HiftAdamW(torch.optim.Optimizer):
 
     def _build(self, model: nn.Module, cfg: Config, example_batch, memory_plan: Optional[MemoryPlan] = None) -> None:
         trainable = trainable_parameters(model)
-        device = model_device(trainable)
+        probe_device = compute_device(trainable)
+        sharded = fsdp.sharded(trainable)
+        if sharded and cfg.hift_shards:
+            raise ConfigError("shard_weights / offload_weights make hift shard the model, and it is sharded already "
+                              "(fully_shard): drop them (offload: fully_shard(..., offload_policy=CPUOffloadPolicy()))")
+        # FSDP2: the mesh (the model's, or a new one over every rank: refused without a process group)
+        mesh = fsdp.check_sharding(trainable, [n for n, p in model.named_parameters() if p.requires_grad]) \
+            if sharded else fsdp_wrap.default_mesh(cfg) if cfg.hift_shards else None
         if memory_plan is None:  # HiftAdamW alone: it cannot recompute the model's activations
             world = distributed.dist.get_world_size() if distributed.active() else 1
             cfg, memory_plan = plan_run(cfg, model, example_batch if example_batch is not None
-                                        else getattr(model, "dummy_inputs", None), device,
+                                        else getattr(model, "dummy_inputs", None), probe_device,
                                         resolve_precision(cfg.precision, trainable), world, can_recompute=False)
             if memory_plan.choice is not None:
                 print(memory_plan.choice.line())
         self.memory_plan = memory_plan
-        groups = build_groups(model, cfg.units, cfg.group_size, example_batch, device)
+        groups = build_groups(model, cfg.units, cfg.group_size, example_batch, probe_device)
         if memory_plan.note and memory_plan.prediction is None and cfg.memory == "auto":
             warnings.warn(memory_plan.note, stacklevel=3)  # (after the probe, which refuses a bad batch in words)
         self._ready = False
@@ -152,28 +171,50 @@ class HiftAdamW(torch.optim.Optimizer):
         super().__init__([{"params": list(zip(g.names, g.params))} for g in groups],
                          dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay))
         self._ready = True
-        self.model, self.config, self.groups, self.device = model, cfg, groups, device
+        # device: where the model computes (its inputs, the loss); update_device: where the weights
+        # (FSDP2: this rank's rows) are updated and the state is used, the host under CPU offload
+        self.model, self.config, self.groups = model, cfg, groups
+        self.device = fsdp.mesh_device(mesh) if mesh is not None else probe_device
+        self.update_device = fsdp_wrap.shard_device(mesh, cfg.offload_weights) if cfg.hift_shards else \
+            model_device(trainable)
         self.precision = resolve_precision(cfg.precision, trainable)
         self.dtype = DTYPES[self.precision]
+        if sharded and any(p.dtype != self.dtype for p in trainable):
+            raise ConfigError(
+                f"the model is sharded by FSDP2 in {sorted({str(p.dtype) for p in trainable})} and the run's precision "
+                f"is {self.precision}: hift casts no sharded weight. Cast the model to {self.dtype} before fully_shard, "
+                "or pass shard_weights=True on the unsharded model so that hift shards it (after taking fp32 masters)")
+        # shard_weights / offload_weights: the units' FSDP modules (refused in words here), sharded
+        # in cast_model; the state is made where the shards will be
+        self._shard_plan = fsdp_wrap.plan(model, groups) if cfg.hift_shards else None
+        self._mesh = mesh
+        device = self.update_device
         self.max_grad_norm = cfg.max_grad_norm
         self.prefetch = cfg.prefetch
         offload = cfg.offload if cfg.offload is not None else device.type != "cpu"
         # The state is made before the cast so an fp32 model's masters keep every bit it had.
         state_format = StateFormat(formats.master_format(self.dtype, cfg.master_format), cfg.moment_dtype)
         state_dir = cfg.state_dir if cfg.state_store == "disk" else None
-        # Data parallel (a default process group of several ranks): every rank starts from rank
-        # 0's weights and holds its shard of each group's state (hift.distributed).
-        self.dp: Optional[distributed.DataParallel] = None
-        shard = None
-        if distributed.active():
+        # FSDP2 (a sharded model, or hift shards it): each rank holds the state of its rows of every
+        # parameter and reads weights and gradients through their local rows (hift.fsdp). Data
+        # parallel (a default process group of several ranks): every rank starts from rank 0's
+        # weights and holds its shard of each group's state (hift.distributed).
+        self.dp: Optional[distributed.Ranks] = None
+        shard, local = None, whole
+        if mesh is not None:
+            self.dp = fsdp.ShardedParallel([[p.shape for p in g.params] for g in groups], state_format.cut, device, mesh)
+            local = fsdp.local_of
+        elif distributed.active():
             self.dp = distributed.DataParallel([[p.numel() for p in g.params] for g in groups], state_format.cut,
                                                device, DTYPES[cfg.reduce_dtype])
             self.dp.broadcast_model(model)
+        if self.dp is not None:
             shard = self.dp.chunks(chunk_numel(state_format, cfg.state_chunk_mib))
             if state_dir is not None:
                 state_dir = str(Path(state_dir) / f"rank-{self.dp.rank:05d}")
         self.group_state = OptimizerState(groups, device, state_format, offload, cfg.pin_memory,
-                                          cfg.state_chunk_mib, cfg.seed, state_dir=state_dir, shard=shard)
+                                          cfg.state_chunk_mib, cfg.seed, state_dir=state_dir, shard=shard,
+                                          local=local)
         self.scaler = LossScaler(device, enabled=self.precision == "fp16", init_scale=cfg.loss_scale,
                                  growth_interval=cfg.loss_scale_growth_interval)
         self.order = GroupOrder(len(groups), cfg.order, cfg.seed)
@@ -186,6 +227,8 @@ class HiftAdamW(torch.optim.Optimizer):
         self._prefetched: Optional[int] = None  # the chunk a prefetch brought in, not yet acquired
         for p in (p for g in groups for p in g.params):
             p.requires_grad_(False)
+        # FSDP2's backward would all-gather the module below the active group (hift.fsdp)
+        self._backward_stop = fsdp.BackwardStop(model, groups) if sharded else None
         self._arm()
 
     # ------------------------------------------------------------------------ the method
@@ -207,10 +250,31 @@ class HiftAdamW(torch.optim.Optimizer):
 
     def cast_model(self) -> None:
         """Cast the model to the run's precision, the trained weights rounded as their masters'
-        format says (a no-op when it is there already)."""
+        format says (a no-op when it is there already); with shard_weights or offload_weights,
+        then shard it."""
         if any(p.dtype != self.dtype for g in self.groups for p in g.params):
             self.group_state.cast_weights(self.dtype)
             self.model.to(self.dtype)  # the rest
+        if self._shard_plan is not None:
+            fsdp_wrap.shard(self.model, self._shard_plan, self.groups, self._mesh, self.config.offload_weights)
+            self._shard_plan = None
+            for options, group in zip(self.param_groups, self.groups):
+                options["params"] = group.params
+            params = [p for g in self.groups for p in g.params]
+            fsdp.check_sharding(params, self._names())
+            if model_device(params) != self.update_device:
+                raise RuntimeError(f"fully_shard put the weights on {model_device(params)}, and hift's state is on "
+                                   f"{self.update_device}: call torch.cuda.set_device(local_rank) before making the "
+                                   "optimizer")
+            for p in params:  # (fully_shard's parameters keep the flags; the active group's, to be sure)
+                p.requires_grad_(False)
+            for p in self.groups[self.order.current].params:
+                p.requires_grad_(True)
+            self._backward_stop = fsdp.BackwardStop(self.model, self.groups)
+            self._backward_stop.arm(self.order.current)
+
+    def _names(self) -> list[str]:
+        return [name for g in self.groups for name in g.names]
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """The loss to call backward on: multiplied by the loss scale in fp16, as it is otherwise."""
@@ -223,6 +287,8 @@ class HiftAdamW(torch.optim.Optimizer):
         g = self.order.current
         for p in self.groups[g].params:
             p.requires_grad_(True)
+        if self._backward_stop is not None:
+            self._backward_stop.arm(g)
         if self.prefetch:
             first = self.group_state.chunks_of[g][0]
             self.group_state.prefetch(first)
@@ -251,9 +317,10 @@ class HiftAdamW(torch.optim.Optimizer):
         self._gate.check(self.dp)
         g = self.order.current
         group, options = self.groups[g], self.param_groups[g]
-        if group.params[0].device != self.device:
+        if fsdp.held_device(group.params[0]) != self.update_device:
             raise RuntimeError(
-                f"the model moved to {group.params[0].device} after HiftAdamW was made on {self.device}; "
+                f"the model moved to {fsdp.held_device(group.params[0])} after HiftAdamW was made on "
+                f"{self.update_device}; "
                 "make the optimizer after model.to(device)")
         if self.scaler.enabled and not self._scaled and any(p.grad is not None for p in group.params):
             raise RuntimeError("fp16 weights train with a loss scale: call opt.scale_loss(loss).backward() "
@@ -269,7 +336,7 @@ class HiftAdamW(torch.optim.Optimizer):
             grads = [p.grad for p in group.params]
             reached = any(grad is not None for grad in grads)
             norm_sq = (ops.grad_norm_sq(grads, [p.numel() for p in group.params]) if reached
-                       else torch.zeros((), device=self.device))
+                       else torch.zeros((), device=self.update_device))
             check = check_grads(norm_sq, loss.float() if loss is not None else None, self.scaler, self.max_grad_norm)
         if reached:  # a batch that reaches none of g's parameters leaves g as it was
             self._prefetched = None  # update_group acquires and releases it
@@ -321,6 +388,8 @@ class HiftAdamW(torch.optim.Optimizer):
         state's folder if memory="auto" made it. Idempotent; the optimizer cannot step after it."""
         self.group_state.close()
         remove_temporary_state_dir(self.memory_plan)
+        if self._backward_stop is not None:
+            self._backward_stop.arm(None)
         for p in (p for g in self.groups for p in g.params):
             p.requires_grad_(True)
 

@@ -66,9 +66,12 @@ class SavedState:
                 theirs = saved.pieces[k]
                 lo, hi = max(piece.lo, theirs.lo), min(piece.hi, theirs.hi)
                 if lo < hi:
-                    # every layout cuts a parameter at multiples of its int8 blocks
-                    block = formats.INT8_BLOCK if self.format.int8 else 1
-                    assert (lo - piece.lo) % block == (lo - theirs.lo) % block == 0
+                    if self.format.int8 and not all(_on_blocks(p, lo, hi) for p in (piece, theirs)):
+                        raise LayoutError(
+                            f"int8 moments of parameter {piece.param} of group {chunk.group} were saved in blocks "
+                            f"from element {theirs.lo}, and this run's start at {piece.lo}: a block's scales hold "
+                            "for its own elements only. An FSDP2 run's blocks start at each rank's first row, so "
+                            "its int8 state loads onto the same rows alone (as many ranks)")
                     reads.setdefault(id(saved), []).append((j, saved, k, lo, hi))
                     covered += hi - lo
             if covered != piece.numel:
@@ -84,6 +87,12 @@ class SavedState:
                             source_first, source_last = theirs.span(saved.pieces[k], k, lo, hi)
                             out[first:last] = data[source_first:source_last]
         return out
+
+
+def _on_blocks(piece: Piece, lo: int, hi: int) -> bool:
+    """Whether [lo, hi) starts on an int8 block of the piece and ends on one or at its end
+    (data-parallel and chunk cuts always do: they fall on multiples of the block)."""
+    return (lo - piece.lo) % formats.INT8_BLOCK == 0 and ((hi - piece.lo) % formats.INT8_BLOCK == 0 or hi == piece.hi)
 
 
 @contextmanager

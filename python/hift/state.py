@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from hift import formats, ops
-from hift.groups import Group
 from hift.store import DiskStore, HostStore, ResidentStore
+
+if TYPE_CHECKING:  # (groups imports fsdp, which imports this module)
+    from hift.groups import Group
 
 _ALIGN = 16  # bytes: each section, and each piece in it, starts where a 16-byte vector load can
 # Bytes each piece starts on in its sections, as layout() records it. Checkpoints of a hift
@@ -171,6 +173,23 @@ def cut_into_chunks(sizes: list[int], max_numel: Optional[int], block: int = 1) 
     return chunks
 
 
+def chunk_pieces(shard: list[Piece], max_numel: Optional[int], block: int) -> list[list[Piece]]:
+    """A rank's pieces (of several parameters, in parameter order) cut into state chunks of at
+    most max_numel elements (one chunk when None; one empty chunk where the rank holds nothing);
+    each piece is cut at multiples of `block` counted from its own first element."""
+    if not shard:
+        return [[]]
+    cuts = cut_into_chunks([p.numel for p in shard], max_numel, block)
+    return [[Piece(shard[c.param].param, shard[c.param].lo + c.lo, shard[c.param].lo + c.hi) for c in chunk]
+            for chunk in cuts]
+
+
+def whole(t: Tensor) -> tuple[Tensor, int]:
+    """The elements of t this process holds and where the first lies in t's flat numbering: for
+    a plain tensor, all of it from element 0 (hift.fsdp.local_of: an FSDP2 DTensor's rows)."""
+    return t.detach(), 0
+
+
 def split_into_chunks(group: Group, max_numel: Optional[int], block: int = 1) -> list[Chunk]:
     """The group's parameters cut into chunks (cut_into_chunks)."""
     return [Chunk(group.index, pieces) for pieces in cut_into_chunks([p.numel() for p in group.params], max_numel, block)]
@@ -237,10 +256,15 @@ class OptimizerState:
     def __init__(self, groups: list[Group], device: torch.device, format: StateFormat,
                  offload: bool, pin_memory: bool = True, chunk_mib: Optional[float] = None,
                  seed: int = 0, state_dir: Optional[str] = None,
-                 shard: Optional[list[list[list[Piece]]]] = None):
+                 shard: Optional[list[list[list[Piece]]]] = None,
+                 local: Callable[[Tensor], tuple[Tensor, int]] = whole):
         """shard: per group, the pieces of each chunk this state holds (a data-parallel rank's
-        share, hift.distributed); None: every element of every group, chunked by chunk_mib."""
+        share, hift.distributed; an FSDP2 rank's rows, hift.fsdp); None: every element of every
+        group, chunked by chunk_mib. Pieces number a parameter's elements globally; local(t)
+        gives the elements of a weight or gradient this process holds and where they start in
+        that numbering (whole: all, from 0), and every read or write of one goes through it."""
         self.groups = groups
+        self.local = local
         self.device = torch.device(device)
         self.format = format
         self.seed = seed
@@ -299,7 +323,7 @@ class OptimizerState:
         params = self.groups[self.chunks[c].group].params
         with torch.no_grad():
             for master, piece in zip(self._views(c, flat).masters, self.chunks[c].pieces):
-                value = params[piece.param].detach().reshape(-1)[piece.lo:piece.hi]
+                value = self.piece_of(params[piece.param], piece)
                 if self.format.master == "remainder":
                     master.copy_(formats.split_master(value.float())[1])
                 else:
@@ -317,6 +341,12 @@ class OptimizerState:
                         p.data = formats.round_to_bf16_weight(p.data.float())
                     else:
                         p.data = p.data.to(dtype)
+
+    def piece_of(self, t: Tensor, piece: Piece) -> Tensor:
+        """Elements [lo, hi) of a weight or gradient (its flat numbering), as a flat view of what
+        this process holds that the update writes through."""
+        held, at = self.local(t)
+        return held.view(-1)[piece.lo - at : piece.hi - at]
 
     def offsets(self, c: int) -> list[int]:
         """Where each piece of chunk c starts in its group's element numbering."""
@@ -365,7 +395,7 @@ class OptimizerState:
         default the piece of its parameter's .grad."""
         params = self.groups[g].params
         if grad_of is None:
-            grad_of = lambda pc: None if params[pc.param].grad is None else _flat_piece(params[pc.param].grad, pc)
+            grad_of = lambda pc: None if params[pc.param].grad is None else self.piece_of(params[pc.param].grad, pc)
         chunks = self.chunks_of[g]
         seed = formats.group_seed(self.seed, g)
         for k, c in enumerate(chunks):
@@ -377,7 +407,7 @@ class OptimizerState:
             offsets = self.offsets(c)
             pick = lambda views: [views[j] for j in keep]
             ops.adamw_(
-                [_flat_piece(params[pc.param], pc) for pc in pieces],
+                [self.piece_of(params[pc.param], pc) for pc in pieces],
                 pick(views.masters) if views.masters else [], pick(views.exp_avgs), pick(views.exp_avg_sqs),
                 pick(grads),
                 lr=lr, step=step, beta1=betas[0], beta2=betas[1], eps=eps,
@@ -429,7 +459,8 @@ class OptimizerState:
         return StateViews(*([t for v in views for t in getattr(v, part)] for part in _PARTS))
 
     def param_state(self, g: int) -> StateViews:
-        """Group g's resting state per parameter as fp32 values, shaped like it (a copy where a
+        """Group g's resting state per parameter as fp32 values, shaped like what this process
+        holds of it (the parameter, or an FSDP2 rank's rows; a copy where a
         parameter is split over chunks or its format is compact): e.g. the fp32 masters of a
         bf16 run, rebuilt from the weights where only their remainders are kept. Call
         synchronize() first."""
@@ -440,22 +471,20 @@ class OptimizerState:
             flat.exp_avgs = [formats.decode_exp_avg(q, s) for q, s in zip(flat.exp_avgs, flat.exp_avg_scales)]
             flat.exp_avg_sqs = [formats.decode_exp_avg_sq(q, s) for q, s in zip(flat.exp_avg_sqs, flat.exp_avg_sq_scales)]
 
+        held = [self.local(p)[0] for p in params]  # the whole weight, or this rank's rows of it
+
         def per_param(tensors: list[Tensor]) -> list[Tensor]:
             parts: list[list[Tensor]] = [[] for _ in params]
             for piece, t in zip(pieces, tensors):
                 parts[piece.param].append(t)
-            return [(ts[0] if len(ts) == 1 else torch.cat(ts)).view(p.shape) for ts, p in zip(parts, params)]
+            return [(ts[0] if len(ts) == 1 else torch.cat(ts) if ts else torch.empty(0)).view(h.shape)
+                    for ts, h in zip(parts, held)]
 
         masters, exp_avgs, exp_avg_sqs = (per_param(getattr(flat, part)) if getattr(flat, part) else []
                                           for part in ("masters", "exp_avgs", "exp_avg_sqs"))
         if self.format.master == "remainder":
-            masters = [formats.join_master(p.detach().to(r.device), r) for p, r in zip(params, masters)]
+            masters = [formats.join_master(h.to(r.device), r) for h, r in zip(held, masters)]
         return StateViews(masters, [m.float() for m in exp_avgs], [v.float() for v in exp_avg_sqs])
 
 
 _PARTS = ("masters", "exp_avgs", "exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales")
-
-
-def _flat_piece(t: Tensor, piece: Piece) -> Tensor:
-    """Elements [lo, hi) of a contiguous tensor, as a flat view the update writes through."""
-    return t.detach().view(-1)[piece.lo : piece.hi]
