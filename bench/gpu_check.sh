@@ -41,8 +41,8 @@ if [ -z "$DRY" ]; then
     || VERDICTS+=("VERDICT install: FAIL: see install.log")
 fi
 
-if [ -n "$DRY" ]; then LIMITS=(60 60 60 60 60 60); else LIMITS=(120 40 40 70 80 50); fi
-NAMES=(tests fused_update pcie overlap peak methods)
+if [ -n "$DRY" ]; then LIMITS=(60 60 60 60 60 60 60); else LIMITS=(120 40 40 70 80 50 60); fi
+NAMES=(tests fused_update pcie overlap peak methods fsdp_offload)
 for i in "${!NAMES[@]}"; do item "${NAMES[$i]}" "${LIMITS[$i]}"; done
 
 {

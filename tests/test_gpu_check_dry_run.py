@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ITEMS = ("tests", "fused_update", "pcie", "overlap", "peak", "methods")
+ITEMS = ("tests", "fused_update", "pcie", "overlap", "peak", "methods", "fsdp_offload")
 
 
-@pytest.mark.slow  # about 45 s on two cores: the whole dry run, six items in fresh processes
+@pytest.mark.slow  # about 45 s on two cores: the whole dry run, seven items in fresh processes
 def test_dry_run_writes_every_items_table_and_one_verdict_each(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
@@ -28,3 +28,7 @@ def test_dry_run_writes_every_items_table_and_one_verdict_each(tmp_path):
             assert (tmp_path / f"{item}{suffix}").is_file(), item + suffix
     assert (tmp_path / "overlap_trace.json").stat().st_size > 0
     assert "| format |" in (tmp_path / "fused_update.md").read_text()
+    try:
+        import hift.fsdp  # noqa: F401
+    except ImportError:  # a build without FSDP support says so instead of failing
+        assert "VERDICT fsdp_offload: SKIP: skipped: hift has no FSDP support in this build" in summary

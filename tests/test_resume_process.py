@@ -36,6 +36,18 @@ RUN = textwrap.dedent("""
     case, _, store = case.partition("+")
     state = (dict(state_store="disk", state_dir=save_dir + "-state", moment_dtype="bf16")
              if store == "disk" else {})
+    if store == "tight" and mode != "resume":
+        # memory="auto" on a machine whose RAM holds bf16 moments but not fp32 ones; the resumed
+        # process has the machine's own (ample) budgets and must keep the saved format
+        from hift import memory_plan
+        from hift.plan import auto
+        example = {k: v[:4] for k, v in tm.lm_batches(1, batch=4, seed=3)[0].items()}
+        trace, _ = memory_plan.trace_model(tm.llama(layers=2), example, "fp32")
+        total = lambda m: auto.predict(trace, dict(offload=False, state_chunk_mib=None, moment_dtype=m,
+                                                   recompute_activations=False, state_store="host"),
+                                       precision="fp32", group_size=1, recompute_boundary=None, device="cpu").total
+        host = (total("fp32") + total("bf16")) / 2 / (1 - auto.MARGIN)
+        auto.machine_budgets = lambda *a, **k: auto.Budgets(host=int(host))
     torch.manual_seed(1234)
     samples = [{k: v[0] for k, v in b.items()} for b in tm.lm_batches(18, batch=1, seed=3)]
     seeded = lambda: torch.Generator().manual_seed(5)
@@ -69,13 +81,16 @@ def run_child(tmp_path, case, mode, save_every, kill_at, run_dir):
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     out = str(tmp_path / mode)
     args = [case, mode, str(save_every), str(kill_at), str(tmp_path / run_dir), out]
-    child = subprocess.Popen([sys.executable, "-c", RUN, *args], env=env, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", RUN, *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     return child, out
 
 
-def finished(child) -> None:
-    _, err = child.communicate(timeout=300)
+def finished(child) -> str:
+    """Its stdout, once it has exited cleanly."""
+    out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err[-3000:]
+    return out
 
 
 @pytest.mark.parametrize("case,save_every,kill_at", [
@@ -84,6 +99,7 @@ def finished(child) -> None:
     ("sampler_generator", 3, 3),  # resumes in the first pass, the one the probe peeked into
     ("loader_generator", 5, 10),  # the checkpoint sits at the end of pass 1
     ("loader_generator+disk", 4, 8),  # the state on disk, killed while its files were written
+    ("loader_generator+tight", 4, 8),  # memory="auto" chose bf16 moments; the resume keeps them
 ])
 def test_killed_run_resumed_in_a_fresh_process_is_bitwise_exact(tmp_path, case, save_every, kill_at):
     straight, straight_out = run_child(tmp_path, case, "straight", save_every, kill_at, "straight")
@@ -91,8 +107,9 @@ def test_killed_run_resumed_in_a_fresh_process_is_bitwise_exact(tmp_path, case, 
     _, err = killed.communicate(timeout=300)
     assert killed.returncode == -signal.SIGKILL, err[-3000:]
     resumed, resumed_out = run_child(tmp_path, case, "resume", save_every, kill_at, "run")
-    finished(resumed)
-    finished(straight)
+    printed = [finished(resumed), finished(straight)]
+    if case.endswith("+tight"):
+        assert all("moment_dtype=bf16" in out for out in printed), printed
 
     losses = json.loads(Path(straight_out + ".json").read_text())
     resumed_losses = json.loads(Path(resumed_out + ".json").read_text())

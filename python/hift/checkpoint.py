@@ -1,7 +1,9 @@
 """Checkpoints that resume exactly, and that a crash cannot break.
 
 A checkpoint is a directory `step-NNNNNNNN/` holding
-  model.safetensors      every model tensor (shared ones once)
+  model.safetensors      every model tensor (shared ones once); a model sharded with FSDP2:
+                         model/, one safetensors file per rank written through DCP
+                         (hift.model_weights)
   optimizer.safetensors  the RNG states and the data stream's tensors
   trainer.json           the format, the data position, fit's history
   state/method.json      the optimizer's hift.resume.MethodState (what a HiftAdamW.state_dict()
@@ -39,9 +41,9 @@ from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import save_file
 
-from hift import resume
+from hift import model_weights, resume
 from hift.reshard import LayoutError
 from hift.resume import MethodState
 
@@ -49,7 +51,7 @@ from hift.resume import MethodState
 # their formats (hift.formats), not fp32; 4: the optimizer's state is a MethodState (resume.FORMAT)
 FORMAT = resume.FORMAT
 PREFIX = "step-"
-FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
+FILES = ("optimizer.safetensors", "trainer.json")  # and the weights: model_weights.saved_files
 STATE = "state"
 
 
@@ -155,7 +157,7 @@ def verify(path: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a complete checkpoint (manifest.json: {err}){hint}") from None
-    for name in sorted(set(FILES) | set(manifest)):
+    for name in sorted(set(FILES) | set(model_weights.saved_files(path)) | set(manifest)):
         file = path / name
         entry = manifest.get(name)
         if entry is None or not file.is_file():
@@ -185,10 +187,11 @@ def read(path) -> tuple[Path, dict]:
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
-    missing, unexpected = load_model(model, str(Path(path) / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} was saved from a different model (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}); resume with the model it was made from")
+    """The checkpoint's weights into the model, whole or sharded, either way round."""
+    try:
+        model_weights.load_weights(path, model)
+    except model_weights.WeightsError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def load_tensors(path: Path, prefix: str = "", strip: bool = False) -> dict[str, torch.Tensor]:
@@ -230,9 +233,9 @@ def save_run(root, model: torch.nn.Module, optimizer, stream, history: dict, kee
         if rank is not None:  # its RNG and data position
             names.append(_write_tensors(tmp, f"{rank_dir(rank)}/rank.safetensors", tensors))
             names.append(_write_json(tmp, f"{rank_dir(rank)}/rank.json", {"data": data_meta}))
+        names.extend(model_weights.save_weights(model, tmp, rank or 0))  # (sharded: every rank its rows)
         if not rank:
-            save_model(model, str(tmp / "model.safetensors"))
-            names += ["model.safetensors", _write_tensors(tmp, "optimizer.safetensors", tensors),
+            names += [_write_tensors(tmp, "optimizer.safetensors", tensors),
                       _write_json(tmp, "trainer.json", {"format": FORMAT, "data": data_meta, "history": history})]
         return names
 

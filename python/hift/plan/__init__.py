@@ -5,6 +5,9 @@ AdamW and LOMO, predicted from a model config before any weight exists.
                 bytes autograd saves for backward per unit: UnitTrace
     predict.py  the backward sweep, plan_hift / plan_adamw / plan_lomo -> Breakdown, and the
                 optimizer state's bytes per format and store (device slots, host RAM, disk, traffic)
+    fsdp.py     the weights sharded by FSDP2 (shard_weights) or in host RAM (offload_weights): one rank's
+                peak, host RAM per node, network and PCIe bytes and time per step (WeightsPlan)
+    peers.py    full fine-tuning beside it: FSDP2 + AdamW, DeepSpeed ZeRO-3, their CPU offloads
     report.py   the tables `hift plan` prints, beside the HiFT paper's published figures
     run.py      the command
 

@@ -22,6 +22,14 @@ order, which prefers exact and fast to small:
 So a tight device first offloads, then chunks, then shrinks the moments, then recomputes; a
 tight host first shrinks the moments, then moves the state to disk.
 
+Where the weights themselves do not fit, and only where the caller says the run can place them
+(`placements`: the runtime's Config.shard_weights / offload_weights, hift.plan.fsdp), the same
+order is tried again with the weights placed, after everything above has failed, so that no
+pick above changes: first sharded over the ranks with FSDP2 (shard_weights; two or more ranks:
+all-gathers on the network every step), then in host RAM (offload_weights; on several ranks
+with shard_weights: every unit's weights over PCIe in forward and again in backward, the update
+on the host).
+
 Budgets are what the machine has free, less MARGIN (allocator fragmentation, the CUDA context's
 growth, other processes): a plan fits when its device peak and host RAM are at most (1 - MARGIN)
 of them.
@@ -39,6 +47,8 @@ from hift.plan.trace import UnitTrace
 
 MARGIN = 0.10
 AUTO_OPTIONS = ("offload", "state_chunk_mib", "moment_dtype", "recompute_activations", "state_store")
+# where the weights rest (hift.plan.fsdp): tried only where `placements` names them
+WEIGHT_OPTIONS = ("shard_weights", "offload_weights")
 MOMENTS = ("fp32", "bf16", "int8")
 BLOCKS = "blocks"  # state_chunk_mib candidate: one block's state
 CHUNK_MIBS = (None, BLOCKS, 256.0, 64.0)
@@ -80,6 +90,7 @@ class MemoryChoice:
                 f"recompute_activations={o['recompute_activations']}"]
         if self.plan.device != "cpu":
             what += [f"offload={o['offload']}", f"state_chunk_mib={_mib(o['state_chunk_mib'])}"]
+        what += [f"{name}=True" for name in WEIGHT_OPTIONS if o.get(name)]  # only where placed
         p = self.plan
         pred = _prediction(p) + (f", PCIe {gb(p.pcie_per_step)} per step" if p.device != "cpu" else "")
         return f"hift memory=auto: {', '.join(what)} -> predicted {pred}; budgets {self.budgets.describe()}"
@@ -135,7 +146,30 @@ def block_chunk_mib(trace: UnitTrace, precision: str, group_size: int, moment_dt
     return max(sizes) * fmt.bytes_per_element / 2**20 if sizes else None
 
 
-def _candidates(fixed: dict, device: str):
+def _placements(fixed: dict, device: str, ranks: int, placements) -> list[tuple[bool, bool]]:
+    """(shard_weights, offload_weights) in the module's order: the weights resident first, then
+    those of `placements` FSDP2 can do on this many ranks, as `fixed` allows."""
+    order = [(False, False)]
+    if device != "cpu":
+        if ranks > 1 and "shard_weights" in placements:
+            order.append((True, False))
+            if "offload_weights" in placements:
+                order.append((True, True))
+        elif ranks == 1 and "offload_weights" in placements:
+            order.append((False, True))
+    return [(s, o) for s, o in order if fixed.get("shard_weights", s) == s and fixed.get("offload_weights", o) == o]
+
+
+def _candidates(fixed: dict, device: str, ranks: int = 1, placements=()):
+    weighed = bool(placements) or any(name in fixed for name in WEIGHT_OPTIONS)
+    for shard, offload_weights in _placements(fixed, device, ranks, placements):
+        for options in _state_candidates(fixed, device):
+            if offload_weights and not options["offload"]:
+                continue  # the update runs on the host, where the state rests
+            yield {**options, **(dict(shard_weights=shard, offload_weights=offload_weights) if weighed else {})}
+
+
+def _state_candidates(fixed: dict, device: str):
     gpu = device != "cpu"
     space = {
         "state_store": ("host", "disk"),
@@ -164,11 +198,23 @@ def _fits(plan: Breakdown, budgets: Budgets) -> bool:
 
 def predict(trace: UnitTrace, options: dict, *, precision: str, group_size: int, recompute_boundary: Optional[int],
             device: str, master_format: str = "auto", prefetch: bool = True, ranks: int = 1,
-            reduce_dtype: str = "fp32") -> Breakdown:
-    """plan_hift for one set of the memory options ("blocks" resolved to a size)."""
+            reduce_dtype: str = "fp32", ranks_per_node: Optional[int] = None) -> Breakdown:
+    """plan_hift for one set of the memory options ("blocks" resolved to a size); with the weights
+    placed (shard_weights, offload_weights), hift.plan.fsdp's breakdown (its host: a node's)."""
     chunk = options["state_chunk_mib"]
     if chunk == BLOCKS:
         chunk = block_chunk_mib(trace, precision, group_size, options["moment_dtype"], master_format)
+    if options.get("shard_weights") or options.get("offload_weights"):
+        from hift.plan.fsdp import plan_placed
+
+        return plan_placed(trace, precision, group_size, prefetch, offload=bool(options["offload"]),
+                           state_chunk_mib=chunk,
+                           recompute_boundary=recompute_boundary if options["recompute_activations"] else None,
+                           moment_dtype=options["moment_dtype"], master_format=master_format,
+                           state_store=options["state_store"], ranks=ranks, reduce_dtype=reduce_dtype,
+                           shard_weights=bool(options.get("shard_weights")),
+                           offload_weights=bool(options.get("offload_weights")),
+                           ranks_per_node=ranks_per_node).breakdown
     return plan_hift(trace, precision, group_size, prefetch, offload=bool(options["offload"]) and device != "cpu",
                      state_chunk_mib=chunk,
                      recompute_boundary=recompute_boundary if options["recompute_activations"] else None,
@@ -178,25 +224,36 @@ def predict(trace: UnitTrace, options: dict, *, precision: str, group_size: int,
 
 def choose(trace: UnitTrace, budgets: Budgets, fixed: dict, *, precision: str, group_size: int,
            recompute_boundary: Optional[int], device: str, master_format: str = "auto", prefetch: bool = True,
-           ranks: int = 1, reduce_dtype: str = "fp32") -> MemoryChoice:
+           ranks: int = 1, reduce_dtype: str = "fp32", placements=(),
+           ranks_per_node: Optional[int] = None) -> MemoryChoice:
     """The first combination (in the module's order) of the options not in `fixed` that fits.
-    Refuses in words, with the planner's numbers, where none does."""
+    placements: which of WEIGHT_OPTIONS the run can do (none: the weights stay whole on the
+    device, and the options say nothing of them); `fixed` may hold them too. Refuses in words,
+    with the planner's numbers, where none does."""
     common = dict(precision=precision, group_size=group_size, recompute_boundary=recompute_boundary, device=device,
-                  master_format=master_format, prefetch=prefetch, ranks=ranks, reduce_dtype=reduce_dtype)
+                  master_format=master_format, prefetch=prefetch, ranks=ranks, reduce_dtype=reduce_dtype,
+                  ranks_per_node=ranks_per_node)
+    unknown = set(placements) - set(WEIGHT_OPTIONS)
+    if unknown:
+        raise ValueError(f"placements are among {WEIGHT_OPTIONS}, got {sorted(unknown)}")
     if recompute_boundary is None:
         fixed = {**fixed, "recompute_activations": fixed.get("recompute_activations", False)}
     seen = []
-    for options in _candidates(fixed, device):
+    for options in _candidates(fixed, device, ranks, placements):
         plan = predict(trace, options, **common)
         if _fits(plan, budgets):
             return _resolved(trace, options, plan, budgets, fixed, common)
         seen.append((options, plan))
+    if not seen:
+        raise MemoryPlanError(f"hift memory=auto: {_describe(fixed)} leaves nothing to try on {ranks} rank(s) "
+                              f"with placements {tuple(placements) or 'none'}")
     smallest = min(seen, key=lambda op: _overshoot(op[1], budgets))
     message = (f"hift memory=auto: nothing fits {budgets.describe()}. With "
                f"{_describe(fixed) or 'no option set'}, the smallest is {_describe(smallest[0])}: "
                f"{_prediction(smallest[1])}.")
     if fixed:
-        free = [(o, p) for o in _candidates({}, device) for p in [predict(trace, o, **common)] if _fits(p, budgets)]
+        free = [(o, p) for o in _candidates({}, device, ranks, placements) for p in [predict(trace, o, **common)]
+                if _fits(p, budgets)]
         if free:
             message += f" Without your {', '.join(sorted(fixed))}, {_describe(free[0][0])} fits: {_prediction(free[0][1])}."
     raise MemoryPlanError(message + " A smaller batch or sequence, a larger group_size of fewer units, or a "
@@ -208,7 +265,8 @@ def _resolved(trace, options, plan, budgets, fixed, common) -> MemoryChoice:
     if options["state_chunk_mib"] == BLOCKS:
         options["state_chunk_mib"] = block_chunk_mib(trace, common["precision"], common["group_size"],
                                                      options["moment_dtype"], common["master_format"])
-    return MemoryChoice(options, plan, budgets, tuple(n for n in AUTO_OPTIONS if n not in fixed))
+    return MemoryChoice(options, plan, budgets, tuple(n for n in (*AUTO_OPTIONS, *WEIGHT_OPTIONS)
+                                                      if n in options and n not in fixed))
 
 
 def _overshoot(plan: Breakdown, budgets: Budgets) -> float:

@@ -90,6 +90,10 @@ class Breakdown:
     # or the disk store's second slot); on a CPU the store's other buffers
     optimizer_in_flight: int = 0
     activations: int = 0  # saved for backward, plus the transient of the peak's backward step
+    # weights in flight at the peak where they are placed (hift.plan.fsdp): units all-gathered by
+    # FSDP2, or copied in from the host; `weights` is then what rests on the device (the local
+    # shards, or nothing with the weights offloaded)
+    gathered: int = 0
     # host RAM beside the device (not in total): the resting state or the staging buffers; 0 on
     # a CPU, where everything is in the total
     host: int = 0
@@ -111,7 +115,7 @@ class Breakdown:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gathered + self.gradients + self.optimizer + self.activations
 
     @property
     def above_model(self) -> int:
@@ -134,11 +138,31 @@ class Breakdown:
                     host_ram=self.host_ram, disk=self.disk, pcie_per_step=self.pcie_per_step,
                     pcie_per_param=self.pcie_per_param, disk_io_per_step=self.disk_io_per_step,
                     network_per_step=self.network_per_step, ranks=self.ranks,
-                    device=self.device, state_format=self.state_format, notes=self.notes)
+                    device=self.device, state_format=self.state_format, notes=self.notes,
+                    **({"gathered": self.gathered} if self.gathered else {}))
 
 
 # ------------------------------------------------------------------------------------------
 # the backward sweep
+
+
+def saved_bytes(trace: UnitTrace, trainable: list[bool], first_trainable: int,
+                recompute_boundary: Optional[int] = None) -> tuple[list[int], list[int]]:
+    """Per unit: (bytes it saves for backward, its backward's transient). Units below
+    `first_trainable` save nothing; trainable units save in their trainable mode, the others in
+    their frozen mode; with recompute (recompute_boundary: one block's input bytes) a block keeps
+    its input, and its activations return during its own backward."""
+    n = len(trace.numels)
+    saved = [0] * n
+    transient = [0] * n
+    for u in range(first_trainable, n):
+        if trainable[u]:
+            saved[u], transient[u] = trace.trainable[u], trace.transient_trainable[u]
+        else:
+            saved[u], transient[u] = trace.frozen[u], trace.transient_frozen[u]
+        if recompute_boundary is not None and trace.kinds[u] == "block":
+            saved[u], transient[u] = recompute_boundary, saved[u] + transient[u]
+    return saved, transient
 
 
 def sweep(trace: UnitTrace, trainable: list[bool], grad_bytes_of: list[int],
@@ -150,16 +174,7 @@ def sweep(trace: UnitTrace, trainable: list[bool], grad_bytes_of: list[int],
     during u's backward (activations of units <= u, u's transient, gradients of the trainable
     units above u) and after it (u's activations freed, its gradients made)."""
     n = len(trace.numels)
-    saved = [0] * n
-    transient = [0] * n
-    for u in range(first_trainable, n):
-        if trainable[u]:
-            saved[u], transient[u] = trace.trainable[u], trace.transient_trainable[u]
-        else:
-            saved[u], transient[u] = trace.frozen[u], trace.transient_frozen[u]
-        if recompute_boundary is not None and trace.kinds[u] == "block":
-            # recomputed: the block keeps its input; its activations return during its backward
-            saved[u], transient[u] = recompute_boundary, saved[u] + transient[u]
+    saved, transient = saved_bytes(trace, trainable, first_trainable, recompute_boundary)
     best = (0, 0, 0)
     grads = 0
     for u in range(n - 1, first_trainable - 1, -1):

@@ -7,6 +7,8 @@ format and store.
     hift plan --config my_llama.json --batch 4 --seq 1024
     hift plan --model ./my-model-dir                 # any causal LM family: its config.json
     hift plan --model llama-3-8b --device-memory 24 --host-memory 64   # what memory="auto" picks there
+    hift plan --model llama-2-70b --ranks 8 --shard-weights --recompute   # hift on FSDP2: one GPU's share
+    hift plan --model llama-3-8b --offload-weights                         # the weights in host RAM
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from hift.plan.predict import GB, STATE_STORES, plans_from_trace
 from hift.plan.report import (HEADER, PUBLISHED, breakdown_row, formats_notes, formats_table,
                               published_table)
 from hift.plan import auto
+from hift.plan.fsdp import Machine, check_placement, plan_placed
+from hift.plan.peers import LABELS, PEERS, plan_peer
 from hift.plan.trace import MODELS, block_input_bytes, meta_model, trace_units
 from hift.precision import DTYPES
 
@@ -58,10 +62,38 @@ def main(argv=None) -> int:
                    help="the host RAM available to the run, for memory='auto' (with --device-memory, or --cpu)")
     p.add_argument("--disk", type=float, default=None, metavar="GB",
                    help="free disk under state_dir, for memory='auto' (default: the disk store is not limited)")
+    weights = p.add_argument_group("weights that do not fit one GPU (hift on FSDP2; hift.plan.fsdp)")
+    weights.add_argument("--shard-weights", action="store_true",
+                         help="predict shard_weights=True: the weights sharded over --ranks with FSDP2")
+    weights.add_argument("--offload-weights", action="store_true",
+                         help="predict offload_weights=True: the weights (each rank's shard) in host RAM, the update "
+                         "on the host")
+    weights.add_argument("--ranks-per-node", type=int, default=None,
+                         help="ranks sharing one node's host RAM (default: every rank on one node)")
+    weights.add_argument("--pcie-gbps", type=float, default=25.0, help="PCIe GB/s each way, for the step time")
+    weights.add_argument("--network-gbps", type=float, default=25.0,
+                         help="collectives' GB/s per rank, for the step time (NVLink: a few hundred)")
+    weights.add_argument("--gpu-tflops", type=float, default=100.0,
+                         help="the GPU's achieved dense bf16 TFLOPS, for the step time")
+    weights.add_argument("--host-gbps", type=float, default=50.0,
+                         help="host memory GB/s a node's update gets (offloaded weights), for the step time")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.ranks < 1:
         p.error(f"--ranks takes a number of ranks, 1 or more; got {args.ranks}")
+    placed = args.shard_weights or args.offload_weights
+    if placed:
+        if args.cpu:
+            p.error("--shard-weights and --offload-weights place the weights of a GPU run; --cpu has no device to "
+                    "keep them off")
+        try:
+            check_placement(args.ranks, args.shard_weights, args.offload_weights)
+        except ValueError as err:
+            p.error(str(err))
+    if args.ranks_per_node is not None and not 1 <= args.ranks_per_node <= args.ranks:
+        p.error(f"--ranks-per-node takes 1 to --ranks ({args.ranks}); got {args.ranks_per_node}")
+    if placed and args.model is None and args.config is None:
+        p.error("--shard-weights and --offload-weights need --model or --config")
     if args.model is None and args.config is None:
         print(published_table(args.batch, args.seq, args.group_size, args.prefetch))
         return 0
@@ -77,6 +109,8 @@ def main(argv=None) -> int:
     args.moment_dtype = args.moment_dtype or "fp32"
     args.state_store = args.state_store or "host"
     boundary = block_input_bytes(model, args.batch, args.seq, args.precision) if args.recompute else None
+    if placed:
+        return _placed(args, config, trace, boundary)
     plans = plans_from_trace(trace, boundary, args.precision, args.group_size, args.prefetch,
                              not args.cpu, args.state_chunk_mib, moment_dtype=args.moment_dtype,
                              master_format=args.master_format, state_store=args.state_store,
@@ -120,10 +154,13 @@ def _auto(args, p, trace, boundary: int, device: str) -> int:
     fixed = {name: value for name, value in (("moment_dtype", args.moment_dtype), ("state_store", args.state_store),
                                              ("recompute_activations", args.recompute),
                                              ("state_chunk_mib", args.state_chunk_mib)) if value is not None}
+    # the weights placed as asked; where not asked, auto may place them when nothing else fits
+    fixed.update({name: True for name in auto.WEIGHT_OPTIONS if getattr(args, name)})
     try:
         choice = auto.choose(trace, budgets, fixed, precision=args.precision, group_size=args.group_size,
                              recompute_boundary=boundary, device=device, master_format=args.master_format,
-                             prefetch=args.prefetch, ranks=args.ranks, reduce_dtype=args.reduce_dtype)
+                             prefetch=args.prefetch, ranks=args.ranks, reduce_dtype=args.reduce_dtype,
+                             placements=auto.WEIGHT_OPTIONS, ranks_per_node=args.ranks_per_node)
     except auto.MemoryPlanError as err:
         print(err, file=sys.stderr)
         return 2
@@ -133,7 +170,10 @@ def _auto(args, p, trace, boundary: int, device: str) -> int:
         return 0
     h = choice.plan
     print(choice.line())
-    print(f"\n{HEADER}\n{breakdown_row('hift', h, None)}\n")
+    if choice.options.get("shard_weights") or choice.options.get("offload_weights"):
+        print(f"\n{PLACED_HEADER}\n{_placed_row(h, h.host)}\n")
+    else:
+        print(f"\n{HEADER}\n{breakdown_row('hift', h, None)}\n")
     costs = []
     if choice.options["state_chunk_mib"] is not None and device != "cpu":
         costs.append("chunks: the update of a group larger than a chunk waits on its copies (PCIe "
@@ -144,7 +184,75 @@ def _auto(args, p, trace, boundary: int, device: str) -> int:
                      "more compute per step)")
     if choice.options["state_store"] == "disk":
         costs.append(f"disk store: {h.disk_io_per_step / GB:.2f} GB read and written per step")
+    if choice.options.get("shard_weights") or choice.options.get("offload_weights"):
+        costs.append("the weights placed: " + "; ".join(h.notes[:1]) + " (`hift plan --shard-weights` / "
+                     "`--offload-weights` with these options shows their bytes and time per step)")
     print("expected step-time effect: " + ("; ".join(costs) if costs else "none (no chunks, no recompute, no disk)"))
+    return 0
+
+
+PLACED_HEADER = ("| method | weights resting | weights in flight | grads | optimizer (resident) "
+                 "| optimizer (in flight) | activations | total | host RAM per node |\n"
+                 "|---|---|---|---|---|---|---|---|---|")
+
+
+def _placed_row(b, host_per_node: int) -> str:
+    return (f"| hift | {b.weights / GB:.2f} | {b.gathered / GB:.2f} | {b.gradients / GB:.2f} | "
+            f"{b.optimizer_resident / GB:.2f} | {b.optimizer_in_flight / GB:.2f} | {b.activations / GB:.2f} | "
+            f"**{b.total / GB:.2f}** | {host_per_node / GB:.2f} |")
+
+
+def _placed(args, config, trace, boundary) -> int:
+    """--shard-weights / --offload-weights: one GPU's peak, the host RAM per node, the bytes a step
+    moves and its time, beside the peers (hift.plan.peers) on the same GPUs."""
+    machine = Machine(args.pcie_gbps, args.network_gbps, args.gpu_tflops, args.host_gbps)
+    tokens = args.batch * args.seq
+    try:
+        plan = plan_placed(trace, args.precision, args.group_size, args.prefetch, True, args.state_chunk_mib, boundary,
+                           moment_dtype=args.moment_dtype, master_format=args.master_format,
+                           state_store=args.state_store, ranks=args.ranks, reduce_dtype=args.reduce_dtype,
+                           shard_weights=args.shard_weights, offload_weights=args.offload_weights,
+                           ranks_per_node=args.ranks_per_node, tokens=tokens, machine=machine)
+    except ValueError as err:
+        print(f"hift plan: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"hift": plan.as_dict()}, indent=1))
+        return 0
+    b, s, cycle = plan.breakdown, plan.largest_step, plan.cycle_time()
+    print(f"{config}: batch {args.batch}, seq {args.seq}, {args.precision}, group size {args.group_size}, "
+          f"{args.ranks} rank{'s' * (args.ranks > 1)} ({plan.ranks_per_node} a node), "
+          f"shard_weights={args.shard_weights}, offload_weights={args.offload_weights}, {args.state_store} store"
+          + (", recompute" if boundary is not None else "") + " (GB = 1e9 bytes; one GPU's share)\n")
+    print(PLACED_HEADER)
+    print(_placed_row(b, plan.host_per_node) + "\n")
+    for note in b.notes:
+        print(f"hift: {note}")
+    print(f"\nper step, one rank, the largest (group {s.group}) and the mean of a cycle:")
+    mean = lambda key: sum(getattr(x, key) for x in plan.steps) / len(plan.steps)  # noqa: E731
+    print(f"  network handed {s.network / GB:.2f} GB (mean {mean('network') / GB:.2f}), on the wire "
+          f"{s.wire / GB:.2f} GB (mean {mean('wire') / GB:.2f})")
+    print(f"  PCIe {s.pcie / GB:.2f} GB (mean {mean('pcie') / GB:.2f}): H2D {s.h2d / GB:.2f}, D2H {s.d2h / GB:.3f}"
+          + (f"; with the update on the device {plan.pcie_update_on_device[s.group] / GB:.2f} GB"
+             if plan.offload_weights else ""))
+    print(f"  step time, the mean of a cycle at {tokens} tokens ({machine.describe()}): compute "
+          f"{cycle.compute * 1e3:.0f} ms, PCIe {cycle.pcie * 1e3:.0f} ms, network {cycle.network * 1e3:.0f} ms, host "
+          f"update {cycle.host_update * 1e3:.0f} ms: {cycle.overlapped * 1e3:.0f} ms overlapped, "
+          f"{cycle.serial * 1e3:.0f} ms serial")
+    for link in ("pcie", "network"):
+        hide = plan.hide_tokens(link)
+        if hide is not None:
+            print(f"  the weights' stream over {'PCIe' if link == 'pcie' else 'the network'} hides under compute from "
+                  f"about {hide:,.0f} tokens a step (batch x seq)")
+    print(f"\nbeside it, full fine-tuning on the same {args.ranks} GPU{'s' * (args.ranks > 1)} "
+          "(hift.plan.peers: per GPU peak, host RAM per node, network and PCIe per step):\n")
+    print("| method | device peak | host RAM per node | network | PCIe | step (overlapped) |\n"
+          "|---|---|---|---|---|---|")
+    for method in PEERS:
+        peer = plan_peer(method, trace, tokens, args.ranks, ranks_per_node=args.ranks_per_node,
+                         recompute_boundary=boundary, machine=machine)
+        print(f"| {LABELS[method]} | {peer.device_peak / GB:.2f} | {peer.host_per_node / GB:.1f} | "
+              f"{peer.step.network / GB:.1f} | {peer.step.pcie / GB:.1f} | {peer.time.overlapped * 1e3:.0f} ms |")
     return 0
 
 

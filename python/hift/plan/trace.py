@@ -35,6 +35,10 @@ LLAMA2 = {
 # Newer models the planner knows by name (`hift plan --model`), from their released config.json.
 MODELS = {
     **LLAMA2,
+    # (the published table stays at 7B and 13B: LLAMA2 lists those; 70B is for --model)
+    "llama-2-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096,
+                        rms_norm_eps=1e-5, tie_word_embeddings=False),
     "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
                        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False),
@@ -112,10 +116,15 @@ class UnitTrace:
     transient_trainable: list[int]
     transient_frozen: list[int]
     param_numels: list[list[int]] = None  # each unit's parameters' sizes (None: one per unit)
+    # each unit's parameters' shapes: FSDP2 shards a parameter by its rows (None: each one row of
+    # its size, which is how a flat parameter shards)
+    param_shapes: list[list[tuple[int, ...]]] = None
 
     def __post_init__(self):
         if self.param_numels is None:
             self.param_numels = [[n] for n in self.numels]
+        if self.param_shapes is None:
+            self.param_shapes = [[(n,) for n in sizes] for sizes in self.param_numels]
 
 
 def _trace_saved(model, units, run, trainable_units: set[int]) -> tuple[list[int], list[int]]:
@@ -187,6 +196,7 @@ def trace_units(model: nn.Module, batch: int, seq: int, inputs=None) -> tuple[Un
                       largest_param=max(p.numel() for p in model.parameters()),
                       unit_largest_param=[max(p.numel() for p in u.params) for u in units],
                       param_numels=[[p.numel() for p in u.params] for u in units],
+                      param_shapes=[[tuple(p.shape) for p in u.params] for u in units],
                       trainable=trainable, frozen=frozen,
                       transient_trainable=t_transient, transient_frozen=f_transient)
     return trace, units
