@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hift import checkpoint, cli
+from hift import checkpoint, cli, model_weights
 from hift.config import Config
 from hift.train import TrainError
 from hift.train import examples as ex
@@ -428,3 +428,32 @@ def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
     got = final_weights(back)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert training_records(back) == training_records(tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_torchrun_with_sharded_weights_ends_where_one_process_does(model_dir, tmp_path):
+    """`torchrun ... hift.cli train --shard-weights`: FSDP2 over two gloo ranks with the same
+    batch on each (FSDP's mean of two equal gradients is exact), evaluating on every rank (a
+    sharded forward is a collective) and writing once: one process's metrics and final weights,
+    bit for bit, and a final/ that is one model (the ranks' rows gathered)."""
+    record = {"prompt": "the red cat sat on", "completion": " a blue mat ."}
+    data = write_jsonl(tmp_path / "train.jsonl", [record] * 16)
+    held = write_jsonl(tmp_path / "dev.jsonl", [record] * 4)
+    common = ["--eval-data", held, "--eval-every", 4, "--max-steps", 6, "--save-every", 3, "--order", "random",
+              "--memory", "manual"]
+    with reference_threads():
+        train_run.run(args(model_dir, data, tmp_path / "one", *common))
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--standalone", "-m", "hift.cli", "train", *args(model_dir, data, out, *common),
+                           "--shard-weights"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("hift train: 6 steps") == 1
+    assert "x 2 ranks (weights sharded by FSDP2, batch 4 per rank)" in done.stdout
+    assert training_records(out) == training_records(tmp_path / "one")
+    expected = final_weights(tmp_path / "one")
+    got = {k: v for f in sorted((out / "final").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert got.keys() == expected.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (out / "final" / "tokenizer.json").is_file() and (out / "final" / "config.json").is_file()
+    assert model_weights.saved_files(checkpoint.latest(out))[0].startswith("model/")

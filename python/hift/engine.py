@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from hift import checkpoint, distributed, fsdp
+from hift import checkpoint, distributed, model_weights
 from hift.batches import BatchStream, compute_loss, to_device
 from hift.config import Config, ConfigError
 from hift.groups import Group, trainable_parameters
@@ -91,10 +91,6 @@ def fit(model: nn.Module, loader, config: Optional[Config] = None, **options) ->
     cfg = Config.build(config, **options)
     trainable = trainable_parameters(model)
     device = compute_device(trainable)
-    if (cfg.hift_shards or fsdp.sharded(trainable)) and (cfg.save_dir or cfg.resume_from):
-        raise ConfigError("fit does not checkpoint an FSDP2-sharded model yet (its weights are every rank's rows): "
-                          "train without save_dir and resume_from, or save each rank's HiftAdamW.state_dict() "
-                          "(hift.save_shard) and the model with torch.distributed.checkpoint in your own loop")
     resume = checkpoint.read(cfg.resume_from) if cfg.resume_from is not None else None
     stream = BatchStream(loader)
     was_training = model.training
@@ -219,8 +215,7 @@ class _Loop:
         if self.cfg.save_dir is not None:
             if result.checkpoint is None or not result.checkpoint.name.endswith(f"{result.steps:08d}"):
                 self.save()
-            if hasattr(self.model, "save_pretrained"):
-                self.model.save_pretrained(Path(self.cfg.save_dir) / "final")
+            model_weights.save_final(self.model, Path(self.cfg.save_dir) / "final", optimizer.rank_and_world[0])
         return result
 
     def step(self):

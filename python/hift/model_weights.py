@@ -70,6 +70,31 @@ def save_weights(model: nn.Module, folder: Path, rank: int) -> list[str]:
     return sorted(f"{MODEL_DIR}/{f.name}" for f in (folder / MODEL_DIR).iterdir() if f.name.startswith(own))
 
 
+def save_final(model: nn.Module, folder: Path, rank: int) -> None:
+    """The trained model as `save_pretrained` writes it (a Hugging Face model; other models are
+    not written), from rank 0. A sharded model's rows are gathered through DCP into whole
+    safetensors files with their index (a collective: every rank calls it), beside the config."""
+    folder = Path(folder)
+    if not hasattr(model, "save_pretrained"):
+        return
+    if not is_sharded(model):
+        if not rank:
+            model.save_pretrained(folder)
+        return
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    dcp.save(get_model_state_dict(model), storage_writer=dcp.HuggingFaceStorageWriter(
+        str(folder), save_distributed=True, enable_consolidation=True))
+    if not rank:  # the writer's per-rank files, merged into the whole ones now
+        shutil.rmtree(folder / "sharded", ignore_errors=True)
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+
+
 def load_weights(folder: Path, model: nn.Module) -> None:
     """Load a checkpoint's weights into the model, whichever form each has (see the module
     docstring). A sharded model: a collective, every rank calls it."""

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import hift
-from hift import checkpoint
+from hift import checkpoint, model_weights
 from hift.precision import DTYPES
 from hift.train import TrainError
 from hift.train import examples as ex
@@ -52,12 +52,13 @@ class Monitor:
     as fit reads its own."""
 
     def __init__(self, log: Optional[MetricsLog], log_every: int, eval_every: Optional[int], run_eval, say,
-                 ranks: Ranks = Ranks()):
+                 ranks: Ranks = Ranks(), sharded=lambda: False):
         """Under torchrun every rank keeps one, the losses are averaged over the ranks, and rank
-        0 alone (the one with a log) evaluates and writes."""
+        0 alone (the one with a log) writes; it alone evaluates, unless the model is sharded
+        (shard_weights: a forward gathers every rank's rows, so every rank runs it)."""
         self.log, self.log_every, self.eval_every = log, log_every, eval_every
         self.ranks = ranks
-        self.run_eval, self.say = run_eval, say
+        self.run_eval, self.say, self.sharded = run_eval, say, sharded
         self.pending: list[tuple[dict, Optional[torch.Tensor], dict]] = []  # (step, loss on the device, the rest)
         self.last_eval: Optional[int] = None
         self.eval_metrics: dict = {}
@@ -82,9 +83,12 @@ class Monitor:
     def evaluate(self, step: int) -> None:
         self.flush()
         self.last_eval = step
+        if self.log is None and not self.sharded():
+            return
+        metrics = self.run_eval()
         if self.log is None:
             return
-        self.eval_metrics = self.run_eval()
+        self.eval_metrics = metrics
         self.log.write([{"step": step, **self.eval_metrics}])
         self.say(f"step {step}: {shown(self.eval_metrics)}")
 
@@ -150,7 +154,8 @@ def _run(a, options, output_dir: Path, fit_options: dict, cfg, ranks: Ranks, dev
         fit_options["progress"] = False  # one progress bar, rank 0's
     params = sum(p.numel() for p in model.parameters())
     say(f"hift train: {a.model} ({params / 1e6:.1f}M parameters, {type(model).__name__}) on {device}"
-        + (f" x {ranks.world} ranks (data parallel, batch {a.batch_size} per rank)" if ranks.world > 1 else "") + "; "
+        + (f" x {ranks.world} ranks ({'weights sharded by FSDP2' if cfg.shard_weights else 'data parallel'}, "
+           f"batch {a.batch_size} per rank)" if ranks.world > 1 else "") + "; "
         f"format {fmt}, {len(train_examples)} training examples"
         + (f", {len(eval_examples)} held out" if eval_examples else "")
         + (f"; labels: {', '.join(labels.names) if labels.names else labels.num_labels}" if labels else "")
@@ -159,7 +164,8 @@ def _run(a, options, output_dir: Path, fit_options: dict, cfg, ranks: Ranks, dev
     classification = fmt == "classification"
     log = MetricsLog(output_dir / METRICS, resume_step) if ranks.main else None
     monitor = Monitor(log, cfg.log_every, a.eval_every,
-                      lambda: evaluate(model, eval_loader, device, classification), say, ranks)
+                      lambda: evaluate(model, eval_loader, device, classification), say, ranks,
+                      sharded=lambda: model_weights.is_sharded(model))
     if eval_loader is not None and resume_step is None:
         monitor.evaluate(0)
     started = time.time()
@@ -179,8 +185,8 @@ def _run(a, options, output_dir: Path, fit_options: dict, cfg, ranks: Ranks, dev
         monitor.flush()
         plot_path = plot(log.path, output_dir / PLOT) if ranks.main else None
     metrics_path, final = output_dir / METRICS, output_dir / FINAL
-    if ranks.main:  # every rank holds the same weights
-        _save_final(model, tokenizer, final, started)
+    _save_final(model, tokenizer, final, started, ranks.rank)
+    if ranks.main:
         say(_summary(result, final, metrics_path, plot_path, monitor.eval_metrics))
     return TrainRun(result, fmt, output_dir, final, metrics_path, plot_path, monitor.eval_metrics)
 
@@ -286,12 +292,14 @@ def _load_model(source: str, fmt: str, labels: Optional[ex.Labels], precision: s
                          f"({type(err).__name__}: {err})") from None
 
 
-def _save_final(model, tokenizer, final: Path, started: float) -> Path:
-    """final/: the trained model (save_pretrained; fit writes it under save_dir, which is the
-    output directory unless --save-dir moved it) with the tokenizer beside it."""
+def _save_final(model, tokenizer, final: Path, started: float, rank: int) -> Path:
+    """final/: the trained model (fit writes it under save_dir, which is the output directory
+    unless --save-dir moved it) with the tokenizer beside it, from rank 0 (a sharded model's
+    rows from every rank: model_weights.save_final)."""
     if not (final / "config.json").is_file() or (final / "config.json").stat().st_mtime < started:
-        model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+        model_weights.save_final(model, final, rank)
+    if not rank:
+        tokenizer.save_pretrained(final)
     return final
 
 
