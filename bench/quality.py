@@ -57,6 +57,10 @@ SETTINGS = {
     "genre": dict(steps=200, eval_every=25,
                   task_args=dict(batch=8, max_length=64, train_per_class=400, val_per_class=40, test_per_class=40)),
     "lm": dict(steps=300, eval_every=25, task_args=dict(batch=4, seq=128, val_blocks=32, test_blocks=32)),
+    "cue": dict(steps=200, eval_every=50, task_args=dict(batch=8, train_examples=4000, val_examples=300,
+                                                         test_examples=300)),
+    "pair": dict(steps=200, eval_every=50, task_args=dict(batch=8, max_length=64, train_pairs=1200, val_pairs=160,
+                                                          test_pairs=160)),
     "tiny": dict(steps=30, eval_every=10, task_args={}),
 }
 QUICK_LM_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
@@ -69,7 +73,8 @@ QUICK = {
     "tiny": dict(steps=6, eval_every=3, task_args={}),
 }
 QUICK_GRID_FACTORS = (1, 10)
-METRIC = {"genre": "accuracy", "tiny": "accuracy", "lm": "perplexity"}
+METRIC = {"genre": "accuracy", "tiny": "accuracy", "lm": "perplexity", "cue": "exact_match", "pair": "accuracy"}
+HIGHER_IS_BETTER = ("accuracy", "exact_match")
 QUICK_SEEDS = (0, 1)
 
 
@@ -140,7 +145,7 @@ class Protocol:
         if any(r is None for r in records):
             return None
         return select([validation_only(r, lr) for r, lr in zip(records, lrs)],
-                      higher_is_better=METRIC[self.task_name] == "accuracy")
+                      higher_is_better=METRIC[self.task_name] in HIGHER_IS_BETTER)
 
     def path(self, spec: str, lr: float, seed: int) -> Path:
         return cell_path(self.run_dir, self.task_name, spec, lr, seed)
@@ -174,7 +179,7 @@ class Protocol:
         trials = [validation_only(r, lr) for r, lr in zip(records, lrs)]
         complete = all(r is not None for r in records)
         return {"trials": trials, "complete": complete,
-                "lr": select(trials, higher_is_better=METRIC[self.task_name] == "accuracy") if complete else None}
+                "lr": select(trials, higher_is_better=METRIC[self.task_name] in HIGHER_IS_BETTER) if complete else None}
 
 
 def validation_only(record: dict | None, lr: float) -> dict:
@@ -229,8 +234,8 @@ def plan(protocol: Protocol, specs: list[str]) -> list[tuple[str, float | None, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", action="append", choices=("genre", "lm", "tiny"),
-                   help="genre, lm (repeatable; default genre then lm)")
+    p.add_argument("--task", action="append", choices=("genre", "lm", "cue", "pair", "tiny"),
+                   help="genre, lm, cue, pair (repeatable; default genre then lm)")
     p.add_argument("--ablation", action="store_true", help="hift's orders x group sizes instead of the main methods")
     p.add_argument("--methods", nargs="*", default=None, help="method specs instead of the main list")
     p.add_argument("--quick", action="store_true", help="tiny data, 4 steps, 2 lrs, 2 seeds: a smoke test")
