@@ -1,9 +1,9 @@
 """Which lr, schedule and warm-up hift.fit should use when a user gives none, and whether the lr
 should follow K (the number of groups: each group is updated once every K steps), chosen from
 the quality protocol's cells on three fine-tuning tasks of different shapes (bench.quality_tasks:
-genre, cue, pair). docs/defaults.md holds the tables and the rule.
+genre, lines, replaced). docs/defaults.md holds the tables and the rule.
 
-    PYTHONPATH=python:. nice -n 19 python -m bench.defaults_study --phase grid --task pair
+    PYTHONPATH=python:. nice -n 19 python -m bench.defaults_study --phase grid --task lines
     PYTHONPATH=python:. nice -n 19 python -m bench.defaults_study --phase default
     PYTHONPATH=python:. nice -n 19 python -m bench.defaults_study --phase baselines
     PYTHONPATH=python:. python -m bench.defaults_study --report         # tables only
@@ -29,8 +29,8 @@ from pathlib import Path
 from bench import methods
 from bench.quality import RESULTS, Protocol, select, validation_only, HIGHER_IS_BETTER, METRIC
 
-TASKS = ("genre", "cue", "pair")
-UNITS = {"genre": 8, "pair": 8, "cue": 7}  # hift's units: embeddings, each block, (norm,) head
+TASKS = ("genre", "lines", "replaced")
+UNITS = {"genre": 8, "replaced": 8, "lines": 7}  # hift's units: embeddings, each block, (norm,) head
 GRID_LRS = {"many": (2e-4, 6e-4, 2e-3, 6e-5, 2e-5), "one": (2e-5, 6e-5, 2e-4, 6e-4)}
 BASELINES = ("lora", "badam", "lomo", "adalomo")
 SEEDS = (0, 1, 2)
@@ -64,9 +64,10 @@ def tuned_pick(protocol: Protocol, spec: str, lrs) -> float | None:
 
 
 def cells(phase: str, task: str, protocol: Protocol) -> list[tuple[str, float, int]]:
-    if phase == "grid":
-        return ([(per_unit_spec(), lr, 0) for lr in GRID_LRS["many"]]
-                + [(one_group_spec(task), lr, 0) for lr in GRID_LRS["one"]])
+    if phase == "grid":  # the two K's interleaved, the likeliest picks first
+        many = [(per_unit_spec(), lr, 0) for lr in GRID_LRS["many"]]
+        one = [(one_group_spec(task), lr, 0) for lr in GRID_LRS["one"]]
+        return [c for pair in zip(many, one) for c in pair] + many[len(one):]
     if phase == "default":
         spec, lr = default_spec()
         out = [(spec, lr, s) for s in SEEDS] + [("adamw", methods.METHODS["adamw"].paper_lr, s) for s in SEEDS]

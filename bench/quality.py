@@ -57,10 +57,10 @@ SETTINGS = {
     "genre": dict(steps=200, eval_every=25,
                   task_args=dict(batch=8, max_length=64, train_per_class=400, val_per_class=40, test_per_class=40)),
     "lm": dict(steps=300, eval_every=25, task_args=dict(batch=4, seq=128, val_blocks=32, test_blocks=32)),
-    "cue": dict(steps=200, eval_every=50, task_args=dict(batch=8, train_examples=4000, val_examples=300,
-                                                         test_examples=300)),
-    "pair": dict(steps=200, eval_every=50, task_args=dict(batch=8, max_length=64, train_pairs=1200, val_pairs=160,
-                                                          test_pairs=160)),
+    "lines": dict(steps=200, eval_every=50, task_args=dict(batch=8, train_examples=4000, val_examples=400,
+                                                           test_examples=400)),
+    "replaced": dict(steps=200, eval_every=50, task_args=dict(batch=8, max_length=48, train_lines=1600,
+                                                              val_lines=300, test_lines=300)),
     "tiny": dict(steps=30, eval_every=10, task_args={}),
 }
 QUICK_LM_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
@@ -73,8 +73,9 @@ QUICK = {
     "tiny": dict(steps=6, eval_every=3, task_args={}),
 }
 QUICK_GRID_FACTORS = (1, 10)
-METRIC = {"genre": "accuracy", "tiny": "accuracy", "lm": "perplexity", "cue": "exact_match", "pair": "accuracy"}
-HIGHER_IS_BETTER = ("accuracy", "exact_match")
+METRIC = {"genre": "accuracy", "tiny": "accuracy", "lm": "perplexity", "lines": "token_accuracy",
+          "replaced": "f1"}
+HIGHER_IS_BETTER = ("accuracy", "token_accuracy", "f1")
 QUICK_SEEDS = (0, 1)
 
 
@@ -234,8 +235,8 @@ def plan(protocol: Protocol, specs: list[str]) -> list[tuple[str, float | None, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", action="append", choices=("genre", "lm", "cue", "pair", "tiny"),
-                   help="genre, lm, cue, pair (repeatable; default genre then lm)")
+    p.add_argument("--task", action="append", choices=("genre", "lm", "lines", "replaced", "tiny"),
+                   help="genre, lm, lines, replaced (repeatable; default genre then lm)")
     p.add_argument("--ablation", action="store_true", help="hift's orders x group sizes instead of the main methods")
     p.add_argument("--methods", nargs="*", default=None, help="method specs instead of the main list")
     p.add_argument("--quick", action="store_true", help="tiny data, 4 steps, 2 lrs, 2 seeds: a smoke test")
