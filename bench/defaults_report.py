@@ -93,7 +93,7 @@ def grid_section(protocol: Protocol, task: str) -> list[str]:
             text = "" if t is None else ("div." if t["val"] is None else
                                          f"{_pct(metric, t['val'])} ({t['val_loss']:.3f})")
             cells.append(f"**{text}**" if lr == best and text else text)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {best:g} |" if best else " | - |")
+        lines.append(f"| {name} | " + " | ".join(cells) + (f" | {best:g} |" if best else " | - |"))
     return lines
 
 
