@@ -12,6 +12,7 @@ Phases (each a list of cells, task x method spec x lr x seed, run in order; fini
 including the protocol's own, are reused; --max-minutes stops starting new ones):
   grid       seed 0: hift with one unit per group (K = the model's units) and with all units in
              one group (K = 1), linear decay, at lr 2e-5 .. 2e-3 (x3 apart)
+  schedule   seed 0: hift at the default lr with one warm-up cycle, linear and cosine
   default    seeds 0-2: hift as fit runs it with no lr or schedule given (Config's defaults);
              hift tuned (the grid's pick on the validation split at K = units, then seeds 1, 2);
              AdamW at its published lr (2e-5, constant)
@@ -68,6 +69,9 @@ def cells(phase: str, task: str, protocol: Protocol) -> list[tuple[str, float, i
         many = [(per_unit_spec(), lr, 0) for lr in GRID_LRS["many"]]
         one = [(one_group_spec(task), lr, 0) for lr in GRID_LRS["one"]]
         return [c for pair in zip(many, one) for c in pair] + many[len(one):]
+    if phase == "schedule":  # the default lr with one warm-up cycle, linear or cosine
+        spec, lr = default_spec()
+        return [(per_unit_spec(schedule, 1), lr, 0) for schedule in ("linear", "cosine")]
     if phase == "default":
         spec, lr = default_spec()
         out = [(spec, lr, s) for s in SEEDS] + [("adamw", methods.METHODS["adamw"].paper_lr, s) for s in SEEDS]
@@ -82,7 +86,9 @@ def cells(phase: str, task: str, protocol: Protocol) -> list[tuple[str, float, i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.defaults_study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--phase", choices=("grid", "default", "baselines"), action="append")
+    p.add_argument("--phase", choices=("grid", "schedule", "default", "baselines"), action="append")
+    p.add_argument("--cell", action="append", default=[], metavar="TASK|SPEC|LR|SEED",
+                   help="one more cell (e.g. beyond a grid's edge), run before the phases")
     p.add_argument("--task", choices=TASKS, action="append")
     p.add_argument("--run-dir", default=str(RESULTS / "quality_runs"))
     p.add_argument("--max-minutes", type=float, default=None)
@@ -98,7 +104,12 @@ def main(argv=None) -> int:
         print(defaults_report.write(tasks, Path(args.run_dir)))
         return 0
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
-    for phase in args.phase or ["grid"]:
+    for item in args.cell:
+        task, spec, lr, seed = item.split("|")
+        protocol = Protocol(task, Path(args.run_dir))
+        protocol.check_run_dir()
+        protocol.ensure(spec, float(lr), int(seed))
+    for phase in args.phase or ([] if args.cell else ["grid"]):
         for task in tasks:
             protocol = Protocol(task, Path(args.run_dir))
             protocol.check_run_dir()

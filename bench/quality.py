@@ -1,5 +1,7 @@
 """The quality protocol: every method goes through it the same way, on the genre task (held-out
-plays, accuracy) and the language-modelling task (held-out plays, perplexity).
+plays, accuracy), the language-modelling task (held-out plays, perplexity) and the fine-tuning
+tasks of the defaults study (lines: causal-LM completions, token accuracy; replaced: token
+tagging, F1; see bench.defaults_study and docs/defaults.md).
 
     PYTHONPATH=python:. nice -n 19 python -m bench.quality --task genre             # main methods
     PYTHONPATH=python:. nice -n 19 python -m bench.quality --task genre --ablation  # orders x group sizes
