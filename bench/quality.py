@@ -1,5 +1,7 @@
 """The quality protocol: every method goes through it the same way, on the genre task (held-out
-plays, accuracy) and the language-modelling task (held-out plays, perplexity).
+plays, accuracy), the language-modelling task (held-out plays, perplexity) and the fine-tuning
+tasks of the defaults study (lines: causal-LM completions, token accuracy; replaced: token
+tagging, F1; see bench.defaults_study and docs/defaults.md).
 
     PYTHONPATH=python:. nice -n 19 python -m bench.quality --task genre             # main methods
     PYTHONPATH=python:. nice -n 19 python -m bench.quality --task genre --ablation  # orders x group sizes
@@ -57,6 +59,10 @@ SETTINGS = {
     "genre": dict(steps=200, eval_every=25,
                   task_args=dict(batch=8, max_length=64, train_per_class=400, val_per_class=40, test_per_class=40)),
     "lm": dict(steps=300, eval_every=25, task_args=dict(batch=4, seq=128, val_blocks=32, test_blocks=32)),
+    "lines": dict(steps=200, eval_every=50, task_args=dict(batch=8, train_examples=4000, val_examples=400,
+                                                           test_examples=400)),
+    "replaced": dict(steps=200, eval_every=50, task_args=dict(batch=8, max_length=48, train_lines=1600,
+                                                              val_lines=300, test_lines=300)),
     "tiny": dict(steps=30, eval_every=10, task_args={}),
 }
 QUICK_LM_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
@@ -69,7 +75,9 @@ QUICK = {
     "tiny": dict(steps=6, eval_every=3, task_args={}),
 }
 QUICK_GRID_FACTORS = (1, 10)
-METRIC = {"genre": "accuracy", "tiny": "accuracy", "lm": "perplexity"}
+METRIC = {"genre": "accuracy", "tiny": "accuracy", "lm": "perplexity", "lines": "token_accuracy",
+          "replaced": "f1"}
+HIGHER_IS_BETTER = ("accuracy", "token_accuracy", "f1")
 QUICK_SEEDS = (0, 1)
 
 
@@ -140,7 +148,7 @@ class Protocol:
         if any(r is None for r in records):
             return None
         return select([validation_only(r, lr) for r, lr in zip(records, lrs)],
-                      higher_is_better=METRIC[self.task_name] == "accuracy")
+                      higher_is_better=METRIC[self.task_name] in HIGHER_IS_BETTER)
 
     def path(self, spec: str, lr: float, seed: int) -> Path:
         return cell_path(self.run_dir, self.task_name, spec, lr, seed)
@@ -174,7 +182,7 @@ class Protocol:
         trials = [validation_only(r, lr) for r, lr in zip(records, lrs)]
         complete = all(r is not None for r in records)
         return {"trials": trials, "complete": complete,
-                "lr": select(trials, higher_is_better=METRIC[self.task_name] == "accuracy") if complete else None}
+                "lr": select(trials, higher_is_better=METRIC[self.task_name] in HIGHER_IS_BETTER) if complete else None}
 
 
 def validation_only(record: dict | None, lr: float) -> dict:
@@ -229,8 +237,8 @@ def plan(protocol: Protocol, specs: list[str]) -> list[tuple[str, float | None, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", action="append", choices=("genre", "lm", "tiny"),
-                   help="genre, lm (repeatable; default genre then lm)")
+    p.add_argument("--task", action="append", choices=("genre", "lm", "lines", "replaced", "tiny"),
+                   help="genre, lm, lines, replaced (repeatable; default genre then lm)")
     p.add_argument("--ablation", action="store_true", help="hift's orders x group sizes instead of the main methods")
     p.add_argument("--methods", nargs="*", default=None, help="method specs instead of the main list")
     p.add_argument("--quick", action="store_true", help="tiny data, 4 steps, 2 lrs, 2 seeds: a smoke test")

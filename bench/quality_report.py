@@ -13,17 +13,17 @@ import os
 import statistics
 from pathlib import Path
 
-from bench.quality import METRIC, Protocol, label, plan
+from bench.quality import HIGHER_IS_BETTER, METRIC, Protocol, label, plan
 
 
 def _fmt(metric: str, v) -> str:
     if v is None:
         return "-"
-    return f"{100 * v:.1f}" if metric == "accuracy" else f"{v:,.1f}"
+    return f"{100 * v:.1f}" if metric in HIGHER_IS_BETTER else f"{v:,.1f}"
 
 
 def _unit(metric: str) -> str:
-    return "accuracy (%)" if metric == "accuracy" else "perplexity"
+    return f"{metric.replace('_', ' ')} (%)" if metric in HIGHER_IS_BETTER else metric
 
 
 def _at_budget(record: dict, budget: float) -> dict | None:
@@ -158,7 +158,7 @@ def timing(protocol: Protocol, specs: list[str], rows: list[dict]) -> list[str]:
 
 def _describe(protocol: Protocol, rows: list[dict], facts: dict) -> list[str]:
     metric = METRIC[protocol.task_name]
-    better = max if metric == "accuracy" else min
+    better = max if metric in HIGHER_IS_BETTER else min
     ranked = [r for r in rows if r.get("final_mean") is not None]
     out = []
     if ranked:
@@ -181,7 +181,7 @@ def _describe(protocol: Protocol, rows: list[dict], facts: dict) -> list[str]:
         quarter = [next((e for e in c["evals"] if e["step"] >= 0.75 * protocol.steps), None) for c in finals]
         if finals and all(quarter):
             before = statistics.fmean(_test(e, metric) for e in quarter)
-            change = (r["final_mean"] - before) * (100 if metric == "accuracy" else 1)
+            change = (r["final_mean"] - before) * (100 if metric in HIGHER_IS_BETTER else 1)
             gains.append(f"{label(r['spec'])} {change:+.1f}")
     if gains:
         out.append(f"Change of the mean test {metric} over the last quarter of the run (steps "
@@ -213,7 +213,7 @@ def _plots(protocol: Protocol, rows: list[dict], stem: Path, budget: float | Non
     import matplotlib.pyplot as plt
 
     metric = METRIC[protocol.task_name]
-    scale = 100 if metric == "accuracy" else 1
+    scale = 100 if metric in HIGHER_IS_BETTER else 1
     out = []
     for axis, xlabel in (("steps", "step"), ("time", "CPU seconds of training (evaluation not counted)")):
         fig, ax = plt.subplots(figsize=(8, 4.8))

