@@ -1,11 +1,11 @@
 """hift: hierarchical full-parameter fine-tuning.
 
     import hift
-    result = hift.fit(model, loader, lr=2e-5, group_size=1, num_cycles=3)
+    result = hift.fit(model, loader, group_size=1, num_cycles=3)   # lr 6e-4 (docs/defaults.md)
 
 or as an optimizer in any loop or trainer:
 
-    opt = hift.HiftAdamW(model, lr=2e-5, group_size=1)
+    opt = hift.HiftAdamW(model, group_size=1)
 """
 from hift.config import Config
 from hift.engine import FitResult, NonFiniteError, StepEvent, fit

@@ -1,6 +1,6 @@
 """HiftAdamW: the HiFT method as a torch.optim.Optimizer.
 
-    opt = hift.HiftAdamW(model, lr=2e-5, group_size=1)
+    opt = hift.HiftAdamW(model, group_size=1)
     for batch in loader:
         model(**batch).loss.backward()
         opt.step()
