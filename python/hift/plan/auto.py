@@ -148,9 +148,14 @@ def block_chunk_mib(trace: UnitTrace, precision: str, group_size: int, moment_dt
 
 def _placements(fixed: dict, device: str, ranks: int, placements) -> list[tuple[bool, bool]]:
     """(shard_weights, offload_weights) in the module's order: the weights resident first, then
-    those of `placements` FSDP2 can do on this many ranks, as `fixed` allows."""
+    those of `placements` FSDP2 can do on this many ranks, as `fixed` allows (a placement fixed
+    on is tried whether or not `placements` names it)."""
+    placements = set(placements) | {name for name in WEIGHT_OPTIONS if fixed.get(name)}
     order = [(False, False)]
-    if device != "cpu":
+    if device == "cpu":  # the weights are in host memory already: only sharding makes a rank's share smaller
+        if ranks > 1 and "shard_weights" in placements:
+            order.append((True, False))
+    else:
         if ranks > 1 and "shard_weights" in placements:
             order.append((True, False))
             if "offload_weights" in placements:
@@ -214,7 +219,7 @@ def predict(trace: UnitTrace, options: dict, *, precision: str, group_size: int,
                            state_store=options["state_store"], ranks=ranks, reduce_dtype=reduce_dtype,
                            shard_weights=bool(options.get("shard_weights")),
                            offload_weights=bool(options.get("offload_weights")),
-                           ranks_per_node=ranks_per_node).breakdown
+                           ranks_per_node=ranks_per_node, device=device).breakdown
     return plan_hift(trace, precision, group_size, prefetch, offload=bool(options["offload"]) and device != "cpu",
                      state_chunk_mib=chunk,
                      recompute_boundary=recompute_boundary if options["recompute_activations"] else None,
