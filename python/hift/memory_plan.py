@@ -6,6 +6,12 @@ example batch, and what autograd saves is added up unit by unit (hift/plan/trace
 the meta device cannot run, or a run without an example batch, is not predicted: memory="auto"
 then keeps the manual defaults and says so. Traces are cached per model shape and batch shape,
 so a process that builds many optimizers over one model traces it once.
+
+FSDP2 runs (a model the user sharded with fully_shard, or shard_weights / offload_weights set)
+are predicted by hift.plan.fsdp over the process group's ranks; under a process group an
+unsharded model whose weights fit no rank gets shard_weights (then offload_weights) chosen, after
+every choice that keeps them whole (auto.choose's placements); without one, the refusal names the
+torchrun that would fit it.
 """
 from __future__ import annotations
 
@@ -211,6 +217,8 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
                        "state_chunk_mib": cfg.state_chunk_mib, "moment_dtype": cfg.moment_dtype,
                        "recompute_activations": bool(cfg.recompute_activations), "state_store": cfg.state_store,
                        **placed}
+            if placed.get("offload_weights"):
+                options["offload"] = True  # the update runs on the host, where the state rests
             prediction = auto.predict(trace, options, **common)
         return cfg, MemoryPlan(prediction, note=note)
     temporary = None
@@ -220,6 +228,8 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
     model_bytes = sum(_local_bytes(t) for t in [*model.parameters(), *model.buffers()] if t.device == device)
     budgets = auto.machine_budgets(device_kind, device.index, model_bytes, state_dir)
     fixed = {**_fixed(cfg, can_recompute), **placed}
+    if placed.get("offload_weights"):
+        fixed["offload"] = True  # the state rests on the host, where the update runs (whatever offload says)
     try:
         choice = auto.choose(trace, budgets, fixed, **common, placements=placements)
     except auto.MemoryPlanError as err:

@@ -28,7 +28,8 @@ order is tried again with the weights placed, after everything above has failed,
 pick above changes: first sharded over the ranks with FSDP2 (shard_weights; two or more ranks:
 all-gathers on the network every step), then in host RAM (offload_weights; on several ranks
 with shard_weights: every unit's weights over PCIe in forward and again in backward, the update
-on the host).
+on the host). On a CPU (FSDP2 over gloo) the weights are in host memory already: only sharding
+is tried there, and the plan counts everything in the process's memory.
 
 Budgets are what the machine has free, less MARGIN (allocator fragmentation, the CUDA context's
 growth, other processes): a plan fits when its device peak and host RAM are at most (1 - MARGIN)
