@@ -6,9 +6,16 @@ example batch, and what autograd saves is added up unit by unit (hift/plan/trace
 the meta device cannot run, or a run without an example batch, is not predicted: memory="auto"
 then keeps the manual defaults and says so. Traces are cached per model shape and batch shape,
 so a process that builds many optimizers over one model traces it once.
+
+FSDP2 runs (a model the user sharded with fully_shard, or shard_weights / offload_weights set)
+are predicted by hift.plan.fsdp over the process group's ranks; under a process group an
+unsharded model whose weights fit no rank gets shard_weights (then offload_weights) chosen, after
+every choice that keeps them whole (auto.choose's placements); without one, the refusal names the
+torchrun that would fit it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -21,7 +28,7 @@ from torch import nn
 
 from hift.batches import BatchError
 from hift.config import Config
-from hift.fsdp import sharded_model
+from hift.fsdp import held_device, is_sharded, sharded_model
 from hift.plan import auto
 from hift.plan.predict import GB, Breakdown
 from hift.plan.trace import UnitTrace, meta_twin, trace_units
@@ -31,8 +38,6 @@ CLAIM_TOLERANCE = 0.10  # a measured peak this far above the prediction is a war
 # ...and this much above it: a process's first steps also grow by what no plan counts (the
 # allocator's arenas, libraries' first use), which only a small run would notice
 CLAIM_SLACK = {"device": 64 * 2**20, "host": 256 * 2**20}
-# the planner predicts no FSDP2 run yet (hift plan --shard-weights is being built)
-FSDP_NOTE = "hift memory=auto: the planner does not predict FSDP-sharded runs yet; the manual defaults are used"
 _TRACES: dict = {}
 _TRACE_CACHE_SIZE = 32
 
@@ -87,7 +92,7 @@ def trace_model(model: nn.Module, example_batch, precision: str) -> tuple[Option
     if key in _TRACES:
         return _TRACES[key], ""
     try:
-        twin = meta_twin(model).to(DTYPES[precision])
+        twin = (_unsharded_twin(model) if sharded_model(model) else meta_twin(model)).to(DTYPES[precision])
         trace, _ = trace_units(twin, 0, 0, inputs=_meta_inputs(example_batch))
     except BatchError:  # the batch itself is wrong: the probe says so in words, next
         return None, ""
@@ -97,6 +102,69 @@ def trace_model(model: nn.Module, example_batch, precision: str) -> tuple[Option
         _TRACES.pop(next(iter(_TRACES)))
     _TRACES[key] = trace
     return trace, ""
+
+
+def _unsharded_twin(model: nn.Module) -> nn.Module:
+    """A model sharded with fully_shard, unsharded on the meta device: FSDP2 refuses deepcopy, so
+    the twin is the model's own class (FSDP2's wrapper class dropped) built again from its config
+    (a transformers model), with the model's requires_grad flags. Raises where there is none."""
+    from torch.distributed.fsdp import FSDPModule
+
+    base = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError("a model sharded with fully_shard is rebuilt from its config to be traced, and it has none")
+    with torch.device("meta"):
+        twin = base(config)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in twin.named_parameters():
+        p.requires_grad_(flags.get(n, p.requires_grad))
+    return twin
+
+
+def _process_group() -> int:
+    """The ranks of the default process group (0: none)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _placement(cfg: Config, model: nn.Module, device: torch.device, ranks: int) -> tuple[dict, tuple]:
+    """Where the run's weights are, for the planner: (the weight options fixed, the placements
+    memory="auto" may choose). A model the user sharded: sharded over its ranks, offloaded where
+    its rows rest in host memory beside a GPU; shard_weights / offload_weights set: as set (on one
+    rank FSDP2 holds every row: no shard; on a CPU the weights are in host memory already); an
+    unsharded model under a process group: both may be chosen, after everything else."""
+    on_gpu = device.type != "cpu"
+    if sharded_model(model):
+        offloaded = on_gpu and any(held_device(p).type == "cpu" for p in model.parameters() if is_sharded(p))
+        return dict(shard_weights=ranks > 1, offload_weights=offloaded), ()
+    if cfg.hift_shards:
+        return dict(shard_weights=cfg.shard_weights and ranks > 1, offload_weights=cfg.offload_weights and on_gpu), ()
+    return {}, (auto.WEIGHT_OPTIONS if _process_group() else ())
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    held = t.to_local() if is_sharded(t) else t
+    return held.numel() * held.element_size()
+
+
+def _torchrun_hint(trace: UnitTrace, budgets: auto.Budgets, fixed: dict, common: dict) -> str:
+    """Without a process group: what torchrun with the weights placed would fit, in words ("" if nothing)."""
+    tries = [(1, "--nproc_per_node 1")]  # offload_weights on one GPU
+    gpus = torch.cuda.device_count() if common["device"] == "cuda" else 0
+    if gpus > 1:
+        tries.append((gpus, f"--nproc_per_node {gpus}"))
+    for ranks, how in tries:
+        try:
+            choice = auto.choose(trace, budgets, fixed, **dict(common, ranks=ranks), placements=auto.WEIGHT_OPTIONS)
+        except auto.MemoryPlanError:
+            continue
+        placed = [name for name in auto.WEIGHT_OPTIONS if choice.options.get(name)]
+        if placed:
+            return (f" Under torchrun {how} (a process group, even of one rank), {'/'.join(placed)}=True would "
+                    f"fit it: {auto._describe(choice.options)}: {auto._prediction(choice.plan)}.")
+    return ""
 
 
 def _recompute_boundary(model: nn.Module, example_batch, precision: str) -> Optional[int]:
@@ -125,16 +193,20 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
     prediction for the run. Raises auto.MemoryPlanError, before anything changes, where nothing
     fits."""
     unset = [name for name in auto.AUTO_OPTIONS if getattr(cfg, name) is None]
-    if cfg.hift_shards or sharded_model(model):  # (a meta twin of DTensors is not the model's)
-        note = FSDP_NOTE if cfg.memory == "auto" and unset else ""
-        return cfg.with_memory(**(fixed_by_resume or {})), MemoryPlan(None, note=note)
+    group = _process_group()
+    if sharded_model(model) or cfg.hift_shards or group:
+        ranks = max(group, 1)  # FSDP2's ranks: the process group's
+    placed, placements = _placement(cfg, model, device, ranks)
+    if cfg.memory != "auto":
+        placements = ()
     trace, why = trace_model(model, example_batch, precision)
     if fixed_by_resume:
         cfg = Config.build(cfg, **{k: v for k, v in fixed_by_resume.items() if getattr(cfg, k) is None})
     device_kind = "cuda" if device.type == "cuda" else "cpu"
     boundary = _recompute_boundary(model, example_batch, precision)
     common = dict(precision=precision, group_size=cfg.group_size, recompute_boundary=boundary, device=device_kind,
-                  master_format=cfg.master_format, prefetch=cfg.prefetch, ranks=ranks, reduce_dtype=cfg.reduce_dtype)
+                  master_format=cfg.master_format, prefetch=cfg.prefetch, ranks=ranks, reduce_dtype=cfg.reduce_dtype,
+                  ranks_per_node=_ranks_per_node(ranks) if placed or placements else None)
     if cfg.memory == "manual" or trace is None or not unset:
         note = "" if cfg.memory == "manual" or not unset or not why else \
             f"hift memory=auto: {why}; the manual defaults are used"
@@ -143,18 +215,30 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
         if trace is not None:
             options = {"offload": cfg.offload if cfg.offload is not None else device.type != "cpu",
                        "state_chunk_mib": cfg.state_chunk_mib, "moment_dtype": cfg.moment_dtype,
-                       "recompute_activations": bool(cfg.recompute_activations), "state_store": cfg.state_store}
+                       "recompute_activations": bool(cfg.recompute_activations), "state_store": cfg.state_store,
+                       **placed}
+            if placed.get("offload_weights"):
+                options["offload"] = True  # the update runs on the host, where the state rests
             prediction = auto.predict(trace, options, **common)
         return cfg, MemoryPlan(prediction, note=note)
     temporary = None
     state_dir = cfg.state_dir
     if cfg.state_store is None and state_dir is None:
         state_dir = temporary = default_state_dir()
-    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
-                      if t.device == device)
+    model_bytes = sum(_local_bytes(t) for t in [*model.parameters(), *model.buffers()] if t.device == device)
     budgets = auto.machine_budgets(device_kind, device.index, model_bytes, state_dir)
-    choice = auto.choose(trace, budgets, _fixed(cfg, can_recompute), **common)
+    fixed = {**_fixed(cfg, can_recompute), **placed}
+    if placed.get("offload_weights"):
+        fixed["offload"] = True  # the state rests on the host, where the update runs (whatever offload says)
+    try:
+        choice = auto.choose(trace, budgets, fixed, **common, placements=placements)
+    except auto.MemoryPlanError as err:
+        hint = "" if group or placed else _torchrun_hint(trace, budgets, fixed, common)
+        if not hint:
+            raise
+        raise auto.MemoryPlanError(str(err) + hint) from None
     chosen = dict(choice.options)
+    weights = {name: chosen.pop(name) for name in auto.WEIGHT_OPTIONS if name in chosen}
     if device_kind == "cpu":
         del chosen["offload"]  # nothing to offload from: the state's place is its store
     if chosen["state_store"] == "disk" and cfg.state_dir is None:
@@ -163,7 +247,18 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
         temporary = None
     if temporary is not None:
         choice.notes.append(f"the state rests in {temporary} (removed when the run ends; pass state_dir to keep it)")
-    return cfg.with_memory(**chosen), MemoryPlan(choice.plan, choice, temporary_state_dir=temporary)
+    cfg = cfg.with_memory(**chosen)
+    if placements and any(weights.values()):  # auto placed the weights: fit and HiftAdamW shard the model
+        cfg = dataclasses.replace(cfg, **weights)
+    return cfg, MemoryPlan(choice.plan, choice, temporary_state_dir=temporary)
+
+
+def _ranks_per_node(ranks: int) -> int:
+    """Ranks sharing this node's host RAM: torchrun's LOCAL_WORLD_SIZE, else every rank."""
+    try:
+        return max(1, min(ranks, int(os.environ["LOCAL_WORLD_SIZE"])))
+    except (KeyError, ValueError):
+        return ranks
 
 
 def claim_check(plan: MemoryPlan, device: torch.device, measured_device: int, measured_host_growth: int) -> dict:

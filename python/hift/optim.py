@@ -152,9 +152,6 @@ class HiftAdamW(torch.optim.Optimizer):
         if sharded and cfg.hift_shards:
             raise ConfigError("shard_weights / offload_weights make hift shard the model, and it is sharded already "
                               "(fully_shard): drop them (offload: fully_shard(..., offload_policy=CPUOffloadPolicy()))")
-        # FSDP2: the mesh (the model's, or a new one over every rank: refused without a process group)
-        mesh = fsdp.check_sharding(trainable, [n for n, p in model.named_parameters() if p.requires_grad]) \
-            if sharded else fsdp_wrap.default_mesh(cfg) if cfg.hift_shards else None
         if memory_plan is None:  # HiftAdamW alone: it cannot recompute the model's activations
             world = distributed.dist.get_world_size() if distributed.active() else 1
             cfg, memory_plan = plan_run(cfg, model, example_batch if example_batch is not None
@@ -163,6 +160,10 @@ class HiftAdamW(torch.optim.Optimizer):
             if memory_plan.choice is not None:
                 print(memory_plan.choice.line())
         self.memory_plan = memory_plan
+        # FSDP2: the mesh (the model's, or a new one over every rank: refused without a process
+        # group); after the plan, which may choose shard_weights
+        mesh = fsdp.check_sharding(trainable, [n for n, p in model.named_parameters() if p.requires_grad]) \
+            if sharded else fsdp_wrap.default_mesh(cfg) if cfg.hift_shards else None
         groups = build_groups(model, cfg.units, cfg.group_size, example_batch, probe_device)
         if memory_plan.note and memory_plan.prediction is None and cfg.memory == "auto":
             warnings.warn(memory_plan.note, stacklevel=3)  # (after the probe, which refuses a bad batch in words)

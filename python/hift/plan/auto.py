@@ -28,7 +28,8 @@ order is tried again with the weights placed, after everything above has failed,
 pick above changes: first sharded over the ranks with FSDP2 (shard_weights; two or more ranks:
 all-gathers on the network every step), then in host RAM (offload_weights; on several ranks
 with shard_weights: every unit's weights over PCIe in forward and again in backward, the update
-on the host).
+on the host). On a CPU (FSDP2 over gloo) the weights are in host memory already: only sharding
+is tried there, and the plan counts everything in the process's memory.
 
 Budgets are what the machine has free, less MARGIN (allocator fragmentation, the CUDA context's
 growth, other processes): a plan fits when its device peak and host RAM are at most (1 - MARGIN)
@@ -148,9 +149,14 @@ def block_chunk_mib(trace: UnitTrace, precision: str, group_size: int, moment_dt
 
 def _placements(fixed: dict, device: str, ranks: int, placements) -> list[tuple[bool, bool]]:
     """(shard_weights, offload_weights) in the module's order: the weights resident first, then
-    those of `placements` FSDP2 can do on this many ranks, as `fixed` allows."""
+    those of `placements` FSDP2 can do on this many ranks, as `fixed` allows (a placement fixed
+    on is tried whether or not `placements` names it)."""
+    placements = set(placements) | {name for name in WEIGHT_OPTIONS if fixed.get(name)}
     order = [(False, False)]
-    if device != "cpu":
+    if device == "cpu":  # the weights are in host memory already: only sharding makes a rank's share smaller
+        if ranks > 1 and "shard_weights" in placements:
+            order.append((True, False))
+    else:
         if ranks > 1 and "shard_weights" in placements:
             order.append((True, False))
             if "offload_weights" in placements:
@@ -214,7 +220,7 @@ def predict(trace: UnitTrace, options: dict, *, precision: str, group_size: int,
                            state_store=options["state_store"], ranks=ranks, reduce_dtype=reduce_dtype,
                            shard_weights=bool(options.get("shard_weights")),
                            offload_weights=bool(options.get("offload_weights")),
-                           ranks_per_node=ranks_per_node).breakdown
+                           ranks_per_node=ranks_per_node, device=device).breakdown
     return plan_hift(trace, precision, group_size, prefetch, offload=bool(options["offload"]) and device != "cpu",
                      state_chunk_mib=chunk,
                      recompute_boundary=recompute_boundary if options["recompute_activations"] else None,

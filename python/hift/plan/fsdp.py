@@ -309,12 +309,17 @@ def plan_placed(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, 
                 master_format: str = "auto", state_store: str = "host", ranks: int = 1,
                 reduce_dtype: str = "fp32", shard_weights: bool = False, offload_weights: bool = False,
                 ranks_per_node: Optional[int] = None, tokens: Optional[int] = None,
-                machine: Machine = Machine()) -> WeightsPlan:
+                machine: Machine = Machine(), device: str = "cuda") -> WeightsPlan:
     """hift on FSDP2 (shard_weights over `ranks`) and/or with the weights in host RAM
     (offload_weights), on GPUs; the other options as plan_hift takes them. ranks_per_node: ranks
     that share a node's host RAM (None: every rank on one node). tokens (batch x seq): for the
-    FLOPs and the step time."""
+    FLOPs and the step time. device "cpu": FSDP2 over gloo, everything in host RAM (the total;
+    no state offload, no offload_weights: the weights are in host memory already)."""
     check_placement(ranks, shard_weights, offload_weights)
+    if device == "cpu":
+        if offload_weights:
+            raise ValueError("offload_weights on a CPU: the weights are in host memory already")
+        offload = False
     if state_store not in STATE_STORES:
         raise ValueError(f"state_store must be one of {STATE_STORES}, got {state_store!r}")
     if offload_weights and not offload:
@@ -371,7 +376,7 @@ def plan_placed(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, 
 
     (_, gathered, grads, acts), g_peak = best
     out = Breakdown("hift", weights=0 if offload_weights else sum(geo.local) * wbytes, gathered=gathered,
-                    gradients=grads, activations=acts, device="cuda", state_format=describe_format(fmt),
+                    gradients=grads, activations=acts, device=device, state_format=describe_format(fmt),
                     ranks=ranks)
     host_per_rank, disk = _place(out, chunks, [sum(geo.local[u] for u in g) for g in groups], offload, state_store,
                                  prefetch, update_on_host)
