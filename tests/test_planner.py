@@ -478,7 +478,8 @@ def test_predicted_vs_measured_data_parallel_cpu_peak_within_10_percent(tmp_path
 #   padded input, and the shard is made beside both: grad + input + clone + shard where the
 #   planner has input + max(grad, shard); the embeddings' step also still holds the previous
 #   step's reduce-scatter buffers; and ~9.5 MB of resident memory outside torch's allocator
-#   (not in the profiler's events) in most steps.
+#   (not in the profiler's events) in most steps, ~7 MB of it MKL's fast memory manager's
+#   cached GEMM buffers (gone with MKL_DISABLE_FAST_MM=1).
 # At batch 2 the over-counts (which grow with the logits) win: the prediction is 20% over, xfail.
 FSDP_CASES = {"batch1": (1, 200), "batch2": (2, 200)}
 
