@@ -11,7 +11,6 @@ where Adam magnifies the last bits of a nearly cancelling gradient (assert_close
 
 Each world size is spawned once (module fixtures): every rank runs all cases and writes what it
 ends with; the tests compare in this process."""
-import contextlib
 import datetime
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tiny_models as tm
+from test_distributed import resting_shard  # per group: (piece, master, exp_avg, exp_avg_sq)
 from torchrun_like import reference_threads
 from hift import HiftAdamW, fit, ops
 from hift.batches import compute_loss
@@ -189,19 +189,6 @@ def train(opt, model, batches):
         opt.step(loss=total / ACCUM)
 
 
-def resting_shard(opt):
-    """Per group: [((param, lo, hi), exp_avg, exp_avg_sq)] of this rank's resting state, as fp32."""
-    state = opt.group_state
-    state.synchronize()
-    out = []
-    for g in range(len(opt.groups)):
-        pieces = [p for c in state.chunks_of[g] for p in state.chunks[c].pieces]
-        views = state.host_views(g)
-        out.append([((p.param, p.lo, p.hi), m.float().clone(), v.float().clone())
-                    for p, m, v in zip(pieces, views.exp_avgs, views.exp_avg_sqs)])
-    return out
-
-
 def _hift_adamw(rank, world, root, moments):
     """HiftAdamW itself (no fit) with shard_weights, every rank on the same batch; its state_dict
     is kept for the 3-rank load."""
@@ -361,20 +348,10 @@ def single_process(case, world, tmp_path):
         options = dict(options, state_dir=str(tmp_path / "disk"))
     # Tiny's own backward (torch's matmuls at its shapes) depends on the number of threads, which
     # is no business of this test: its one process runs on the ranks' one thread
-    with reference_threads() if kind != "tiny" else _threads(1):
+    with reference_threads() if kind != "tiny" else reference_threads(1):
         result = fit(model, global_batches(1 if same else world, kind), max_steps=STEPS, accum_steps=ACCUM,
                      **QUIET, **options)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, result
-
-
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def single_hift_adamw(moments, world):
@@ -455,8 +432,8 @@ def test_hift_adamw_is_one_process_with_the_state_cut_at_the_rows(ranks, moments
         if not exact(world, True):
             continue
         for g in range(len(opt.groups)):
-            single = {piece: (m, v) for piece, m, v in resting[g]}
-            for piece, exp_avg, exp_avg_sq in ours["resting"][g]:
+            single = {piece: (m, v) for piece, _, m, v in resting[g]}
+            for piece, _, exp_avg, exp_avg_sq in ours["resting"][g]:
                 m, v = single[piece]
                 assert torch.equal(exp_avg, m) and torch.equal(exp_avg_sq, v), f"rank {rank}, group {g}, {piece}"
     opt.close()
@@ -502,7 +479,7 @@ def test_a_state_dict_of_two_ranks_loads_on_three(two_ranks, three_ranks):
     saved = [[[torch.full((s.numel(),), float("nan")) for s in group] for group in shapes] for _ in range(2)]
     for out in two_ranks[2]:
         for g, group in enumerate(out["bf16"]["resting"]):
-            for (param, lo, hi), m, v in group:
+            for (param, lo, hi), _, m, v in group:
                 saved[0][g][param][lo:hi] = m
                 saved[1][g][param][lo:hi] = v
     for rank, out in enumerate(three_ranks[2]):
@@ -510,7 +487,7 @@ def test_a_state_dict_of_two_ranks_loads_on_three(two_ranks, three_ranks):
         assert isinstance(loaded["bf16"], list), loaded["bf16"]
         assert sum(len(group) for group in loaded["bf16"]) > 0
         for g, group in enumerate(loaded["bf16"]):
-            for (param, lo, hi), m, v in group:
+            for (param, lo, hi), _, m, v in group:
                 assert torch.equal(m, saved[0][g][param][lo:hi]), f"rank {rank}, group {g}, param {param}"
                 assert torch.equal(v, saved[1][g][param][lo:hi]), f"rank {rank}, group {g}, param {param}"
         assert "int8" in loaded["int8"] and "rows" in loaded["int8"], loaded["int8"]

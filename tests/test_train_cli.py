@@ -387,6 +387,15 @@ def test_the_format_is_detected_from_the_first_record():
     assert rec.detect_format([("x", {"text": "a", "label": 1})], "text") == "text"
 
 
+def torchrun_train(argv: list[str]) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m hift.cli train <argv>` on two gloo ranks, finished cleanly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "hift.cli", "train", *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
 @pytest.mark.bitwise
 def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
@@ -402,11 +411,7 @@ def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
     with reference_threads():
         train_run.run(args(model_dir, data, tmp_path / "one", *common))
     out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", "-m", "hift.cli", "train", *args(model_dir, data, out, *common)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun_train(args(model_dir, data, out, *common))
     assert done.stdout.count("hift train: 10 steps") == 1  # the summary, from rank 0 alone
     assert "x 2 ranks (data parallel, batch 4 per rank)" in done.stdout
 
@@ -444,11 +449,7 @@ def test_torchrun_with_sharded_weights_ends_where_one_process_does(model_dir, tm
     with reference_threads():
         train_run.run(args(model_dir, data, tmp_path / "one", *common))
     out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", "-m", "hift.cli", "train", *args(model_dir, data, out, *common),
-                           "--shard-weights"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun_train([*args(model_dir, data, out, *common), "--shard-weights"])
     assert done.stdout.count("hift train: 6 steps") == 1
     assert "x 2 ranks (weights sharded by FSDP2, batch 4 per rank)" in done.stdout
     assert training_records(out) == training_records(tmp_path / "one")

@@ -27,9 +27,9 @@ REFERENCE_THREADS = 2
 
 
 @contextlib.contextmanager
-def reference_threads():
+def reference_threads(threads: int = REFERENCE_THREADS):
     before = torch.get_num_threads()
-    torch.set_num_threads(REFERENCE_THREADS)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from hift import fsdp
+
 MODEL_FILE = "model.safetensors"
 MODEL_DIR = "model"  # a sharded model's: one file per rank that holds any of it
 
@@ -29,18 +31,9 @@ class WeightsError(RuntimeError):
     """Saved weights that do not fit the model: the message says which and what to do."""
 
 
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch without distributed
-        return None
-    return DTensor
-
-
 def is_sharded(model: nn.Module) -> bool:
     """Whether any of the model's parameters is a DTensor (FSDP2's fully_shard made it one)."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+    return fsdp.sharded_model(model)
 
 
 def saved_files(folder: Path) -> list[str]:
@@ -129,7 +122,6 @@ def _load_shards(folder: Path, model: nn.Module) -> None:
 def _load_own_rows(file: Path, model: nn.Module) -> None:
     """A sharded model from a whole one's file: each parameter's local rows read as one slice
     (FSDP2 shards on dim 0); buffers and unsharded tensors whole."""
-    dtensor = _dtensor_type()
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     with safe_open(str(file), framework="pt") as f:
@@ -141,19 +133,12 @@ def _load_own_rows(file: Path, model: nn.Module) -> None:
         with torch.no_grad():
             for name in sorted(saved):
                 target = tensors[name]
-                if isinstance(target, dtensor):
+                if fsdp.is_sharded(target):
                     local = target.to_local()
                     if local.shape[0] == 0:
                         continue
-                    row0 = _first_row(target)
+                    mesh = target.device_mesh
+                    row0 = fsdp.rows_of(target.shape[0], mesh.size(), mesh.get_local_rank())[0]
                     local.copy_(f.get_slice(name)[row0 : row0 + local.shape[0]])
                 else:
                     target.copy_(f.get_tensor(name))
-
-
-def _first_row(param) -> int:
-    """The global row this rank's local shard of a dim-0 sharded DTensor starts at."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return int(offset[0])
