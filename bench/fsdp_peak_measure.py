@@ -38,16 +38,54 @@ def _trim():
         pass
 
 
-def measure_sharded(config, batch: int, seq: int, steps: int = 5, seed: int = 0) -> dict:
-    """One rank (the process group up): the peak above this rank's resting shards."""
+STEP_END = "hift::step_end"  # a profiler event fit's on_step records between two steps
+
+
+def allocation_timeline(prof) -> list[tuple[int, int, int, object]]:
+    """(time, address, bytes: + alloc, - free, the event) of every CPU allocation event of a
+    finished torch.profiler session, in time order."""
+    from torch._C._profiler import _EventType
+
+    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        if ev.typed[0] == _EventType.Allocation:
+            out.append((ev.start_time_ns, ev.typed[1].ptr, ev.typed[1].alloc_size, ev))
+    return sorted(out, key=lambda x: x[:3])
+
+
+def step_ends(prof) -> list[int]:
+    """When each STEP_END was recorded."""
+    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        if ev.name == STEP_END:
+            out.append(ev.start_time_ns)
+    return sorted(out)
+
+
+def allocated_peaks(prof) -> tuple[int, list[int]]:
+    """Torch's CPU allocations (what the planner predicts, as torch.cuda.max_memory_allocated
+    measures on a GPU): the peak of what is alive above the session's start, over the whole
+    session and per step."""
+    ends = step_ends(prof)
+    live, peak, steps, k = 0, 0, [0] * (len(ends) + 1), 0
+    for when, _, size, _ in allocation_timeline(prof):
+        while k < len(ends) and when > ends[k]:
+            k += 1
+            steps[k] = live  # a step starts with what the last one left
+        live += size
+        peak, steps[k] = max(peak, live), max(steps[k], live)
+    return peak, steps[: len(ends)]
+
+
+def sharded_model(config, seed: int):
+    """The model built whole, then fully_shard on each hift unit's module and on the root."""
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
-    import hift
-    from hift.memory import host_peak_bytes, host_resident_bytes, reset_host_peak
-    from hift.plan.trace import llama_config
-
-    config = llama_config(config) if isinstance(config, (str, dict)) else config
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # one FSDP module per hift unit (embeddings, each block, the final norm, the head), as
@@ -55,6 +93,21 @@ def measure_sharded(config, batch: int, seq: int, steps: int = 5, seed: int = 0)
     for module in [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]:
         fully_shard(module)
     fully_shard(model)
+    return model
+
+
+def measure_sharded(config, batch: int, seq: int, steps: int = 5, seed: int = 0, on_step=None,
+                    allocations: bool = False) -> dict:
+    """One rank (the process group up): the peak above this rank's resting shards, by the resident
+    set (VmHWM; reset after each step), or with `allocations` by torch's allocator (torch.profiler's
+    allocation events; the profiler's own memory would inflate VmHWM, so not both in one run).
+    on_step: called after each step, outside the measured peak (bench/fsdp_peak_trace.py)."""
+    import hift
+    from hift.memory import host_peak_bytes, host_resident_bytes, reset_host_peak
+    from hift.plan.trace import llama_config
+
+    config = llama_config(config) if isinstance(config, (str, dict)) else config
+    model = sharded_model(config, seed)
     gen = torch.Generator().manual_seed(seed)
     batches = [{"input_ids": (ids := torch.randint(0, config.vocab_size, (batch, seq), generator=gen)),
                 "labels": ids} for _ in range(steps)]
@@ -63,14 +116,28 @@ def measure_sharded(config, batch: int, seq: int, steps: int = 5, seed: int = 0)
     base = host_resident_bytes()
     steps_peak = []  # each step's peak above the resting shards (VmHWM reset after each)
 
-    def on_step(_):
+    def record_peak(event):
         steps_peak.append(host_peak_bytes() - base)
+        if on_step is not None:
+            on_step(event)
+        with torch.profiler.record_function(STEP_END):
+            pass
         reset_host_peak()
 
+    profiler = None
+    if allocations:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        profiler.start()
     hift.fit(model, batches, lr=1e-5, num_cycles=1, precision="fp32", memory="manual", group_size=1,
              offload=False, progress=False, order="top_down", lr_schedule="constant", log_every=steps,
-             on_step=on_step)
-    peak = max([host_peak_bytes() - base, *steps_peak])
+             on_step=record_peak)
+    if profiler is not None:
+        profiler.stop()
+        peak, steps_peak = allocated_peaks(profiler)
+    else:
+        peak = max([host_peak_bytes() - base, *steps_peak])
     shards = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     return dict(peak_above_shards=peak, steps_peak=steps_peak, shards=shards, resident=base)
 
@@ -80,28 +147,21 @@ def predict(config, batch: int, seq: int, ranks: int):
     from hift.plan.trace import meta_model, trace_units
 
     trace, _ = trace_units(meta_model(config, "fp32"), batch, seq)
-    return plan_placed(trace, "fp32", ranks=ranks, shard_weights=True, offload=False)
+    return plan_placed(trace, "fp32", ranks=ranks, shard_weights=True, offload=False, device="cpu")
 
 
-def predicted_steps(config, batch: int, seq: int, ranks: int) -> list[int]:
+def predicted_steps(plan) -> list[int]:
     """Per step of a top_down cycle (the head's group first), what the planner predicts above the
-    resting shards: fsdp_sweep's peak of that group plus the state (the part of plan_placed's
-    total above the weights, per group instead of the largest)."""
-    from hift.plan import fsdp
-    from hift.plan.predict import make_group_ranges, saved_bytes
-    from hift.plan.trace import meta_model, trace_units
-
-    trace, _ = trace_units(meta_model(config, "fp32"), batch, seq)
-    b = predict(config, batch, seq, ranks).breakdown
+    resting shards: each group's step peak plus the state (the part of plan_placed's total above
+    the weights, per group instead of the largest)."""
+    b = plan.breakdown
     state = b.total - b.weights - b.gathered - b.gradients - b.activations
-    geo = fsdp.Geometry.of(trace, ranks)
-    out = []
-    for units in make_group_ranges(len(trace.numels), 1):
-        trainable = [u in units for u in range(len(trace.numels))]
-        saved, transient = saved_bytes(trace, trainable, units.start, None)
-        out.append(fsdp.fsdp_sweep(geo, 4, 4, set(units), units.start, saved, transient, ranks=ranks,
-                                   offload_weights=False)[0] + state)
-    return out[::-1]
+    return [p.total + state for p in plan.step_peaks][::-1]
+
+
+def predicted_where(plan) -> list[str]:
+    """Per step of a top_down cycle, where the planner puts its peak."""
+    return [p.where for p in plan.step_peaks][::-1]
 
 
 def rank_main(rank, world, store, out, config, batch, seq):
@@ -114,10 +174,13 @@ def rank_main(rank, world, store, out, config, batch, seq):
                             timeout=datetime.timedelta(seconds=300))
     measure_sharded(WARMUP, 1, 16, steps=2)  # lazy initialisation out of the measured run
     measured = measure_sharded(config, batch, seq)
+    allocated = measure_sharded(config, batch, seq, allocations=True)
     plan = predict(config, batch, seq, world)
     b = plan.breakdown
     Path(out, f"rank-{rank}.json").write_text(json.dumps(dict(
-        measured, predicted=b.total - b.weights, predicted_steps=predicted_steps(config, batch, seq, world), weights=b.weights, gathered=b.gathered, gradients=b.gradients,
+        measured, allocated=allocated["peak_above_shards"], allocated_steps=allocated["steps_peak"],
+        predicted=b.total - b.weights, predicted_steps=predicted_steps(plan),
+        predicted_where=predicted_where(plan), weights=b.weights, gathered=b.gathered, gradients=b.gradients,
         activations=b.activations, optimizer=b.total - b.weights - b.gathered - b.gradients - b.activations)))
     dist.destroy_process_group()
 
@@ -153,4 +216,12 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     for n in args.ranks:
         for r, row in enumerate(run(n, CONFIG, args.batch, args.seq)):
-            print(json.dumps(dict(ranks=n, rank=r, **row, ratio=row["predicted"] / row["peak_above_shards"])))
+            mb = lambda xs: [round(x / 1e6, 1) for x in xs]  # noqa: E731
+            print(json.dumps(dict(ranks=n, rank=r, predicted_mb=round(row["predicted"] / 1e6, 1),
+                                  allocated_mb=round(row["allocated"] / 1e6, 1),
+                                  ratio_allocated=round(row["predicted"] / row["allocated"], 3),
+                                  resident_mb=round(row["peak_above_shards"] / 1e6, 1),
+                                  ratio_resident=round(row["predicted"] / row["peak_above_shards"], 3),
+                                  predicted_steps_mb=mb(row["predicted_steps"]),
+                                  allocated_steps_mb=mb(row["allocated_steps"]),
+                                  resident_steps_mb=mb(row["steps_peak"]), where=row["predicted_where"])))

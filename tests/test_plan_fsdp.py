@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from hift.plan import auto  # noqa: E402
-from hift.plan.fsdp import Geometry, Machine, fsdp_sweep, group_flops, plan_placed  # noqa: E402
+from hift.plan.fsdp import (Geometry, LossTrace, Machine, fsdp_points, fsdp_sweep, group_flops,  # noqa: E402
+                             plan_placed)
 from hift.plan.predict import GB, plan_hift  # noqa: E402
 from hift.plan.run import main as plan_main  # noqa: E402
 from hift.plan.trace import UnitTrace, llama_config  # noqa: E402
@@ -46,21 +47,64 @@ def test_sweep_resident_shards_by_hand():
     # Backward after unit 2: its 48-element bf16 gradient (96 B) went into a 56-element fp32
     # reduce-scatter input (224 B), kept until unit 1's reduce-scatter; its shard (14 x 2 B) stays.
     # Unit 1 then lands (all-gather buffer + copy-out: 2 x 112 B) with units 0..1's activations (10):
-    # 224 in flight + 28 + 224 gradients + 10 = 486, more than unit 2's own reduce-scatter
-    # (112 for unit 1 prefetched + 224 + max(96, 14 x 4 + 14 x 2) + 10 = 442).
-    assert peak == (486, 224, 252, 10)
+    # 224 in flight + 28 + 224 gradients + 10 = 486, more than unit 2's own reduce-scatter: 112 for
+    # unit 1 prefetched + its last parameter's gradient (24 x 2, held by FSDP2 until the reduce
+    # returns) + the input 224 + the fp32 shard 14 x 4 + its bf16 cast 14 x 2 + 10 = 478.
+    assert peak[:4] == (486, 224, 252, 10) and peak.where == "backward: unit 1's copy-out"
 
 
 def test_sweep_offloaded_shards_by_hand():
     g = Geometry.of(hand_trace(), 4)
     peak = fsdp_sweep(g, 2, 4, {1, 2}, 1, SAVED, TRANSIENT, ranks=4, offload_weights=True)
-    # the shard leaves for the host (no 28 B kept); the rest as above
-    assert peak == (458, 224, 224, 10)
+    # the shard leaves for the host (no 28 B kept): unit 1's copy-out is 458, below unit 2's
+    # reduce-scatter (478, as above)
+    assert peak[:4] == (478, 112, 356, 10) and peak.where == "backward: unit 2's reduce-scatter"
     # one rank: nothing gathered, no all-gather buffer; hift copies the next unit in while one
     # computes, FSDP2 staging each parameter (at most two: 2 x 24 x 2 B for a block, 2 x 40 x 2 B
     # for the head); the peak is unit 2's forward: 96 + 80 + 160 in flight, activations 10 + 10
     one = Geometry.of(hand_trace(), 1)
-    assert fsdp_sweep(one, 2, 2, {1, 2}, 1, SAVED, TRANSIENT, ranks=1, offload_weights=True) == (356, 336, 0, 20)
+    assert fsdp_sweep(one, 2, 2, {1, 2}, 1, SAVED, TRANSIENT, ranks=1, offload_weights=True)[:4] == (356, 336, 0, 20)
+
+
+def test_sweep_on_gloo_with_the_loss_by_hand():
+    """The head's group (unit 3) on 4 gloo ranks (CPU), the loss traced apart: the head's output
+    50 B, the loss saving 40 B of the head's 45 (largest 30), or 200 of 205 (largest 180)."""
+    g = Geometry.of(hand_trace(), 4)
+    assert g.last_param == [40, 24, 24, 40] and g.uneven_padded == [48, 32, 32, 48]
+    saved, transient = [0, 10, 10, 45], [0, 6, 6, 90]
+    peak = fsdp_sweep(g, 2, 4, {3}, 3, saved, transient, ranks=4, offload_weights=False, gloo=True,
+                      loss=LossTrace(output=50, saved=40, largest=30))
+    # After backward the head is reduced (its input needs no gradient): its whole gradient
+    # (40 x 2) is alive beside the fp32 input (48 x 4) and, on gloo, its uneven rows' padded copy
+    # (48 x 2): 368; then the last (only) parameter's gradient 80 + the input 192 + the shard 12 x 4
+    # + gloo's clone of the input 192 = 512 (the bf16 cast, 24, comes after the clone is freed).
+    # More than any forward point: a block's all-gather on gloo holds the previous unit's flat
+    # buffer, its own and the staged copy (112 + 112 + 112 + 10 = 346).
+    assert peak[:4] == (512, 0, 512, 0) and peak.where == "after backward: unit 3's reduce-scatter"
+    points = {p.where: p.total for p in fsdp_points(g, 2, 4, {3}, 3, saved, transient, ranks=4, offload_weights=False,
+                                                    gloo=True, loss=LossTrace(output=50, saved=40, largest=30))}
+    assert points["after backward: unit 3's reduce-scatter input"] == 368
+    assert points["forward: unit 2's all-gather"] == points["forward: unit 2's copy-out"] == 346
+    # the head's forward: its flat buffer and parameters (2 x 96), the activations below (20), its
+    # own saved input (5) and its output (50); the loss's forward drops the parameters, adds the
+    # loss's saved 40; the loss's backward 65 + 2 x 30; the head's all-gather for its backward:
+    # 2 x 96 with the saved bytes but the loss's (25) and the gradient of its output (50)
+    assert points["forward: unit 3"] == 267 and points["forward: the loss"] == 96 + 65 + 50
+    assert points["backward: the loss"] == 125 and points["backward: unit 3's all-gather"] == 267
+    # not on gloo (a GPU): no staged copy, no padded copy, no clone; the previous flat buffer is
+    # freed before the copy-out
+    points = {p.where: p.total for p in fsdp_points(g, 2, 4, {3}, 3, saved, transient, ranks=4, offload_weights=False,
+                                                    loss=LossTrace(output=50, saved=40, largest=30))}
+    assert points["forward: unit 2's all-gather"] == 112 + 112 + 10
+    assert points["forward: unit 2's copy-out"] == 2 * 112 + 10
+    assert points["after backward: unit 3's reduce-scatter input"] == 80 + 192
+    assert points["after backward: unit 3's reduce-scatter"] == 80 + 192 + 48 + 24
+    saved[3] = 205
+    peak = fsdp_sweep(g, 2, 4, {3}, 3, saved, transient, ranks=4, offload_weights=False, gloo=True,
+                      loss=LossTrace(output=50, saved=200, largest=180))
+    # The loss's backward runs before the head is gathered: every saved byte (225) and two more
+    # tensors the size of its largest (nll's gradient, log_softmax's): no weights in flight
+    assert peak[:4] == (585, 0, 0, 585) and peak.where == "backward: the loss"
 
 
 def test_plan_placed_bytes_by_hand():

@@ -10,19 +10,28 @@ FSDP2 as modelled here (torch.distributed.fsdp.fully_shard, read in torch 2.13's
   rank 0 holds that many real rows, so its share is the largest), and an all-gather fills the
   padded whole (`padded`).
 - Weights in flight: an all-gather lands in a flat buffer that is then copied out into the
-  unit's parameters. In forward FSDP2 keeps that buffer until the next unit's copy-out; in
-  backward it prefetches the unit below while a unit computes, and frees a unit's weights right
-  after its backward. So two units' padded weights are alive at once: in forward twice the larger
-  of a unit and the next, in backward a unit and the one below (and twice the one below at its
-  copy-out). On one rank nothing is gathered: hift copies the next unit in while one computes (the
-  same two units), which FSDP2 alone does not (it copies on the compute stream, serially).
-  Offloaded weights are first copied to the device (staging: the shard, before its all-gather;
-  on one rank, parameter by parameter, at most two parameters at once).
+  unit's parameters. In forward FSDP2 keeps that buffer until the next unit's copy-out and frees
+  the parameters after the unit's forward; in backward a unit's pre-backward copies it out, frees
+  the buffer and prefetches the unit below, and its parameters are freed after its backward. On
+  one rank nothing is gathered: hift copies the next unit in while one computes (the same two
+  units), which FSDP2 alone does not (it copies on the compute stream, serially). Offloaded
+  weights are first copied to the device (staging: the shard, before its all-gather; on one rank,
+  parameter by parameter, at most two parameters at once).
+- The top unit and the loss: the head's output (the logits) is made beside its gathered weights;
+  the loss's backward (log_softmax's saved output and two gradients of its size) runs before
+  FSDP2 gathers the head again (its pre-backward hook fires on the head's output). The trace
+  tells the loss's tensors apart (UnitTrace.loss_saved, loss_largest, outputs).
 - Gradients: after a trained unit's backward FSDP2 copies its full gradient (the weights' dtype)
-  into a padded flat buffer in the reduce dtype (the reduce-scatter's input), frees the gradient,
-  and reduce-scatters into a shard (cast to the weights' dtype where the two differ). The input
-  buffer is kept until the next unit's reduce-scatter starts (one in flight); the shard stays on
-  the device, or is copied to the host with offloaded weights.
+  into a padded flat buffer in the reduce dtype (the reduce-scatter's input), frees the gradient
+  but its last parameter's (a loop variable holds it until the reduce returns), and reduce-
+  scatters into a shard (cast to the weights' dtype where the two differ). The input buffer is
+  kept until the next unit's reduce-scatter starts or backward ends (one in flight); the shard
+  stays on the device, or is copied to the host with offloaded weights. The group's lowest unit
+  (its input needs no gradient) is reduced after backward, from FSDP2's root callback.
+- gloo (device "cpu", what the CPU tests measure): its all-gather stages a copy of the flat
+  buffer, its reduce-scatter clones its input, and ATen's chunk_cat pads uneven rows through a
+  copy; the previous unit's flat buffer outlives the next one's copy-out. Held to torch's
+  measured allocations within 2% per step (bench/results/fsdp_peak.md).
 - hift: backward reaches only the active group and the units above it (frozen there: they pass
   input gradients on, make no weight gradient and reduce nothing). The units below the group are
   all-gathered in forward only and save nothing. The plan assumes the runtime stops FSDP2's
@@ -42,13 +51,15 @@ FSDP2 as modelled here (torch.distributed.fsdp.fully_shard, read in torch 2.13's
 
 Not modelled: the CUDA caching allocator's per-stream pools (the all-gather and reduce-scatter
 streams keep blocks of their own: max_memory_reserved grows beyond max_memory_allocated, which
-is what this predicts), NCCL's own buffers, the CUDA context.
+is what this predicts), NCCL's own buffers, the CUDA context, the BLAS library's workspace
+(cuBLAS's; on the CPU MKL's cached GEMM buffers, ~10 MB of resident set here). On a GPU the
+plan assumes chunk_cat's CUDA kernel pads without a copy (not measured: no GPU run yet).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from hift.plan.predict import (GB, GiB, STATE_STORES, Breakdown, _place_state, describe_format,
                                make_group_ranges, saved_bytes, state_chunk_bytes, state_format,
@@ -89,16 +100,22 @@ class Geometry:
     numel: list[int]
     local_params: list[list[int]]
     largest_param: list[int]
+    # per unit: its last parameter (FSDP2 holds that one's gradient through the reduce-scatter) and
+    # the padded size of the parameters whose rows the ranks do not divide (their padded copies)
+    last_param: list[int] = None
+    uneven_padded: list[int] = None
 
     @classmethod
     def of(cls, trace: UnitTrace, ranks: int) -> "Geometry":
-        local_params, padded = [], []
+        local_params, padded, uneven = [], [], []
         for shapes in trace.param_shapes:
-            rows_each = [(-(-s[0] // ranks) if s else 1, math.prod(s[1:])) for s in shapes]
-            local_params.append([rows * row for rows, row in rows_each])
-            padded.append(sum(rows * ranks * row for rows, row in rows_each))
+            rows_each = [((s[0] if s else 1), -(-s[0] // ranks) if s else 1, math.prod(s[1:])) for s in shapes]
+            local_params.append([rows * row for _, rows, row in rows_each])
+            padded.append(sum(rows * ranks * row for _, rows, row in rows_each))
+            uneven.append(sum(rows * ranks * row for whole, rows, row in rows_each if whole != rows * ranks))
         return cls(local=[sum(p) for p in local_params], padded=padded, numel=list(trace.numels),
-                   local_params=local_params, largest_param=list(trace.unit_largest_param))
+                   local_params=local_params, largest_param=list(trace.unit_largest_param),
+                   last_param=[sizes[-1] for sizes in trace.param_numels], uneven_padded=uneven)
 
 
 @dataclass
@@ -181,6 +198,7 @@ class WeightsPlan:
     update_on_host: bool
     pcie_update_on_device: list[int]  # per group, the alternative: the update on the device
     host_update_bytes: list[int]  # per group: what the host's update reads and writes
+    step_peaks: list["SweepPeak"]  # per group: its step's peak past what rests, and where it is
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -241,51 +259,167 @@ def check_placement(ranks: int, shard_weights: bool, offload_weights: bool) -> N
                          "shard_weights too (unsharded, every rank would pin the whole model in host RAM)")
 
 
-def fsdp_sweep(geo: Geometry, wbytes: int, rbytes: int, trained: set[int], first: int,
-               saved: list[int], transient: list[int], *, ranks: int, offload_weights: bool,
-               update_temporaries: int = 0, shard_bytes: Optional[int] = None) -> tuple[int, int, int, int]:
-    """(peak, weights in flight, gradients, activations) of one step under FSDP2, past what rests
-    on the device for the whole step (the weight shards, the state's slots). Forward runs every
-    unit; backward runs from the top unit down to `first`; units in `trained` make gradients.
-    wbytes: the gathered weights' and their gradients' element size; rbytes: the reduce-scatter's;
-    shard_bytes: the sharded gradient's (the sharded parameter's dtype; default wbytes). Gradients
-    count the reduce-scatter's buffers; with offloaded weights a shard leaves for the host as soon
-    as it is made."""
+class SweepPeak(NamedTuple):
+    """A step's peak past what rests on the device, by what it is, and where in the step it is."""
+
+    total: int
+    gathered: int
+    gradients: int
+    activations: int
+    where: str
+
+
+@dataclass(frozen=True)
+class LossTrace:
+    """The top unit's output (the logits) and what the loss saves (UnitTrace's fields); zeros where
+    the trace did not tell them apart: the top unit's backward is then the trace's transient rule."""
+
+    output: int = 0
+    saved: int = 0
+    largest: int = 0
+
+    @classmethod
+    def of(cls, trace: UnitTrace) -> "LossTrace":
+        return cls(trace.outputs[-1], trace.loss_saved, trace.loss_largest)
+
+
+def fsdp_sweep(*args, **kwargs) -> SweepPeak:
+    """One step under FSDP2: its peak past what rests on the device (fsdp_points' largest)."""
+    return max(fsdp_points(*args, **kwargs), key=lambda p: p.total)
+
+
+def fsdp_points(geo: Geometry, wbytes: int, rbytes: int, trained: set[int], first: int,
+                saved: list[int], transient: list[int], *, ranks: int, offload_weights: bool,
+                update_temporaries: int = 0, shard_bytes: Optional[int] = None, loss: LossTrace = LossTrace(),
+                gloo: bool = False) -> list[SweepPeak]:
+    """One step under FSDP2, point by point: what it holds past what rests on the device for the whole step (the weight
+    shards, the state's slots). Forward runs every unit; backward runs from the top unit down to
+    `first`; units in `trained` make gradients. wbytes: the gathered weights' and their
+    gradients' element size; rbytes: the reduce-scatter's; shard_bytes: the sharded gradient's
+    (the sharded parameter's dtype; default wbytes). loss: the top unit's output and the loss's
+    saved tensors. gloo: the collectives are gloo's on the CPU (each stages a copy of its buffer;
+    the reduce-scatter's copy-in pads uneven rows through a copy). Gradients count the reduce-
+    scatter's buffers; with offloaded weights a shard leaves for the host as soon as it is made.
+    (The one-rank path, offload_weights on one GPU, is _one_rank_points.)"""
     shard_bytes = wbytes if shard_bytes is None else shard_bytes
+    if ranks == 1:
+        return _one_rank_points(geo, wbytes, trained, first, saved, transient, offload_weights=offload_weights,
+                               update_temporaries=update_temporaries, shard_bytes=shard_bytes)
+    n, top = len(geo.numel), len(geo.numel) - 1
+    flat = lambda u: geo.padded[u] * wbytes if 0 <= u < n else 0  # noqa: E731
+    staged = lambda u: flat(u) if gloo else 0  # noqa: E731  gloo's all-gather stages a copy
+    shard_h2d = lambda u: geo.local[u] * wbytes if offload_weights and 0 <= u < n else 0  # noqa: E731
+    below = lambda u: u - 1 if u - 1 >= first else None  # noqa: E731  what backward prefetches
+    acts_upto = lambda u: sum(saved[:u])  # noqa: E731  saved by the units below u
+    split = loss.largest > 0  # the loss's backward is a point of its own
+    points: list[SweepPeak] = []
+
+    def point(where, gathered, grads, acts):
+        points.append(SweepPeak(gathered + grads + acts, gathered, grads, acts, where))
+
+    # Forward. A unit's all-gather lands in a flat buffer (gloo: through a staged copy) that is
+    # copied out into the parameters; the unit's parameters are freed after its forward, its flat
+    # buffer kept until the next unit's copy-out (FSDP2 frees it just before that copy-out on a
+    # GPU; on the CPU, measured, just after). The top unit's output (the logits) is made beside.
+    for u in range(n):
+        point(f"forward: unit {u}'s all-gather", flat(u - 1) + flat(u) + max(staged(u), shard_h2d(u)), 0,
+              acts_upto(u))
+        point(f"forward: unit {u}'s copy-out", (flat(u - 1) if gloo else 0) + 2 * flat(u), 0, acts_upto(u))
+        out = loss.output if u == top else 0
+        own = saved[u] - (loss.saved if u == top else 0)
+        point(f"forward: unit {u}", 2 * flat(u), 0, acts_upto(u) + own + out)
+    if split:  # the loss's forward: the head's flat buffer and the logits still alive
+        point("forward: the loss", flat(top), 0, acts_upto(n) + loss.output)
+        # its backward, before FSDP2 gathers the head (the pre-backward hook fires on the head's
+        # output): log_softmax's output, the gradient nll passes on and the one it makes
+        point("backward: the loss", 0, 0, acts_upto(n) + 2 * loss.largest)
+
+    # Backward, from the top unit down. In a unit's pre-backward its parameters are copied out
+    # of the flat buffer (prefetched by the unit above; the top unit's gathered there), the flat
+    # buffer freed, the unit below prefetched; after its backward its parameters are freed and
+    # a trained unit's gradient reduce-scattered: copied (uneven rows through a padded copy, on
+    # gloo) into the reduce-scatter's input, freed but for the last parameter's (FSDP2 keeps a
+    # reference until the reduce returns), the shard made beside the input (gloo clones the
+    # input). The input is kept until the next reduce-scatter starts or backward ends. The
+    # group's lowest unit (its input needs no gradient) is reduced after backward has ended.
+    done, held = 0, 0  # gradient shards made (on the device); the last reduce-scatter's input
+
+    def reduce(u, acts, gathered, when):
+        nonlocal done, held
+        held = 0  # FSDP2 frees the previous input (one in flight) before this one is made
+        rs_in = geo.padded[u] * rbytes
+        copy = geo.uneven_padded[u] * wbytes if gloo else 0
+        grad, last = geo.numel[u] * wbytes, geo.last_param[u] * wbytes
+        rs_out = geo.local[u] * rbytes
+        cast = geo.local[u] * shard_bytes if rbytes != shard_bytes else 0
+        point(f"{when}: unit {u}'s reduce-scatter input", gathered, done + grad + rs_in + copy, acts)
+        point(f"{when}: unit {u}'s reduce-scatter", gathered,
+              done + last + rs_in + rs_out + max(rs_in if gloo else 0, cast), acts)
+        held = rs_in
+        if not offload_weights:
+            done += geo.local[u] * shard_bytes
+
+    for u in range(n - 1, first - 1, -1):
+        top_unit = u == top
+        grad_in = loss.output if top_unit and split else 0  # the gradient arriving (the logits')
+        acts = acts_upto(u + 1) - (loss.saved if top_unit and split else 0)
+        if top_unit:  # nothing above prefetched it
+            point(f"backward: unit {u}'s all-gather", flat(u) + max(staged(u), shard_h2d(u)), done + held,
+                  acts + grad_in)
+        point(f"backward: unit {u}'s copy-out", 2 * flat(u), done + held, acts + grad_in)
+        b = below(u)
+        if b is not None:
+            point(f"backward: unit {b}'s prefetch", flat(u) + flat(b) + max(staged(b), shard_h2d(b)), done + held,
+                  acts + grad_in)
+        prefetched = flat(b) if b is not None else 0
+        grad = geo.numel[u] * wbytes if u in trained else 0
+        if top_unit and split:  # the head's own backward: its input gradient is small
+            point(f"backward: unit {u}", flat(u) + prefetched, done + held + grad, acts + grad_in)
+        else:
+            point(f"backward: unit {u}", flat(u) + prefetched, done + held, acts + transient[u])
+            point(f"backward: unit {u}'s end", flat(u) + prefetched, done + held + grad, acts_upto(u))
+        if u in trained and u != first:
+            reduce(u, acts_upto(u), prefetched, "backward")
+    for u in sorted(trained, reverse=True):
+        if u == first:
+            reduce(u, 0, 0, "after backward")
+    held = 0  # backward's end frees the last input
+    point("the update", 0, done + update_temporaries, 0)
+    return points
+
+
+def _one_rank_points(geo: Geometry, wbytes: int, trained: set[int], first: int, saved: list[int],
+                     transient: list[int], *, offload_weights: bool, update_temporaries: int,
+                     shard_bytes: int) -> list[SweepPeak]:
+    """One rank (offload_weights on one GPU): nothing gathered; hift copies the next unit in while
+    one computes (FSDP2 alone copies on the compute stream, serially), each parameter staged (at
+    most two at once). FSDP2 still copies a gradient into a flat buffer and from it into the shard
+    (a reduce-scatter of one rank); the buffer is kept until the next unit's copy."""
     n = len(geo.numel)
     gather = lambda u: geo.padded[u] * wbytes if u is not None else 0  # noqa: E731
+    staging = lambda u: 2 * geo.largest_param[u] * wbytes if u is not None and offload_weights else 0  # noqa: E731
+    points = []
 
-    def staging(u):
-        if u is None or not offload_weights:
-            return 0
-        return geo.local[u] * wbytes if ranks > 1 else 2 * geo.largest_param[u] * wbytes
+    def point(where, gathered, grads, acts):
+        points.append(SweepPeak(gathered + grads + acts, gathered, grads, acts, where))
 
-    points = []  # (weights in flight, gradients, activations)
-    acts = 0
     for u in range(n):
-        acts += saved[u]
         nxt = u + 1 if u + 1 < n else None
-        pair = 2 * max(gather(u), gather(nxt)) if ranks > 1 else gather(u) + gather(nxt)
-        points.append((pair + staging(nxt), 0, acts))
-    done, held = 0, 0  # gradient shards made (on the device); the last reduce-scatter's input
+        point(f"forward: unit {u}", gather(u) + gather(nxt) + staging(nxt), 0, sum(saved[: u + 1]))
+    done, held = 0, 0
     for u in range(n - 1, first - 1, -1):
-        below = u - 1 if u - 1 >= first else None
-        points.append((gather(u) + gather(below) + staging(below), done + held, sum(saved[: u + 1]) + transient[u]))
-        after = sum(saved[:u])
+        b = u - 1 if u - 1 >= first else None
+        point(f"backward: unit {u}", gather(u) + gather(b) + staging(b), done + held, sum(saved[: u + 1]) + transient[u])
         if u in trained:
-            rs_in = geo.padded[u] * rbytes
-            rs_out = geo.local[u] * rbytes + (geo.local[u] * shard_bytes if rbytes != shard_bytes else 0)
-            # the gradient and the buffer it is copied into, then the buffer and the shard; the
-            # previous unit's buffer was freed before this one was made
-            points.append((gather(below), done + rs_in + max(geo.numel[u] * wbytes, rs_out), after))
-            held = rs_in
+            flat_in = geo.padded[u] * wbytes
+            shard = geo.local[u] * wbytes + (geo.local[u] * shard_bytes if wbytes != shard_bytes else 0)
+            point(f"backward: unit {u}'s gradient", gather(b), done + flat_in + max(geo.numel[u] * wbytes, shard),
+                  sum(saved[:u]))
+            held = flat_in
             if not offload_weights:
                 done += geo.local[u] * shard_bytes
-        if below is not None and ranks > 1:
-            points.append((2 * gather(below), done + held, after))  # the copy-out of the unit below
-    points.append((0, done + update_temporaries, 0))  # the update: every shard, no activations
-    best = max(points, key=sum)
-    return (sum(best), *best)
+    point("the update", 0, done + update_temporaries, 0)
+    return points
 
 
 def group_flops(trace: UnitTrace, group: range, tokens: int, recompute: bool) -> float:
@@ -343,13 +477,16 @@ def plan_placed(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, 
     # the group's largest shard; none on the device where the host updates
     temporaries = [0 if update_on_host or not t else 2 * 4 * max(n for u in g for n in geo.local_params[u])
                    for t, g in zip(update_temporaries(trace, groups), groups)]
-    best, steps, flops, alternative, host_update = None, [], [], [], []
+    best, steps, flops, alternative, host_update, peaks = None, [], [], [], [], []
+    loss = LossTrace.of(trace)
     for g, units in enumerate(groups):
         trainable = [u in units for u in range(len(trace.numels))]
         saved, transient = saved_bytes(trace, trainable, units.start, recompute_boundary)
         peak = fsdp_sweep(geo, wbytes, rbytes, set(units), units.start, saved, transient, ranks=ranks,
-                          offload_weights=offload_weights, update_temporaries=temporaries[g])
-        if best is None or peak[0] > best[0][0]:
+                          offload_weights=offload_weights, update_temporaries=temporaries[g], loss=loss,
+                          gloo=device == "cpu")
+        peaks.append(peak)
+        if best is None or peak.total > best[0].total:
             best = (peak, g)
         reached = range(units.start, len(trace.numels))
         group_local = sum(geo.local[u] for u in units)
@@ -374,7 +511,7 @@ def plan_placed(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, 
         host_update.append(2 * state[g] + 3 * group_local * wbytes)
         flops.append(group_flops(trace, units, tokens, recompute_boundary is not None) if tokens else None)
 
-    (_, gathered, grads, acts), g_peak = best
+    (_, gathered, grads, acts, _), g_peak = best
     out = Breakdown("hift", weights=0 if offload_weights else sum(geo.local) * wbytes, gathered=gathered,
                     gradients=grads, activations=acts, device=device, state_format=describe_format(fmt),
                     ranks=ranks)
@@ -389,7 +526,7 @@ def plan_placed(trace: UnitTrace, precision: str = "bf16", group_size: int = 1, 
     out.host = per_node * host_per_rank
     out.disk = per_node * disk
     plan = WeightsPlan(out, shard_weights, offload_weights, ranks, per_node, host_per_rank, disk, steps, flops,
-                       tokens, machine, update_on_host, alternative, host_update)
+                       tokens, machine, update_on_host, alternative, host_update, peaks)
     _notes(plan, trace, groups, g_peak)
     return plan
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from hift.plan.fsdp import Geometry, Machine, StepBytes, StepTime, fsdp_sweep
+from hift.plan.fsdp import Geometry, LossTrace, Machine, StepBytes, StepTime, fsdp_sweep
 from hift.plan.predict import GB, saved_bytes, sweep
 from hift.plan.trace import UnitTrace
 
@@ -85,8 +85,8 @@ def plan_peer(method: str, trace: UnitTrace, tokens: int, ranks: int = 1, *, ran
         fp32 = "fp32" in method
         shard, state = (4, 8) if fp32 else (2, 4)  # the sharded parameter's bytes; AdamW's moments
         reduce = 4 if fp32 and ranks > 1 else 2
-        peak, *_ = fsdp_sweep(geo, 2, reduce, everything, 0, saved, transient, ranks=ranks, offload_weights=offload,
-                              shard_bytes=shard)
+        peak = fsdp_sweep(geo, 2, reduce, everything, 0, saved, transient, ranks=ranks, offload_weights=offload,
+                          shard_bytes=shard, loss=LossTrace.of(trace)).total
         if ranks > 1:
             step.reduce_scatter = reduce * padded
         if offload:

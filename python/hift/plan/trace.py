@@ -119,15 +119,43 @@ class UnitTrace:
     # each unit's parameters' shapes: FSDP2 shards a parameter by its rows (None: each one row of
     # its size, which is how a flat parameter shards)
     param_shapes: list[list[tuple[int, ...]]] = None
+    # each unit's output in bytes (its last module's: the head's is the logits); None: unknown (0)
+    outputs: list[int] = None
+    # what the loss saves (the ops after the last module's forward, counted in the top unit's
+    # saved bytes): in all and its largest tensor (log_softmax's output); 0: not traced apart
+    loss_saved: int = 0
+    loss_largest: int = 0
 
     def __post_init__(self):
         if self.param_numels is None:
             self.param_numels = [[n] for n in self.numels]
         if self.param_shapes is None:
             self.param_shapes = [[(n,) for n in sizes] for sizes in self.param_numels]
+        if self.outputs is None:
+            self.outputs = [0] * len(self.numels)
 
 
-def _trace_saved(model, units, run, trainable_units: set[int]) -> tuple[list[int], list[int]]:
+@dataclass
+class _Saved:
+    """One traced forward: per unit the bytes saved for backward and its backward's transient;
+    each unit's output; what the loss (the ops after the last module) saves, in all and largest."""
+
+    per_unit: list[int]
+    transient: list[int]
+    outputs: list[int]
+    loss_saved: int
+    loss_largest: int
+
+
+def _nbytes(output) -> int:
+    """A module's output in bytes (a tuple's or a model output's first tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output.untyped_storage().nbytes()
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return next((_nbytes(x) for x in items if isinstance(x, torch.Tensor)), 0)
+
+
+def _trace_saved(model, units, run, trainable_units: set[int]) -> _Saved:
     unit_of = {}
     for i, unit in enumerate(units):
         for p in unit.params:
@@ -137,22 +165,29 @@ def _trace_saved(model, units, run, trainable_units: set[int]) -> tuple[list[int
             p.requires_grad_(i in trainable_units)
     param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
     current = [0]
-    saved: dict[int, tuple[int, int]] = {}  # storage -> (unit, bytes)
+    saved: dict[int, tuple[int, int, int]] = {}  # storage -> (unit, bytes, when)
+    outputs = [0] * len(units)
+    last_exit = [0]  # when the last module with weights returned: what is saved after is the loss's
 
     def enter(module, _inputs):
         own = list(module.parameters(recurse=False))
         if own and id(own[0]) in unit_of:
             current[0] = unit_of[id(own[0])]
 
+    def leave(module, _inputs, output):
+        outputs[current[0]] = _nbytes(output)  # the unit's last module's output is the unit's
+        last_exit[0] = len(saved)
+
     def pack(t):
         storage = t.untyped_storage()
         key = storage._cdata
         if key not in param_storages and key not in saved:
-            saved[key] = (current[0], storage.nbytes())
+            saved[key] = (current[0], storage.nbytes(), len(saved))
         return t
 
-    hooks = [m.register_forward_pre_hook(enter) for m in model.modules()
-             if any(True for _ in m.parameters(recurse=False))]
+    with_weights = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    hooks = [m.register_forward_pre_hook(enter) for m in with_weights]
+    hooks += [m.register_forward_hook(leave) for m in with_weights]
     original = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
     try:
@@ -164,13 +199,14 @@ def _trace_saved(model, units, run, trainable_units: set[int]) -> tuple[list[int
             h.remove()
     per_unit = [0] * len(units)
     largest = [0] * len(units)
-    for unit, nbytes in saved.values():
+    loss = [nbytes for _, nbytes, when in saved.values() if when >= last_exit[0]]
+    for unit, nbytes, _ in saved.values():
         per_unit[unit] += nbytes
         largest[unit] = max(largest[unit], nbytes)
     # A unit's backward holds, besides what was saved, about three tensors the size of its
     # largest saved one: the gradient arriving for it, a temporary of its backward (softmax's
     # exp(output)), and the gradient it passes on.
-    return per_unit, [3 * x for x in largest]
+    return _Saved(per_unit, [3 * x for x in largest], outputs, sum(loss), max(loss, default=0))
 
 
 def trace_units(model: nn.Module, batch: int, seq: int, inputs=None) -> tuple[UnitTrace, list]:
@@ -188,8 +224,8 @@ def trace_units(model: nn.Module, batch: int, seq: int, inputs=None) -> tuple[Un
     for p in model.parameters():
         p.requires_grad_(True)
     units = detect_units(model, run)
-    trainable, t_transient = _trace_saved(model, units, run, set(range(len(units))))
-    frozen, f_transient = _trace_saved(model, units, run, {0})
+    trainable = _trace_saved(model, units, run, set(range(len(units))))
+    frozen = _trace_saved(model, units, run, {0})
     for p in model.parameters():
         p.requires_grad_(True)
     trace = UnitTrace(kinds=[u.kind for u in units], numels=[u.numel for u in units],
@@ -197,8 +233,10 @@ def trace_units(model: nn.Module, batch: int, seq: int, inputs=None) -> tuple[Un
                       unit_largest_param=[max(p.numel() for p in u.params) for u in units],
                       param_numels=[[p.numel() for p in u.params] for u in units],
                       param_shapes=[[tuple(p.shape) for p in u.params] for u in units],
-                      trainable=trainable, frozen=frozen,
-                      transient_trainable=t_transient, transient_frozen=f_transient)
+                      trainable=trainable.per_unit, frozen=frozen.per_unit,
+                      transient_trainable=trainable.transient, transient_frozen=frozen.transient,
+                      outputs=trainable.outputs, loss_saved=trainable.loss_saved,
+                      loss_largest=trainable.loss_largest)
     return trace, units
 
 
