@@ -66,17 +66,33 @@ def step_ends(prof) -> list[int]:
     return sorted(out)
 
 
+def count_every_thread() -> None:
+    """Have torch's CPU allocator count what every thread allocates and frees (c10's flag
+    caffe2_report_cpu_memory_usage): the profiler reports the events of the threads it profiles
+    only, and gloo's worker threads free buffers (the reduce-scatter's clone) at times; each
+    reported event's running total then counts those frees too."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+
+
 def allocated_peaks(prof) -> tuple[int, list[int]]:
     """Torch's CPU allocations (what the planner predicts, as torch.cuda.max_memory_allocated
-    measures on a GPU): the peak of what is alive above the session's start, over the whole
+    measures on a GPU): the peak of the allocator's running total above the session's start
+    (each event's total_allocated, every thread counted: count_every_thread), over the whole
     session and per step."""
     ends = step_ends(prof)
-    live, peak, steps, k = 0, 0, [0] * (len(ends) + 1), 0
-    for when, _, size, _ in allocation_timeline(prof):
+    timeline = allocation_timeline(prof)
+    if not timeline:
+        return 0, [0] * len(ends)
+    base = timeline[0][3].typed[1].total_allocated - timeline[0][2]
+    peak, steps, k, live = 0, [0] * (len(ends) + 1), 0, 0
+    for when, _, _, event in timeline:
         while k < len(ends) and when > ends[k]:
             k += 1
             steps[k] = live  # a step starts with what the last one left
-        live += size
+        live = event.typed[1].total_allocated - base
         peak, steps[k] = max(peak, live), max(steps[k], live)
     return peak, steps[: len(ends)]
 
@@ -128,6 +144,7 @@ def measure_sharded(config, batch: int, seq: int, steps: int = 5, seed: int = 0,
     if allocations:
         from torch.profiler import ProfilerActivity, profile
 
+        count_every_thread()
         profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         profiler.start()
     hift.fit(model, batches, lr=1e-5, num_cycles=1, precision="fp32", memory="manual", group_size=1,
