@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.fsdp_peak_measure import CONFIG, WARMUP, environment  # noqa: E402
+from bench.fsdp_peak_measure import CONFIG, WARMUP, allocation_timeline, environment  # noqa: E402
 
 MB = 1e6
 
@@ -40,18 +40,9 @@ def _phase(event) -> str:
     return f"{phase} / {op}" if phase else op
 
 
-def allocation_timeline(prof) -> list[tuple[int, int, int, str]]:
+def labelled_timeline(prof) -> list[tuple[int, int, int, str]]:
     """(time, address, bytes (+ alloc, - free), where) of every CPU allocation event, in time order."""
-    from torch._C._profiler import _EventType
-
-    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        ev = stack.pop()
-        stack.extend(ev.children)
-        if ev.typed[0] == _EventType.Allocation:
-            alloc = ev.typed[1]
-            out.append((ev.start_time_ns, alloc.ptr, alloc.alloc_size, _phase(ev)))
-    return sorted(out)
+    return [(when, ptr, size, _phase(event)) for when, ptr, size, event in allocation_timeline(prof)]
 
 
 def peak_report(timeline) -> dict:
@@ -99,7 +90,7 @@ def rank_main(rank, world, store, out, batch, seq):
 
     def on_step(_):
         current[0].stop()
-        timeline = allocation_timeline(current[0])
+        timeline = labelled_timeline(current[0])
         reports.append(peak_report(timeline))
         if os.environ.get("HIFT_TRACE_DUMP") == str(len(reports) - 1) and rank == 0:
             live = 0
@@ -125,14 +116,16 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=200)
     parser.add_argument("--chains", action="store_true", help="name each tensor by its op's whole ancestry")
+    parser.add_argument("--dump", type=int, default=-1, help="print this step's allocations over 1 MB in order")
     args = parser.parse_args()
-    os.environ.update(environment(), HIFT_TRACE_CHAINS="1" if args.chains else "0")
+    os.environ.update(environment(), HIFT_TRACE_CHAINS="1" if args.chains else "0", HIFT_TRACE_DUMP=str(args.dump))
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(rank_main, args=(args.ranks, str(Path(tmp, "store")), tmp, args.batch, args.seq),
                  nprocs=args.ranks, join=True)
         reports = json.loads(Path(tmp, "trace.json").read_text())
     for i, r in enumerate(reports):
-        print(f"step {i}: peak {r['peak'] / MB:.1f} MB above the step's start, {r['end'] / MB:+.1f} MB at its end")
+        print(f"step {i}: peak {r['peak'] / MB:.1f} MB above the step's start, {r['end'] / MB:+.1f} MB at its end"
+              + (" (with the model's build, its sharding and the state's allocation)" if i == 0 else ""))
         for where, nbytes in r["alive"]:
             print(f"    {nbytes / MB:7.2f}  {where}")
         print("  most alive by phase: " + ", ".join(f"{p} {b / MB:.1f}" for p, b in r["phases"] if " " in p))
