@@ -77,10 +77,11 @@ def test_only_what_rests_is_counted_not_the_peak():
     """A machine that holds the share exactly passes, though the step's peak (activations, the
     units FSDP2 gathers, gradients) is above it: those are not second-guessed."""
     share, plan, options = _share(2)
-    assert plan.total > plan.weights + plan.optimizer
-    resting.check(share, auto.Budgets(host=2 * share.host), ranks=2, ranks_per_node=2, options=options)
+    rests = plan.weights + plan.optimizer  # the weights' rows and the state, resident (a CPU: the host)
+    assert plan.total > rests and share.host == rests and share.weights == plan.weights
+    resting.check(share, auto.Budgets(host=2 * rests), ranks=2, ranks_per_node=2, options=options)
     with pytest.raises(MemoryPlanError, match="host RAM"):
-        resting.check(share, auto.Budgets(host=2 * share.host - 2), ranks=2, ranks_per_node=2, options=options)
+        resting.check(share, auto.Budgets(host=2 * rests - 2), ranks=2, ranks_per_node=2, options=options)
 
 
 def test_on_a_gpu_the_device_share_is_held_to_its_total_memory():
