@@ -153,7 +153,8 @@ def test_a_data_parallel_checkpoint_resumes_sharded_where_its_weights_no_longer_
     mp.spawn(_resume_worker, args=(WORLD, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=False) for r in range(WORLD)]
     assert ranks[0]["sharded"] < ranks[0]["whole"], "the test's model must fit sharded where it does not whole"
-    assert "shard_weights=True" in ranks[0]["resumed"]["printed"] and "moment_dtype=fp32" in ranks[0]["resumed"]["printed"]
+    printed = ranks[0]["resumed"]["printed"]
+    assert "shard_weights=True" in printed and "moment_dtype=fp32" in printed, printed
     for rank, out in enumerate(ranks):
         resumed, straight = out["resumed"], out["straight"]
         assert resumed["sharded"], f"rank {rank}: the resumed run did not shard the model"

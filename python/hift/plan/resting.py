@@ -62,8 +62,8 @@ def check(share: Resting, capacity: Budgets, *, ranks: int, ranks_per_node: int,
     if share.host > host_has:
         node = f", shared by the node's {ranks_per_node} ranks" if ranks_per_node > 1 else ""
         held = f", with the {gb(held_on_host)} it holds now" if held_on_host else ""
-        what = (f" (its share of the weights {gb(share.weights)}, the optimizer state's {gb(share.host - share.weights)})"
-                if share.device is None else "")
+        what = "" if share.device is not None else \
+            f" (its share of the weights {gb(share.weights)}, the optimizer state's {gb(share.host - share.weights)})"
         over.append(("host", f"host RAM {gb(share.host)}{what}, and it has {gb(host_has)} ({gb(capacity.host)} "
                              f"available{node}{held})"))
     if share.disk and capacity.disk is not None and share.disk * ranks_per_node > capacity.disk:
