@@ -13,9 +13,12 @@ from hift import model_weights
 
 
 def make_model(seed: int) -> nn.Sequential:
-    """Odd sizes: a layer of 2 rows leaves a third rank no rows at all."""
+    """Odd sizes: a layer of 2 rows leaves a third rank no rows at all. A buffer no checkpoint
+    holds (persistent=False, as transformers' rotary inv_freq): nothing expects it saved."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Embedding(11, 7), nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 2), nn.Linear(2, 3))
+    model = nn.Sequential(nn.Embedding(11, 7), nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 2), nn.Linear(2, 3))
+    model[1].register_buffer("inv_freq", torch.arange(5.0), persistent=False)
+    return model
 
 
 def shard(model: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from torch import nn
 from hift.batches import BatchError
 from hift.config import Config
 from hift.fsdp import held_device, is_sharded, sharded_model
-from hift.plan import auto
+from hift.plan import auto, resting
 from hift.plan.predict import GB, Breakdown
 from hift.plan.trace import UnitTrace, meta_twin, trace_units
 from hift.precision import DTYPES
@@ -220,6 +220,8 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
             if placed.get("offload_weights"):
                 options["offload"] = True  # the update runs on the host, where the state rests
             prediction = auto.predict(trace, options, **common)
+            if placed:
+                _check_resting(prediction, options, cfg, model, device, ranks, common["ranks_per_node"])
         return cfg, MemoryPlan(prediction, note=note)
     temporary = None
     state_dir = cfg.state_dir
@@ -251,6 +253,27 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
     if placements and any(weights.values()):  # auto placed the weights: fit and HiftAdamW shard the model
         cfg = dataclasses.replace(cfg, **weights)
     return cfg, MemoryPlan(choice.plan, choice, temporary_state_dir=temporary)
+
+
+def _check_resting(prediction: Breakdown, options: dict, cfg: Config, model: nn.Module, device: torch.device,
+                   ranks: int, ranks_per_node: int) -> None:
+    """A sharded run with its options as set: refused in words where a rank cannot hold what rests
+    on it for the whole run (hift.plan.resting), before anything changes.
+
+    Unsharded runs are not checked. What rests there is the whole model, loaded already, and the
+    state, which OptimizerState allocates when the optimizer is built, before the cast and before
+    any step: a run that cannot hold it stops there today (an allocation error; the kernel's OOM
+    killer for host RAM), with the model untouched. The check would add words, and could also
+    refuse runs that work today: host RAM is read as MemAvailable, an estimate that counts no
+    swap and none of the heap the process has freed and would reuse. A sharded run's weights are
+    placed by fully_shard, which changes the model in place, after the state is made: that is
+    where a share too large for a rank would otherwise fail, with the model half sharded."""
+    state_dir = cfg.state_dir if options["state_store"] == "disk" else None
+    capacity = auto.machine_capacity("cuda" if device.type == "cuda" else "cpu", device.index, state_dir)
+    held = sum(_local_bytes(t) for t in [*model.parameters(), *model.buffers()] if held_device(t).type == "cpu")
+    label = "hift memory=manual" if cfg.memory == "manual" else "hift (every memory option set)"
+    resting.check(resting.share_of(prediction, ranks_per_node), capacity, ranks=ranks, ranks_per_node=ranks_per_node,
+                  options=options, held_on_host=held, sharded_by_user=sharded_model(model), label=label)
 
 
 def _ranks_per_node(ranks: int) -> int:

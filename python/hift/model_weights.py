@@ -121,9 +121,12 @@ def _load_shards(folder: Path, model: nn.Module) -> None:
 
 def _load_own_rows(file: Path, model: nn.Module) -> None:
     """A sharded model from a whole one's file: each parameter's local rows read as one slice
-    (FSDP2 shards on dim 0); buffers and unsharded tensors whole."""
+    (FSDP2 shards on dim 0); buffers and unsharded tensors whole. A buffer the model does not
+    save (persistent=False: transformers' rotary inv_freq) is expected in no file."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
+    saved_by_model = set(model.state_dict(keep_vars=True))
+    tensors = {name: t for name, t in tensors.items() if name in saved_by_model}
     with safe_open(str(file), framework="pt") as f:
         saved = set(f.keys())
         # save_model writes a tied tensor once, under one of its names

@@ -35,6 +35,17 @@ class StateStoreError(OSError):
     """A state_dir that cannot hold the state; the message says what to change."""
 
 
+def chunk_file(directory, c: int) -> Path:
+    """Where a disk store keeps chunk c (under its rank's folder, in data parallel and FSDP2)."""
+    return Path(directory) / f"chunk-{c:06d}.bin"
+
+
+def state_files(state_dir) -> list[Path]:
+    """The chunk files under state_dir, every rank's folder included (none where it does not exist)."""
+    root = Path(state_dir)
+    return sorted(root.rglob("chunk-*.bin")) if root.is_dir() else []
+
+
 def _bytes_of(t: Tensor):
     """A writable memoryview of a CPU tensor's bytes (for file I/O without copies)."""
     return memoryview(t.view(torch.uint8).numpy())
@@ -131,7 +142,7 @@ class DiskStore:
         self.numels = numels
         self.device = device
         self.directory = Path(directory)
-        self.paths = [self.directory / f"chunk-{c:06d}.bin" for c in range(len(numels))]
+        self.paths = [chunk_file(self.directory, c) for c in range(len(numels))]
         self._create_files()
         largest = max(numels, default=0)
         # The swapper's chunks are the staging slots: it owns their (pinned) host buffers and,

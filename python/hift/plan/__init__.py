@@ -8,6 +8,8 @@ AdamW and LOMO, predicted from a model config before any weight exists.
     fsdp.py     the weights sharded by FSDP2 (shard_weights) or in host RAM (offload_weights): one rank's
                 peak, host RAM per node, network and PCIe bytes and time per step (WeightsPlan)
     peers.py    full fine-tuning beside it: FSDP2 + AdamW, DeepSpeed ZeRO-3, their CPU offloads
+    auto.py     memory="auto": the unset memory options chosen to fit the machine's budgets
+    resting.py  the options as set: what rests on a rank of a sharded run, held to the machine
     report.py   the tables `hift plan` prints, beside the HiFT paper's published figures
     run.py      the command
 

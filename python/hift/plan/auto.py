@@ -56,7 +56,8 @@ CHUNK_MIBS = (None, BLOCKS, 256.0, 64.0)
 
 
 class MemoryPlanError(ValueError):
-    """No choice of the options fits the machine; the message gives the planner's numbers."""
+    """No choice of the options fits the machine (memory="auto"), or what the options set leave
+    resting on a rank does not (hift.plan.resting); the message gives the planner's numbers."""
 
 
 @dataclass
@@ -115,8 +116,29 @@ def machine_budgets(device_type: str, device_index: Optional[int] = None, model_
         device = free + model_bytes_on_device
     else:
         host += model_bytes_on_device
-    disk = shutil.disk_usage(_existing_parent(state_dir)).free if state_dir else None
+    disk = _disk_free(state_dir) if state_dir else None
     return Budgets(host=host, device=device, disk=disk)
+
+
+def machine_capacity(device_type: str, device_index: Optional[int] = None,
+                     state_dir: Optional[str] = None) -> Budgets:
+    """What this machine has at all for what rests on a run's ranks (hift.plan.resting's check of
+    options the user set): the device's total memory (what the process holds there already is
+    part of it), the host's available RAM (the node's: its ranks share it), and the free disk
+    under state_dir with the state files an earlier run left there (the disk store truncates
+    them, so a resume in the same state_dir has their room too)."""
+    device = None
+    if device_type == "cuda":
+        import torch
+
+        index = torch.cuda.current_device() if device_index is None else device_index
+        device = torch.cuda.get_device_properties(index).total_memory
+    disk = None
+    if state_dir:
+        from hift.store import state_files
+
+        disk = _disk_free(state_dir) + sum(f.stat().st_size for f in state_files(state_dir))
+    return Budgets(host=_host_available(), device=device, disk=disk)
 
 
 def _host_available() -> int:
@@ -128,6 +150,10 @@ def _host_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _disk_free(state_dir: str) -> int:
+    return shutil.disk_usage(_existing_parent(state_dir)).free
 
 
 def _existing_parent(path: str) -> str:
