@@ -551,6 +551,22 @@ def test_sharding_without_a_process_group_is_refused_before_anything_changes(ask
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_offload_weights_on_several_gpus_without_shard_weights_is_refused_before_the_planner(monkeypatch):
+    """On GPUs the planner would refuse it first, in its own words (a ValueError); fit and HiftAdamW
+    refuse it as on the CPU (test_refusals_come_in_words_before_anything_changes), before planning."""
+    import torch.distributed as dist
+
+    from hift.config import Config
+    from hift.memory_plan import plan_run
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    model = tm.llama(layers=2)
+    with pytest.raises(ConfigError, match="offload_weights on 2 ranks.*pass shard_weights=True"):
+        plan_run(Config(lr=LR, offload_weights=True, memory="manual"), model, tm.lm_batches(1)[0],
+                 torch.device("cuda", 0), "fp32", 2, can_recompute=True)
+
+
 @pytest.mark.parametrize("world", [2, 3, 5, 8])
 def test_the_ranks_norm_is_one_process_norm_bit_for_bit(world):
     """Each rank fills its rows' blocks and its elements of the blocks a row cut splits; the

@@ -112,12 +112,11 @@ def _refuse_shared(model, units, modules, holders, parent) -> None:
                 "units= that keep its modules in one unit, or shard the model yourself")
 
 
-def default_mesh(cfg):
-    """fully_shard's default mesh: every rank of the default process group, on the accelerator
-    (each rank's current device) where there is one, else the CPU. Refused in words: no process
-    group; offload_weights on several ranks without shard_weights (FSDP2 shards over them)."""
+def check_world(cfg) -> None:
+    """Refuse in words, before anything is planned or changed, what shard_weights / offload_weights
+    cannot mean on this world: no process group; offload_weights on several ranks without
+    shard_weights (FSDP2 shards over them)."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     asked = "shard_weights" if cfg.shard_weights else "offload_weights"
     if not (dist.is_available() and dist.is_initialized()):
@@ -127,6 +126,15 @@ def default_mesh(cfg):
     if not cfg.shard_weights and dist.get_world_size() > 1:
         raise ConfigError(f"offload_weights on {dist.get_world_size()} ranks: FSDP2 offloads each rank's shard of the "
                           "weights, so pass shard_weights=True with it (on one rank it needs none)")
+
+
+def default_mesh(cfg):
+    """fully_shard's default mesh: every rank of the default process group, on the accelerator
+    (each rank's current device) where there is one, else the CPU (check_world's refusals first)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    check_world(cfg)
     accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     return init_device_mesh(accelerator.type if accelerator is not None else "cpu", (dist.get_world_size(),))
 

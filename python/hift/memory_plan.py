@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hift.batches import BatchError
+from hift import fsdp_wrap
 from hift.config import Config
 from hift.fsdp import held_device, is_sharded, sharded_model
 from hift.plan import auto, resting
@@ -192,6 +193,8 @@ def plan_run(cfg: Config, model: nn.Module, example_batch, device: torch.device,
     machine; "manual" or where the model cannot be predicted: Config.MANUAL_MEMORY), and the
     prediction for the run. Raises auto.MemoryPlanError, before anything changes, where nothing
     fits."""
+    if cfg.hift_shards:
+        fsdp_wrap.check_world(cfg)  # (before the planner, which would refuse the same in its own words)
     unset = [name for name in auto.AUTO_OPTIONS if getattr(cfg, name) is None]
     group = _process_group()
     if sharded_model(model) or cfg.hift_shards or group:
