@@ -292,11 +292,11 @@ def fsdp_points(geo: Geometry, wbytes: int, rbytes: int, trained: set[int], firs
                 saved: list[int], transient: list[int], *, ranks: int, offload_weights: bool,
                 update_temporaries: int = 0, shard_bytes: Optional[int] = None, loss: LossTrace = LossTrace(),
                 gloo: bool = False) -> list[SweepPeak]:
-    """One step under FSDP2, point by point: what it holds past what rests on the device for the whole step (the weight
-    shards, the state's slots). Forward runs every unit; backward runs from the top unit down to
-    `first`; units in `trained` make gradients. wbytes: the gathered weights' and their
-    gradients' element size; rbytes: the reduce-scatter's; shard_bytes: the sharded gradient's
-    (the sharded parameter's dtype; default wbytes). loss: the top unit's output and the loss's
+    """One step under FSDP2, point by point: what it holds past what rests on the device for the
+    whole step (the weight shards, the state's slots). Forward runs every unit; backward runs from
+    the top unit down to `first`; units in `trained` make gradients. wbytes: the gathered weights'
+    and their gradients' element size; rbytes: the reduce-scatter's; shard_bytes: the sharded
+    gradient's (the sharded parameter's dtype; default wbytes). loss: the top unit's output and the loss's
     saved tensors. gloo: the collectives are gloo's on the CPU (each stages a copy of its buffer;
     the reduce-scatter's copy-in pads uneven rows through a copy). Gradients count the reduce-
     scatter's buffers; with offloaded weights a shard leaves for the host as soon as it is made.
@@ -304,7 +304,7 @@ def fsdp_points(geo: Geometry, wbytes: int, rbytes: int, trained: set[int], firs
     shard_bytes = wbytes if shard_bytes is None else shard_bytes
     if ranks == 1:
         return _one_rank_points(geo, wbytes, trained, first, saved, transient, offload_weights=offload_weights,
-                               update_temporaries=update_temporaries, shard_bytes=shard_bytes)
+                                update_temporaries=update_temporaries, shard_bytes=shard_bytes)
     n, top = len(geo.numel), len(geo.numel) - 1
     flat = lambda u: geo.padded[u] * wbytes if 0 <= u < n else 0  # noqa: E731
     staged = lambda u: flat(u) if gloo else 0  # noqa: E731  gloo's all-gather stages a copy
@@ -409,7 +409,8 @@ def _one_rank_points(geo: Geometry, wbytes: int, trained: set[int], first: int, 
     done, held = 0, 0
     for u in range(n - 1, first - 1, -1):
         b = u - 1 if u - 1 >= first else None
-        point(f"backward: unit {u}", gather(u) + gather(b) + staging(b), done + held, sum(saved[: u + 1]) + transient[u])
+        point(f"backward: unit {u}", gather(u) + gather(b) + staging(b), done + held,
+              sum(saved[: u + 1]) + transient[u])
         if u in trained:
             flat_in = geo.padded[u] * wbytes
             shard = geo.local[u] * wbytes + (geo.local[u] * shard_bytes if wbytes != shard_bytes else 0)
