@@ -1,11 +1,13 @@
 """One rank's peak memory in a sharded (FSDP2) hift run on the CPU over gloo, to hold
-hift.plan.fsdp.plan_placed to: the model built whole, fully_shard per decoder layer and on the
-root (what a user does; here one FSDP module per hift unit), then the peak reset, then hift.fit (memory="manual", one full cycle,
-top_down). The peak is VmHWM above the resident set after sharding: what a rank holds beyond
-its resting shards. Run each rank in a fresh process with glibc's mmap threshold fixed
-(MALLOC_MMAP_THRESHOLD_=65536), as bench/planner_measure.py.
+hift.plan.fsdp.plan_placed to: the model built whole, fully_shard on each hift unit's module and
+on the root (what a user does), then hift.fit (memory="manual", one full cycle, top_down). Two
+runs a rank, each above what rests after sharding: torch's allocations (the allocator's running
+total at torch.profiler's allocation events: what the planner predicts) and the resident set
+(VmHWM; the profiler's own memory would inflate it, hence a second run). Each rank in a fresh
+process with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=65536), as
+bench/planner_measure.py.
 
-    python bench/fsdp_peak_measure.py --ranks 2     # spawns the ranks, prints the table
+    python bench/fsdp_peak_measure.py --ranks 2 3 [--batch 2] [--wide]   # spawns the ranks, one line each
 """
 from __future__ import annotations
 
@@ -44,29 +46,23 @@ def _trim():
 STEP_END = "hift::step_end"  # a profiler event fit's on_step records between two steps
 
 
-def allocation_timeline(prof) -> list[tuple[int, int, int, object]]:
+def profile_events(prof):
+    """Every event of a finished torch.profiler session (the tree walked, in no order)."""
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        stack.extend(ev.children)
+        yield ev
+
+
+def allocation_timeline(prof, events=None) -> list[tuple[int, int, int, object]]:
     """(time, address, bytes: + alloc, - free, the event) of every CPU allocation event of a
-    finished torch.profiler session, in time order."""
+    finished torch.profiler session (or of its `events`), in time order."""
     from torch._C._profiler import _EventType
 
-    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        ev = stack.pop()
-        stack.extend(ev.children)
-        if ev.typed[0] == _EventType.Allocation:
-            out.append((ev.start_time_ns, ev.typed[1].ptr, ev.typed[1].alloc_size, ev))
-    return sorted(out, key=lambda x: x[:3])
-
-
-def step_ends(prof) -> list[int]:
-    """When each STEP_END was recorded."""
-    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        ev = stack.pop()
-        stack.extend(ev.children)
-        if ev.name == STEP_END:
-            out.append(ev.start_time_ns)
-    return sorted(out)
+    return sorted(((ev.start_time_ns, ev.typed[1].ptr, ev.typed[1].alloc_size, ev)
+                   for ev in (profile_events(prof) if events is None else events)
+                   if ev.typed[0] == _EventType.Allocation), key=lambda x: x[:3])
 
 
 def count_every_thread() -> None:
@@ -74,8 +70,6 @@ def count_every_thread() -> None:
     caffe2_report_cpu_memory_usage): the profiler reports the events of the threads it profiles
     only, and gloo's worker threads free buffers (the reduce-scatter's clone) at times; each
     reported event's running total then counts those frees too."""
-    import ctypes
-
     lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
     ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
 
@@ -85,8 +79,9 @@ def allocated_peaks(prof) -> tuple[int, list[int]]:
     measures on a GPU): the peak of the allocator's running total above the session's start
     (each event's total_allocated, every thread counted: count_every_thread), over the whole
     session and per step."""
-    ends = step_ends(prof)
-    timeline = allocation_timeline(prof)
+    events = list(profile_events(prof))
+    ends = sorted(ev.start_time_ns for ev in events if ev.name == STEP_END)
+    timeline = allocation_timeline(prof, events)
     if not timeline:
         return 0, [0] * len(ends)
     base = timeline[0][3].typed[1].total_allocated - timeline[0][2]

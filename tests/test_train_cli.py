@@ -396,6 +396,18 @@ def torchrun_train(argv: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
+def one_process_then_torchrun(model_dir, tmp_path, record: dict, options: list, *torchrun_only):
+    """The same `hift train` on 16 copies of `record` (4 held out for evaluation) in one process
+    (tmp_path/one) and under torchrun on two ranks (tmp_path/two, with `torchrun_only` added):
+    the data, the options both runs took, and torchrun's finished process."""
+    data = write_jsonl(tmp_path / "train.jsonl", [record] * 16)
+    held = write_jsonl(tmp_path / "dev.jsonl", [record] * 4)
+    common = ["--eval-data", held, "--eval-every", 4, *options]
+    with reference_threads():
+        train_run.run(args(model_dir, data, tmp_path / "one", *common))
+    return data, common, torchrun_train([*args(model_dir, data, tmp_path / "two", *common), *torchrun_only])
+
+
 @pytest.mark.slow
 @pytest.mark.bitwise
 def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
@@ -403,15 +415,10 @@ def test_torchrun_trains_data_parallel_and_writes_once(model_dir, tmp_path):
     Every record is the same, so every rank's batch is too and the mean over ranks is exact: the
     run must end where one process does, with the same metrics.jsonl written once (rank 0's), and
     checkpoints sharded by rank."""
-    record = {"text": "a red cat sat on a blue mat ."}
-    data = write_jsonl(tmp_path / "train.jsonl", [record] * 16)
-    held = write_jsonl(tmp_path / "dev.jsonl", [record] * 4)
-    common = ["--eval-data", held, "--eval-every", 4, "--max-steps", 10, "--save-every", 5, "--order", "random",
-              "--moment-dtype", "int8"]
-    with reference_threads():
-        train_run.run(args(model_dir, data, tmp_path / "one", *common))
+    data, common, done = one_process_then_torchrun(
+        model_dir, tmp_path, {"text": "a red cat sat on a blue mat ."},
+        ["--max-steps", 10, "--save-every", 5, "--order", "random", "--moment-dtype", "int8"])
     out = tmp_path / "two"
-    done = torchrun_train(args(model_dir, data, out, *common))
     assert done.stdout.count("hift train: 10 steps") == 1  # the summary, from rank 0 alone
     assert "x 2 ranks (data parallel, batch 4 per rank)" in done.stdout
 
@@ -441,15 +448,10 @@ def test_torchrun_with_sharded_weights_ends_where_one_process_does(model_dir, tm
     batch on each (FSDP's mean of two equal gradients is exact), evaluating on every rank (a
     sharded forward is a collective) and writing once: one process's metrics and final weights,
     bit for bit, and a final/ that is one model (the ranks' rows gathered)."""
-    record = {"prompt": "the red cat sat on", "completion": " a blue mat ."}
-    data = write_jsonl(tmp_path / "train.jsonl", [record] * 16)
-    held = write_jsonl(tmp_path / "dev.jsonl", [record] * 4)
-    common = ["--eval-data", held, "--eval-every", 4, "--max-steps", 6, "--save-every", 3, "--order", "random",
-              "--memory", "manual"]
-    with reference_threads():
-        train_run.run(args(model_dir, data, tmp_path / "one", *common))
+    _, _, done = one_process_then_torchrun(
+        model_dir, tmp_path, {"prompt": "the red cat sat on", "completion": " a blue mat ."},
+        ["--max-steps", 6, "--save-every", 3, "--order", "random", "--memory", "manual"], "--shard-weights")
     out = tmp_path / "two"
-    done = torchrun_train([*args(model_dir, data, out, *common), "--shard-weights"])
     assert done.stdout.count("hift train: 6 steps") == 1
     assert "x 2 ranks (weights sharded by FSDP2, batch 4 per rank)" in done.stdout
     assert training_records(out) == training_records(tmp_path / "one")

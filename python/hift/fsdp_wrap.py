@@ -130,11 +130,11 @@ def check_world(cfg) -> None:
 
 def default_mesh(cfg):
     """fully_shard's default mesh: every rank of the default process group, on the accelerator
-    (each rank's current device) where there is one, else the CPU (check_world's refusals first)."""
+    (each rank's current device) where there is one, else the CPU. (check_world has refused what
+    cannot be meshed: memory_plan.plan_run calls it before anything is planned.)"""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    check_world(cfg)
     accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     return init_device_mesh(accelerator.type if accelerator is not None else "cpu", (dist.get_world_size(),))
 
